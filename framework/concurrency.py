@@ -1,0 +1,100 @@
+"""The one seam between the framework and eventlet.
+
+Everything in the framework that spawns, sleeps, waits or pools goes through this
+module. eventlet is in maintenance mode upstream; keeping its surface this small is
+how we keep the option to move to another green-thread library.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+# eventlet warns on import that it is in maintenance mode; we know, and the seam
+# below is our answer to it.
+warnings.filterwarnings("ignore", message=".*Eventlet is deprecated.*")
+
+import eventlet  # noqa: E402
+import eventlet.event  # noqa: E402
+import eventlet.greenpool  # noqa: E402
+import eventlet.patcher  # noqa: E402
+import eventlet.queue  # noqa: E402
+import eventlet.semaphore  # noqa: E402
+import eventlet.timeout  # noqa: E402
+import eventlet.wsgi  # noqa: E402
+from eventlet.greenthread import GreenThread  # noqa: E402
+from greenlet import GreenletExit  # noqa: E402
+
+__all__ = [
+    "Event",
+    "GreenletExit",
+    "GreenPool",
+    "GreenThread",
+    "Queue",
+    "Semaphore",
+    "Timeout",
+    "green_listen",
+    "is_monkey_patched",
+    "kill",
+    "monkey_patch",
+    "sleep",
+    "spawn",
+    "spawn_after",
+    "spawn_n",
+    "wsgi_server",
+]
+
+Event = eventlet.event.Event
+GreenPool = eventlet.greenpool.GreenPool
+Queue = eventlet.queue.LightQueue
+Semaphore = eventlet.semaphore.Semaphore
+Timeout = eventlet.timeout.Timeout
+Empty = eventlet.queue.Empty
+
+spawn = eventlet.spawn
+spawn_n = eventlet.spawn_n
+spawn_after = eventlet.spawn_after
+sleep = eventlet.sleep
+green_listen = eventlet.listen
+wsgi_server = eventlet.wsgi.server
+
+
+def kill(thread: GreenThread, exc_type: type[BaseException] = GreenletExit) -> None:
+    """Kill a green thread; a thread that already finished is left alone."""
+    if not thread.dead:
+        thread.kill(exc_type)
+
+
+def monkey_patch() -> None:
+    """Make the standard library cooperative (sockets, threads, time, select).
+
+    Idempotent. Must run before kombu, amqp or any database driver opens a socket,
+    which is why the CLI and the pytest plugin call it before importing services.
+    """
+    if not is_monkey_patched():
+        eventlet.monkey_patch()
+
+
+def is_monkey_patched() -> bool:
+    return bool(eventlet.patcher.is_monkey_patched("socket"))
+
+
+class Deadline:
+    """Remaining time until a fixed point, for loops that wait in several steps."""
+
+    def __init__(self, timeout: float | None) -> None:
+        self.timeout = timeout
+        self._at = None if timeout is None else _now() + timeout
+
+    def remaining(self) -> float | None:
+        if self._at is None:
+            return None
+        return max(self._at - _now(), 0.0)
+
+    def expired(self) -> bool:
+        return self._at is not None and _now() >= self._at
+
+
+def _now() -> float:
+    import time
+
+    return time.monotonic()

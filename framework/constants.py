@@ -1,0 +1,68 @@
+"""Config keys, their defaults, and the protocol constants shared with nameko."""
+
+from __future__ import annotations
+
+# -- config keys (names as nameko spells them, mixed case included) ---------------
+AMQP_URI_CONFIG_KEY = "AMQP_URI"
+AMQP_SSL_CONFIG_KEY = "AMQP_SSL"
+LOGIN_METHOD_CONFIG_KEY = "LOGIN_METHOD"
+HEARTBEAT_CONFIG_KEY = "HEARTBEAT"
+TRANSPORT_OPTIONS_CONFIG_KEY = "TRANSPORT_OPTIONS"
+PREFETCH_COUNT_CONFIG_KEY = "PREFETCH_COUNT"
+RPC_EXCHANGE_CONFIG_KEY = "rpc_exchange"
+SERIALIZER_CONFIG_KEY = "serializer"
+ACCEPT_CONFIG_KEY = "ACCEPT"
+SERIALIZERS_CONFIG_KEY = "SERIALIZERS"
+MAX_WORKERS_CONFIG_KEY = "max_workers"
+PARENT_CALLS_CONFIG_KEY = "parent_calls_tracked"
+SERVICE_CONTAINER_CLS = "SERVICE_CONTAINER_CLS"
+AUTO_DELETE_EVENT_EXCHANGES_CONFIG_KEY = "AUTO_DELETE_EVENT_EXCHANGES"
+DECLARE_EVENT_EXCHANGES_CONFIG_KEY = "DECLARE_EVENT_EXCHANGES"
+WEB_SERVER_CONFIG_KEY = "WEB_SERVER_ADDRESS"
+
+# -- keys of our own (where we go beyond nameko) -----------------------------------
+RPC_TIMEOUT_CONFIG_KEY = "RPC_TIMEOUT"
+DRAIN_TIMEOUT_CONFIG_KEY = "DRAIN_TIMEOUT"
+DEAD_LETTER_EXCHANGE_CONFIG_KEY = "DEAD_LETTER_EXCHANGE"
+MAX_REDELIVERIES_CONFIG_KEY = "MAX_REDELIVERIES"
+CONNECT_RETRY_MAX_CONFIG_KEY = "CONNECT_RETRY_MAX_INTERVAL"
+PUBLISH_CONFIRM_TIMEOUT_CONFIG_KEY = "PUBLISH_CONFIRM_TIMEOUT"
+
+# -- defaults ----------------------------------------------------------------------
+DEFAULT_AMQP_URI = "pyamqp://guest:guest@localhost"
+DEFAULT_MAX_WORKERS = 10
+DEFAULT_PARENT_CALLS_TRACKED = 10
+DEFAULT_SERIALIZER = "json"
+DEFAULT_HEARTBEAT = 60
+DEFAULT_RPC_EXCHANGE = "nameko-rpc"
+DEFAULT_RPC_TIMEOUT = None  # seconds; None waits forever, as nameko does
+DEFAULT_DRAIN_TIMEOUT = 30.0  # seconds a graceful stop waits for in-flight workers
+DEFAULT_DEAD_LETTER_EXCHANGE = "framework-dlx"
+DEFAULT_MAX_REDELIVERIES = 5
+DEFAULT_CONNECT_RETRY_MAX_INTERVAL = 5.0
+DEFAULT_PUBLISH_CONFIRM_TIMEOUT = 30.0
+DEFAULT_RETRY_POLICY = {"max_retries": 3}
+DEFAULT_TRANSPORT_OPTIONS = {
+    "max_retries": 3,
+    "interval_start": 2,
+    "interval_step": 1,
+    "interval_max": 5,
+}
+DEFAULT_WEB_SERVER_ADDRESS = "0.0.0.0:8000"
+
+# -- context data keys -------------------------------------------------------------
+CALL_ID_STACK_CONTEXT_KEY = "call_id_stack"
+AUTH_TOKEN_CONTEXT_KEY = "auth_token"
+LANGUAGE_CONTEXT_KEY = "language"
+USER_ID_CONTEXT_KEY = "user_id"
+USER_AGENT_CONTEXT_KEY = "user_agent"
+
+HEADER_PREFIX = "nameko"
+
+NON_PERSISTENT = 1
+PERSISTENT = 2
+
+# -- queue naming (must match nameko exactly) --------------------------------------
+RPC_QUEUE_TEMPLATE = "rpc-{}"
+RPC_REPLY_QUEUE_TEMPLATE = "rpc.reply-{}-{}"
+RPC_REPLY_QUEUE_TTL = 300000  # ms, the x-expires nameko gives reply queues

@@ -1,0 +1,398 @@
+"""``ServiceContainer``: hosts one service class, its extensions and its workers."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from types import TracebackType
+from typing import Any
+
+from framework import concurrency, serialization
+from framework.constants import (
+    CALL_ID_STACK_CONTEXT_KEY,
+    DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_MAX_WORKERS,
+    DEFAULT_PARENT_CALLS_TRACKED,
+    DRAIN_TIMEOUT_CONFIG_KEY,
+    MAX_WORKERS_CONFIG_KEY,
+    PARENT_CALLS_CONFIG_KEY,
+    SERVICE_CONTAINER_CLS,
+)
+from framework.exceptions import ConfigurationError, ContainerBeingKilled
+from framework.extensions import (
+    ENTRYPOINT_EXTENSIONS_ATTR,
+    DependencyProvider,
+    Entrypoint,
+    Extension,
+    iter_extensions,
+)
+
+log = logging.getLogger(__name__)
+worker_log = logging.getLogger("framework.workers")
+
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+HandleResult = Callable[["WorkerContext", Any, ExcInfo | None], tuple[Any, ExcInfo | None]]
+
+
+def get_service_name(service_cls: type) -> str:
+    name = getattr(service_cls, "name", None)
+    if name is None:
+        raise ConfigurationError(
+            f"Service class must define a `name` attribute "
+            f"({service_cls.__module__}.{service_cls.__name__})"
+        )
+    if not isinstance(name, str):
+        raise ConfigurationError(
+            f"Service name attribute must be a string "
+            f"({service_cls.__module__}.{service_cls.__name__}.name)"
+        )
+    return name
+
+
+def get_container_cls(config: dict[str, Any]) -> type[ServiceContainer]:
+    from framework.utils import import_from_path
+
+    return import_from_path(config.get(SERVICE_CONTAINER_CLS)) or ServiceContainer
+
+
+def new_call_id() -> str:
+    return str(uuid.uuid4())
+
+
+class WorkerContext:
+    """Everything about one call: its service instance, arguments and context."""
+
+    def __init__(
+        self,
+        container: ServiceContainer,
+        service: Any,
+        entrypoint: Entrypoint,
+        args: Iterable[Any] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        self.container = container
+        self.config = container.config
+        self.service = service
+        self.entrypoint = entrypoint
+        self.service_name = container.service_name
+        self.args = tuple(args) if args is not None else ()
+        self.kwargs = kwargs if kwargs is not None else {}
+        self.data = dict(data) if data else {}
+        parent_stack = self.data.pop(CALL_ID_STACK_CONTEXT_KEY, None) or []
+        if isinstance(parent_stack, str):
+            parent_stack = [parent_stack]
+        self._parent_call_id_stack: list[str] = list(parent_stack)
+        self._call_id: str | None = None
+
+    @property
+    def call_id(self) -> str:
+        if self._call_id is None:
+            self._call_id = f"{self.service_name}.{self.entrypoint.method_name}.{new_call_id()}"
+        return self._call_id
+
+    @property
+    def call_id_stack(self) -> list[str]:
+        limit = self.config.get(PARENT_CALLS_CONFIG_KEY, DEFAULT_PARENT_CALLS_TRACKED)
+        stack = self._parent_call_id_stack + [self.call_id]
+        return stack[-(limit + 1) :]
+
+    @property
+    def context_data(self) -> dict[str, Any]:
+        data = dict(self.data)
+        data[CALL_ID_STACK_CONTEXT_KEY] = self.call_id_stack
+        return data
+
+    @property
+    def origin_call_id(self) -> str | None:
+        return self._parent_call_id_stack[0] if self._parent_call_id_stack else None
+
+    @property
+    def immediate_parent_call_id(self) -> str | None:
+        return self._parent_call_id_stack[-1] if self._parent_call_id_stack else None
+
+    def __repr__(self) -> str:
+        return (
+            f"<WorkerContext [{self.service_name}.{self.entrypoint.method_name}] "
+            f"at 0x{id(self):x}>"
+        )
+
+
+def _run_all(extensions: Iterable[Extension], method: str, swallow: bool = False) -> None:
+    """Call ``method`` on every extension concurrently and wait for all of them."""
+    threads = [concurrency.spawn(getattr(ext, method)) for ext in extensions]
+    first_error: BaseException | None = None
+    for thread in threads:
+        try:
+            thread.wait()
+        except Exception as exc:
+            if swallow:
+                log.warning("extension raised during %s: %r", method, exc, exc_info=True)
+            elif first_error is None:
+                first_error = exc
+    if first_error is not None:
+        raise first_error
+
+
+class ServiceContainer:
+    """Runs one service: binds its extensions, drives their lifecycle, spawns workers."""
+
+    def __init__(self, service_cls: type, config: dict[str, Any]) -> None:
+        self.service_cls = service_cls
+        self.config = config
+        self.service_name = get_service_name(service_cls)
+        self.shared_extensions: dict[Any, Extension] = {}
+        self.max_workers = config.get(MAX_WORKERS_CONFIG_KEY) or DEFAULT_MAX_WORKERS
+        self.drain_timeout = float(config.get(DRAIN_TIMEOUT_CONFIG_KEY, DEFAULT_DRAIN_TIMEOUT))
+        self.serializer, self.accept = serialization.setup(config)
+
+        self.dependencies: set[DependencyProvider] = set()
+        self.entrypoints: set[Entrypoint] = set()
+        self.subextensions: set[Extension] = set()
+
+        for attr_name, value in inspect.getmembers(service_cls):
+            if isinstance(value, DependencyProvider):
+                bound = value.bind(self, attr_name)
+                self.dependencies.add(bound)  # type: ignore[arg-type]
+                self.subextensions.update(iter_extensions(bound))
+
+        for method_name, method in inspect.getmembers(service_cls, callable):
+            for entrypoint in getattr(method, ENTRYPOINT_EXTENSIONS_ATTR, ()):
+                bound = entrypoint.bind(self, method_name)
+                self.entrypoints.add(bound)  # type: ignore[arg-type]
+                self.subextensions.update(iter_extensions(bound))
+
+        self.started = False
+        self._worker_pool = concurrency.GreenPool(size=self.max_workers)
+        self._worker_threads: dict[WorkerContext, concurrency.GreenThread] = {}
+        self._managed_threads: dict[concurrency.GreenThread, str | None] = {}
+        self._being_killed = False
+        self._died = concurrency.Event()
+
+    @property
+    def extensions(self) -> set[Extension]:
+        return set(self.entrypoints) | set(self.dependencies) | self.subextensions
+
+    @property
+    def interface(self) -> ServiceContainer:
+        return self
+
+    @property
+    def active_workers(self) -> int:
+        return len(self._worker_threads)
+
+    @property
+    def free_workers(self) -> int:
+        return self._worker_pool.free()
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> None:
+        log.info("starting %s", self, extra={"service": self.service_name})
+        self.started = True
+        _run_all(self.extensions, "setup")
+        _run_all(self.extensions, "start")
+
+    def stop(self) -> None:
+        """Graceful: stop taking work, finish in-flight workers, then release.
+
+        Workers ack their messages as they finish, and connections are only closed
+        by the sub-extensions, which stop last; so no message a worker completed is
+        redelivered because of a stop. Workers still running after the drain
+        deadline are killed: their messages were never acked and go to another
+        instance.
+        """
+        if self._died.ready():
+            return
+        if self._being_killed:
+            self._died.wait()
+            return
+        log.info("stopping %s", self, extra={"service": self.service_name})
+        _run_all(self.entrypoints, "stop")
+        if not self._wait_for_workers(self.drain_timeout):
+            log.warning(
+                "killing %d workers still running after the %.1fs drain deadline",
+                len(self._worker_threads),
+                self.drain_timeout,
+                extra={"service": self.service_name},
+            )
+            self._kill_worker_threads()
+        _run_all(self.dependencies, "stop")
+        _run_all(self.subextensions, "stop")
+        self._kill_managed_threads()
+        self.started = False
+        if not self._died.ready():
+            self._died.send(None)
+
+    def kill(self, exc_info: ExcInfo | None = None) -> None:
+        """Stop now. Idempotent; in-flight messages are left unacked (redelivered)."""
+        if self._being_killed:
+            try:
+                self._died.wait()
+            except Exception:
+                pass
+            return
+        self._being_killed = True
+        if exc_info is not None:
+            log.info("killing %s due to %s", self, exc_info[1])
+        else:
+            log.info("killing %s", self)
+        _run_all(self.entrypoints, "kill", swallow=True)
+        self._kill_worker_threads()
+        _run_all(self.extensions, "kill", swallow=True)
+        self._kill_managed_threads()
+        self.started = False
+        if not self._died.ready():
+            if exc_info is not None:
+                self._died.send_exception(*exc_info)
+            else:
+                self._died.send(None)
+
+    def wait(self) -> Any:
+        return self._died.wait()
+
+    def _wait_for_workers(self, timeout: float | None) -> bool:
+        deadline = concurrency.Deadline(timeout)
+        while self._worker_threads:
+            if deadline.expired():
+                return False
+            with concurrency.Timeout(deadline.remaining(), False):
+                self._worker_pool.waitall()
+        return True
+
+    def _kill_worker_threads(self) -> None:
+        for worker_ctx, thread in list(self._worker_threads.items()):
+            log.warning("killing active worker %s", worker_ctx)
+            concurrency.kill(thread)
+
+    def _kill_managed_threads(self) -> None:
+        for thread, identifier in list(self._managed_threads.items()):
+            log.debug("killing managed thread %s", identifier or thread)
+            concurrency.kill(thread)
+
+    # -- workers -------------------------------------------------------------------
+
+    def spawn_worker(
+        self,
+        entrypoint: Entrypoint,
+        args: Iterable[Any],
+        kwargs: dict[str, Any],
+        context_data: dict[str, Any] | None = None,
+        handle_result: HandleResult | None = None,
+    ) -> WorkerContext:
+        """Run ``entrypoint``'s method in a new worker; blocks while the pool is full."""
+        if self._being_killed:
+            log.info("Worker spawn prevented due to being killed")
+            raise ContainerBeingKilled()
+        service = self.service_cls()
+        worker_ctx = WorkerContext(self, service, entrypoint, args, kwargs, data=context_data)
+        thread = self._worker_pool.spawn(self._run_worker, worker_ctx, handle_result)
+        self._worker_threads[worker_ctx] = thread
+        thread.link(self._worker_thread_exited, worker_ctx)
+        return worker_ctx
+
+    def _worker_thread_exited(self, thread: concurrency.GreenThread, worker_ctx: WorkerContext) -> None:
+        self._worker_threads.pop(worker_ctx, None)
+
+    def _run_worker(self, worker_ctx: WorkerContext, handle_result: HandleResult | None) -> None:
+        started = time.perf_counter()
+        result: Any = None
+        exc_info: ExcInfo | None = None
+        try:
+            self._inject_dependencies(worker_ctx)
+        except Exception:
+            # A broken provider fails this worker, not the service.
+            exc_info = sys.exc_info()  # type: ignore[assignment]
+            log.exception("dependency setup failed for worker %s", worker_ctx)
+        else:
+            method = getattr(worker_ctx.service, worker_ctx.entrypoint.method_name)
+            try:
+                result = method(*worker_ctx.args, **worker_ctx.kwargs)
+            except Exception as exc:
+                exc_info = sys.exc_info()  # type: ignore[assignment]
+                expected = worker_ctx.entrypoint.expected_exceptions
+                if expected and isinstance(exc, expected):
+                    log.warning("(expected) error handling worker %s: %s", worker_ctx, exc)
+                else:
+                    log.exception("error handling worker %s: %s", worker_ctx, exc)
+
+        if handle_result is not None:
+            try:
+                result, exc_info = handle_result(worker_ctx, result, exc_info)
+            except Exception:
+                log.exception("error handling the result of worker %s", worker_ctx)
+
+        self._worker_result(worker_ctx, result, exc_info)
+        self._worker_teardown(worker_ctx)
+        self._log_worker(worker_ctx, started, exc_info)
+
+    def _inject_dependencies(self, worker_ctx: WorkerContext) -> None:
+        for provider in self.dependencies:
+            setattr(worker_ctx.service, provider.attr_name, provider.get_dependency(worker_ctx))  # type: ignore[arg-type]
+        for provider in self.dependencies:
+            provider.worker_setup(worker_ctx)
+
+    def _worker_result(self, worker_ctx: WorkerContext, result: Any, exc_info: ExcInfo | None) -> None:
+        for provider in self.dependencies:
+            try:
+                provider.worker_result(worker_ctx, result, exc_info)
+            except Exception:
+                log.exception("%r.worker_result failed for %s", provider, worker_ctx)
+
+    def _worker_teardown(self, worker_ctx: WorkerContext) -> None:
+        for provider in self.dependencies:
+            try:
+                provider.worker_teardown(worker_ctx)
+            except Exception:
+                log.exception("%r.worker_teardown failed for %s", provider, worker_ctx)
+
+    def _log_worker(self, worker_ctx: WorkerContext, started: float, exc_info: ExcInfo | None) -> None:
+        if not worker_log.isEnabledFor(logging.INFO):
+            return
+        outcome = "success"
+        if exc_info is not None:
+            expected = worker_ctx.entrypoint.expected_exceptions
+            outcome = "expected_error" if expected and isinstance(exc_info[1], expected) else "error"
+        worker_log.info(
+            "worker finished",
+            extra={
+                "service": self.service_name,
+                "entrypoint": worker_ctx.entrypoint.method_name,
+                "call_id": worker_ctx.call_id,
+                "call_id_stack": worker_ctx.call_id_stack,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                "outcome": outcome,
+            },
+        )
+
+    # -- managed threads -------------------------------------------------------------
+
+    def spawn_managed_thread(
+        self, fn: Callable[[], Any], identifier: str | None = None
+    ) -> concurrency.GreenThread:
+        """A background thread owned by the container: killed when it stops.
+
+        An unhandled error in it kills the container: such threads run the
+        machinery (consumer loops, timers), and a service without them is broken.
+        """
+        thread = concurrency.spawn(fn)
+        self._managed_threads[thread] = identifier
+        thread.link(self._managed_thread_exited, identifier)
+        return thread
+
+    def _managed_thread_exited(self, thread: concurrency.GreenThread, identifier: str | None) -> None:
+        self._managed_threads.pop(thread, None)
+        try:
+            thread.wait()
+        except concurrency.GreenletExit:
+            pass
+        except Exception:
+            log.critical("%s thread %s exited with error", self, identifier, exc_info=True)
+            concurrency.spawn_n(self.kill, sys.exc_info())
+
+    def __repr__(self) -> str:
+        return f"<ServiceContainer [{self.service_name}] at 0x{id(self):x}>"

@@ -1,0 +1,170 @@
+"""Exceptions, and how they travel between services (nameko's error format)."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable
+from typing import Any
+
+registry: dict[str, type[BaseException]] = {}
+
+
+def get_module_path(exc_type: type) -> str:
+    """``"<module>.<ClassName>"``, the key an exception is registered under."""
+    return f"{exc_type.__module__}.{exc_type.__name__}"
+
+
+def deserialize_to_instance(exc_type: type[BaseException]) -> type[BaseException]:
+    """Class decorator: rebuild this exception as an instance on the calling side.
+
+    The class must be importable under the same module path on both sides.
+    nameko registers under its own module paths, so we also register the nameko
+    spelling of our built-ins (see the end of this module).
+    """
+    registry[get_module_path(exc_type)] = exc_type
+    return exc_type
+
+
+class ExtensionNotFound(AttributeError):
+    pass
+
+
+class RpcTimeout(Exception):
+    """No reply arrived within the RPC timeout. A late reply is dropped."""
+
+
+class ReplyQueueExpiredWithPendingReplies(Exception):
+    pass
+
+
+class ContainerBeingKilled(Exception):
+    """Raised by ``spawn_worker`` once the container has started to die."""
+
+
+class RemoteError(Exception):
+    """An exception raised by a remote service that is not registered locally."""
+
+    def __init__(self, exc_type: str | None = None, value: Any = "") -> None:
+        self.exc_type = exc_type
+        self.value = value
+        super().__init__(f"{exc_type} {value}")
+
+
+class BadRequest(Exception):
+    pass
+
+
+@deserialize_to_instance
+class MalformedRequest(BadRequest):
+    pass
+
+
+@deserialize_to_instance
+class MethodNotFound(BadRequest):
+    pass
+
+
+@deserialize_to_instance
+class IncorrectSignature(BadRequest):
+    pass
+
+
+class UnknownService(Exception):
+    def __init__(self, service_name: str) -> None:
+        self._service_name = service_name
+        super().__init__(service_name)
+
+    def __str__(self) -> str:
+        return f"Unknown service `{self._service_name}`"
+
+
+class UnserializableValueError(Exception):
+    def __init__(self, value: Any) -> None:
+        try:
+            self.repr_value = repr(value)
+        except Exception:
+            self.repr_value = "[__repr__ failed]"
+        super().__init__()
+
+    def __str__(self) -> str:
+        return f"Unserializable value: `{self.repr_value}`"
+
+
+class ConfigurationError(Exception):
+    pass
+
+
+class CommandError(Exception):
+    pass
+
+
+class ConnectionNotFound(BadRequest):
+    pass
+
+
+class UndeliverableMessage(Exception):
+    """A mandatory message was returned by the broker: nothing is bound to route it."""
+
+
+class PublishConfirmFailed(Exception):
+    """The broker nacked a publish, or did not confirm it in time; it may be lost."""
+
+
+def safe_for_serialization(value: Any) -> Any:
+    """Reduce a value to strings, dicts and lists, so any serializer can carry it."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return {
+            safe_for_serialization(key): safe_for_serialization(val)
+            for key, val in value.items()
+        }
+    if isinstance(value, Iterable) and not isinstance(value, bytes | bytearray):
+        return [safe_for_serialization(item) for item in value]
+    try:
+        return str(value)
+    except Exception:
+        return "[__unicode__ failed]"
+
+
+def wire_path(exc_type: type) -> str:
+    """The ``exc_path`` we put on the wire.
+
+    Our built-in exceptions travel under nameko's module path, so that a nameko
+    peer rebuilds ``MethodNotFound`` and friends as instances, as it would for its own.
+    """
+    if exc_type.__module__ == __name__:
+        return f"nameko.exceptions.{exc_type.__name__}"
+    return get_module_path(exc_type)
+
+
+def serialize(exc: BaseException) -> dict[str, Any]:
+    """nameko's error dict: ``exc_type``, ``exc_path``, ``exc_args``, ``value``."""
+    return {
+        "exc_type": type(exc).__name__,
+        "exc_path": wire_path(type(exc)),
+        "exc_args": [safe_for_serialization(arg) for arg in exc.args],
+        "value": safe_for_serialization(exc),
+    }
+
+
+def deserialize(data: dict[str, Any]) -> BaseException:
+    """Rebuild a registered exception, or a ``RemoteError`` for anything else."""
+    exc_type = registry.get(data.get("exc_path", ""))
+    if exc_type is not None:
+        args = data.get("exc_args", [])
+        try:
+            return exc_type(*args)
+        except Exception:
+            pass
+    return RemoteError(exc_type=data.get("exc_type"), value=data.get("value", ""))
+
+
+def _register_nameko_spellings() -> None:
+    # A nameko peer sends "nameko.exceptions.MethodNotFound"; rebuild it as ours.
+    for name, obj in list(globals().items()):
+        if inspect.isclass(obj) and get_module_path(obj) in registry:
+            registry[f"nameko.exceptions.{name}"] = obj
+
+
+_register_nameko_spellings()
