@@ -11,7 +11,7 @@ import warnings
 
 # eventlet warns on import that it is in maintenance mode; we know, and the seam
 # below is our answer to it.
-warnings.filterwarnings("ignore", message=".*Eventlet is deprecated.*")
+warnings.filterwarnings("ignore", message=r"(?s).*Eventlet is deprecated")
 
 import eventlet  # noqa: E402
 import eventlet.event  # noqa: E402
