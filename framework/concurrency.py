@@ -98,3 +98,24 @@ def _now() -> float:
     import time
 
     return time.monotonic()
+
+
+# -- waiting on raw file descriptors (for C drivers such as psycopg2) --------------
+
+import eventlet.hubs  # noqa: E402
+
+__all__ += ["wait_readable", "wait_writable"]
+
+
+def wait_readable(fd: int, timeout: float | None = None) -> None:
+    """Park this green thread until ``fd`` is readable; other threads run meanwhile.
+
+    For C libraries that do their own socket I/O (libpq) and so bypass monkey
+    patching: they tell us which descriptor they wait on and we wait in the hub.
+    """
+    eventlet.hubs.trampoline(fd, read=True, timeout=timeout)
+
+
+def wait_writable(fd: int, timeout: float | None = None) -> None:
+    """Park this green thread until ``fd`` is writable (see ``wait_readable``)."""
+    eventlet.hubs.trampoline(fd, write=True, timeout=timeout)
