@@ -119,3 +119,34 @@ def wait_readable(fd: int, timeout: float | None = None) -> None:
 def wait_writable(fd: int, timeout: float | None = None) -> None:
     """Park this green thread until ``fd`` is writable (see ``wait_readable``)."""
     eventlet.hubs.trampoline(fd, write=True, timeout=timeout)
+
+
+# -- websockets (RFC 6455 handshake and framing, done by eventlet) -----------------
+
+from typing import Any  # noqa: E402
+
+import eventlet.websocket  # noqa: E402
+
+__all__ += ["Full", "websocket_app"]
+
+Full = eventlet.queue.Full
+
+
+def websocket_app(handler: Any, max_frame_length: int = 8 << 20) -> Any:
+    """A WSGI app that upgrades the request and runs ``handler(ws)`` until it returns.
+
+    ``ws`` has ``send(text)``, ``wait()`` (the next message; ``None`` once the peer
+    has closed), ``close()`` and ``socket`` (the raw green socket). Unlike eventlet's
+    default, the upgraded connection is not marked idle: a stopping wsgi server
+    would otherwise cut it mid-reply, and the owner of the sockets wants to close
+    them itself, after flushing what it queued.
+    """
+    upgrade = eventlet.websocket.WebSocketWSGI(
+        handler, max_frame_length=max_frame_length
+    )
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        environ.pop("eventlet.set_idle", None)
+        return upgrade(environ, start_response)
+
+    return app
