@@ -66,3 +66,22 @@ PERSISTENT = 2
 RPC_QUEUE_TEMPLATE = "rpc-{}"
 RPC_REPLY_QUEUE_TEMPLATE = "rpc.reply-{}-{}"
 RPC_REPLY_QUEUE_TTL = 300000  # ms, the x-expires nameko gives reply queues
+
+# -- web: HTTP and websocket entrypoints (keys of our own beyond WEB_SERVER_ADDRESS) --
+WEB_MAX_CONTENT_LENGTH_CONFIG_KEY = "WEB_MAX_CONTENT_LENGTH"
+HTTP_CONTEXT_HEADERS_CONFIG_KEY = "HTTP_CONTEXT_HEADERS"
+WEBSOCKET_QUEUE_SIZE_CONFIG_KEY = "WEBSOCKET_QUEUE_SIZE"
+WEBSOCKET_SEND_TIMEOUT_CONFIG_KEY = "WEBSOCKET_SEND_TIMEOUT"
+
+REQUEST_ID_CONTEXT_KEY = "request_id"
+
+DEFAULT_WEB_MAX_CONTENT_LENGTH = 10 * 1024 * 1024  # bytes; larger bodies get a 413
+# HTTP header -> context key. No `Authorization`: context data travels in the AMQP
+# headers of every downstream call and into logs; a credential must not.
+DEFAULT_HTTP_CONTEXT_HEADERS = {
+    "X-Request-Id": REQUEST_ID_CONTEXT_KEY,
+    "Accept-Language": LANGUAGE_CONTEXT_KEY,
+    "User-Agent": USER_AGENT_CONTEXT_KEY,
+}
+DEFAULT_WEBSOCKET_QUEUE_SIZE = 256  # frames queued for one socket before it is dropped
+DEFAULT_WEBSOCKET_SEND_TIMEOUT = 10.0  # seconds one frame may take to send
