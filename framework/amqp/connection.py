@@ -1,0 +1,201 @@
+"""Broker connections: how they are opened, retried and drained."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Any
+
+import amqp.exceptions
+import kombu
+import kombu.exceptions
+
+from framework import concurrency
+from framework.constants import (
+    AMQP_SSL_CONFIG_KEY,
+    AMQP_URI_CONFIG_KEY,
+    CONNECT_RETRY_MAX_CONFIG_KEY,
+    DEFAULT_AMQP_URI,
+    DEFAULT_CONNECT_RETRY_MAX_INTERVAL,
+    DEFAULT_HEARTBEAT,
+    HEARTBEAT_CONFIG_KEY,
+    LOGIN_METHOD_CONFIG_KEY,
+)
+from framework.utils import sanitize_url
+
+log = logging.getLogger(__name__)
+
+#: Errors that mean "this connection is gone; reconnect and carry on".
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    EOFError,
+    amqp.exceptions.ConnectionError,
+    amqp.exceptions.RecoverableConnectionError,
+    kombu.exceptions.OperationalError,
+    AttributeError,  # py-amqp after its transport was torn down underneath it
+)
+
+
+def amqp_uri(config: dict[str, Any]) -> str:
+    return config.get(AMQP_URI_CONFIG_KEY) or DEFAULT_AMQP_URI
+
+
+def make_connection(
+    config: dict[str, Any], *, uri: str | None = None, heartbeat: float | None = None
+) -> kombu.Connection:
+    """An unconnected kombu connection configured from the service config."""
+    return kombu.Connection(
+        uri or amqp_uri(config),
+        ssl=config.get(AMQP_SSL_CONFIG_KEY),
+        login_method=config.get(LOGIN_METHOD_CONFIG_KEY),
+        heartbeat=heartbeat if heartbeat is not None else 0,
+        connect_timeout=5,
+        transport_options={"confirm_publish": False},
+    )
+
+
+def heartbeat_interval(config: dict[str, Any]) -> float:
+    value = config.get(HEARTBEAT_CONFIG_KEY, DEFAULT_HEARTBEAT)
+    return float(value or 0)
+
+
+def connect_with_retry(
+    connection: kombu.Connection,
+    config: dict[str, Any],
+    *,
+    purpose: str,
+    should_stop: concurrency.Event | None = None,
+    max_attempts: int | None = None,
+) -> None:
+    """Connect, retrying with backoff while the broker is unreachable.
+
+    Logs once per attempt so an operator sees a service waiting for its broker
+    rather than a silent hang. ``max_attempts=None`` retries forever.
+    """
+    max_interval = float(config.get(CONNECT_RETRY_MAX_CONFIG_KEY, DEFAULT_CONNECT_RETRY_MAX_INTERVAL))
+    interval = 0.2
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            connection.connect()
+            if attempt > 1:
+                log.info(
+                    "connected to broker",
+                    extra={"broker": sanitize_url(connection.as_uri()), "purpose": purpose},
+                )
+            return
+        except CONNECTION_ERRORS as exc:
+            _close_quietly(connection)
+            if max_attempts is not None and attempt >= max_attempts:
+                raise
+            if should_stop is not None and should_stop.ready():
+                raise
+            log.warning(
+                "waiting for broker at %s (%s); retrying in %.1fs",
+                sanitize_url(connection.as_uri()),
+                exc,
+                interval,
+                extra={"purpose": purpose, "attempt": attempt},
+            )
+            concurrency.sleep(interval)
+            interval = min(interval * 2, max_interval)
+
+
+def _close_quietly(connection: kombu.Connection) -> None:
+    try:
+        connection.collect()
+    except Exception:  # noqa: BLE001 - the connection is already broken
+        pass
+
+
+def close_quietly(connection: kombu.Connection | None) -> None:
+    """Close without raising: used when the connection may already be dead."""
+    if connection is None:
+        return
+    try:
+        connection.close()
+    except Exception:  # noqa: BLE001
+        _close_quietly(connection)
+
+
+class DrainedConnection:
+    """A connection read by whichever green thread is waiting on it.
+
+    Used where no dedicated reader thread exists (publishers, standalone
+    proxies): a caller waiting for a publisher confirm or an RPC reply takes the
+    drain lock and reads frames until its own result arrives, handling everyone
+    else's frames on the way. Others block on the lock, then find their result
+    already there. This also works in a plain, unpatched single-threaded program.
+    """
+
+    def __init__(self, config: dict[str, Any], *, uri: str | None = None, purpose: str) -> None:
+        self.config = config
+        self.uri = uri
+        self.purpose = purpose
+        self.connection: kombu.Connection | None = None
+        self.generation = 0
+        self.drain_lock = concurrency.Semaphore(1)
+        self._connect_lock = concurrency.Semaphore(1)
+        self._on_connect: list[Any] = []
+
+    def on_connect(self, callback: Any) -> None:
+        """Run ``callback(connection)`` after every (re)connect, under the drain lock."""
+        self._on_connect.append(callback)
+
+    @property
+    def connected(self) -> bool:
+        return self.connection is not None and self.connection.connected
+
+    def ensure_connected(self, max_attempts: int | None = 3) -> kombu.Connection:
+        if self.connected:
+            return self.connection  # type: ignore[return-value]
+        with self._connect_lock:
+            if self.connected:
+                return self.connection  # type: ignore[return-value]
+            close_quietly(self.connection)
+            connection = make_connection(self.config, uri=self.uri)
+            connect_with_retry(connection, self.config, purpose=self.purpose, max_attempts=max_attempts)
+            with self.drain_lock:
+                for callback in self._on_connect:
+                    callback(connection)
+            self.connection = connection
+            self.generation += 1
+            return connection
+
+    def reset(self, generation: int) -> None:
+        """Drop the connection of ``generation`` after an error (once, however many saw it)."""
+        if generation == self.generation and self.connection is not None:
+            connection, self.connection = self.connection, None
+            close_quietly(connection)
+
+    def wait_until(self, done: Any, deadline: concurrency.Deadline) -> bool:
+        """Drain frames until ``done()`` is true or the deadline passes.
+
+        Returns ``done()``. Connection errors propagate to the caller.
+        """
+        while not done():
+            remaining = deadline.remaining()
+            if remaining is not None and remaining <= 0:
+                return done()
+            acquired = self.drain_lock.acquire(timeout=remaining) if remaining is not None else self.drain_lock.acquire()
+            if not acquired:
+                return done()
+            try:
+                if done():
+                    break
+                connection = self.connection
+                if connection is None:
+                    raise ConnectionResetError("connection lost")
+                slice_ = 1.0 if remaining is None else min(remaining, 1.0)
+                try:
+                    connection.drain_events(timeout=max(slice_, 0.001))
+                except socket.timeout:
+                    pass
+            finally:
+                self.drain_lock.release()
+        return True
+
+    def close(self) -> None:
+        connection, self.connection = self.connection, None
+        close_quietly(connection)

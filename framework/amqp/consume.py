@@ -1,0 +1,252 @@
+"""The consumer loop: one connection per container, owned by one green thread.
+
+Only the loop's thread reads the connection (eventlet forbids two readers on a
+socket), so every synchronous AMQP method (declare, qos, consume) runs there
+too. Writes (acks, cancels) may come from any green thread: py-amqp serializes
+frame writes with its own lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import kombu
+import kombu.exceptions
+import kombu.serialization
+
+from framework import concurrency
+from framework.amqp.connection import (
+    CONNECTION_ERRORS,
+    close_quietly,
+    connect_with_retry,
+    heartbeat_interval,
+    make_connection,
+)
+from framework.utils import sanitize_url
+
+log = logging.getLogger(__name__)
+
+DECODE_ERRORS = (
+    kombu.exceptions.ContentDisallowed,
+    kombu.exceptions.DecodeError,
+    ValueError,
+    TypeError,
+    UnicodeDecodeError,
+)
+
+
+class Subscriber(Protocol):
+    """What the loop needs from an entrypoint that consumes a queue."""
+
+    queue: kombu.Queue
+    no_ack: bool
+    prefetch_count: int
+
+    def handle_message(self, body: Any, message: Delivery) -> None: ...
+
+
+class Delivery:
+    """One received message; kombu ``Message``-like for handler code."""
+
+    __slots__ = ("raw", "loop", "generation", "settled", "subscriber")
+
+    def __init__(self, raw: Any, loop: ConsumeLoop, generation: int, subscriber: Any) -> None:
+        self.raw = raw
+        self.loop = loop
+        self.generation = generation
+        self.settled = False
+        self.subscriber = subscriber
+
+    @property
+    def body(self) -> bytes:
+        return self.raw.body
+
+    @property
+    def properties(self) -> dict[str, Any]:
+        return self.raw.properties
+
+    @property
+    def headers(self) -> dict[str, Any]:
+        return self.raw.properties.get("application_headers") or {}
+
+    @property
+    def delivery_info(self) -> dict[str, Any]:
+        return self.raw.delivery_info
+
+    @property
+    def delivery_tag(self) -> int:
+        return self.raw.delivery_info["delivery_tag"]
+
+    @property
+    def content_type(self) -> str | None:
+        return self.raw.properties.get("content_type")
+
+    @property
+    def content_encoding(self) -> str | None:
+        return self.raw.properties.get("content_encoding")
+
+    def decode(self, accept: list[str] | None) -> Any:
+        return kombu.serialization.loads(
+            self.raw.body, self.content_type, self.content_encoding, accept=accept
+        )
+
+    def ack(self) -> None:
+        self.loop.settle(self, "ack")
+
+    def requeue(self) -> None:
+        self.loop.settle(self, "requeue")
+
+    def reject(self) -> None:
+        self.loop.settle(self, "reject")
+
+
+class ConsumeLoop:
+    """Consumes every registered queue on one connection, reconnecting forever."""
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        accept: list[str],
+        *,
+        name: str,
+        spawn: Callable[[Callable[[], Any], str], Any],
+        on_undecodable: Callable[[Delivery, BaseException], None],
+    ) -> None:
+        self.config = config
+        # kombu checks content types, while config speaks serializer names.
+        self.accept = kombu.serialization.prepare_accept_content(accept)
+        self.name = name
+        self._spawn = spawn
+        self._on_undecodable = on_undecodable
+        self._subscribers: dict[Any, str | None] = {}  # subscriber -> consumer tag
+        self._pending_ops: list[Callable[[], None]] = []
+        self._connection: kombu.Connection | None = None
+        self._channel: Any = None
+        self.generation = 0
+        self._thread: Any = None
+        self._stopping = False
+        self.ready = concurrency.Event()
+        self.connected = False
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start consuming; returns once consumers are registered with the broker."""
+        if self._thread is None:
+            self._thread = self._spawn(self._run, f"{self.name}.consume_loop")
+        self.ready.wait()
+
+    def stop(self) -> None:
+        self._stopping = True
+        if self._thread is not None:
+            concurrency.kill(self._thread)
+            self._thread = None
+        self.connected = False
+        close_quietly(self._connection)
+        self._connection = None
+
+    # -- subscribers -------------------------------------------------------------------
+
+    def add(self, subscriber: Any) -> None:
+        self._subscribers[subscriber] = None
+        if self._channel is not None:
+            self._pending_ops.append(lambda: self._consume(subscriber))
+
+    def remove(self, subscriber: Any) -> None:
+        """Stop deliveries to ``subscriber``; in-flight ones are requeued."""
+        tag = self._subscribers.pop(subscriber, None)
+        channel = self._channel
+        if tag is not None and channel is not None and self.connected:
+            try:
+                channel.basic_cancel(tag, nowait=True)
+            except CONNECTION_ERRORS:
+                pass
+
+    # -- settling ---------------------------------------------------------------------
+
+    def settle(self, delivery: Delivery, how: str) -> None:
+        if delivery.settled or delivery.subscriber.no_ack:
+            return
+        delivery.settled = True
+        if delivery.generation != self.generation or not self.connected:
+            # The channel it came on is gone; the broker has already requeued it.
+            log.debug("not settling a delivery from a closed connection", extra={"loop": self.name})
+            return
+        try:
+            if how == "ack":
+                self._channel.basic_ack(delivery.delivery_tag)
+            else:
+                self._channel.basic_reject(delivery.delivery_tag, requeue=(how == "requeue"))
+        except CONNECTION_ERRORS as exc:
+            log.warning("could not %s a delivery: %s", how, exc, extra={"loop": self.name})
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        heartbeat = heartbeat_interval(self.config)
+        tick = min(1.0, heartbeat / 4) if heartbeat else 1.0
+        while not self._stopping:
+            connection = make_connection(self.config, heartbeat=heartbeat)
+            self._connection = connection
+            try:
+                connect_with_retry(connection, self.config, purpose=f"{self.name} consumer")
+                self._channel = connection.channel()
+                self.generation += 1
+                self.connected = True
+                for subscriber in list(self._subscribers):
+                    self._consume(subscriber)
+                if not self.ready.ready():
+                    self.ready.send(None)
+                log.info("consuming", extra={"loop": self.name, "queues": [s.queue.name for s in self._subscribers]})
+                while not self._stopping:
+                    try:
+                        connection.drain_events(timeout=tick)
+                    except socket.timeout:
+                        pass
+                    if heartbeat:
+                        connection.heartbeat_check(rate=2)
+                    while self._pending_ops:
+                        self._pending_ops.pop(0)()
+            except CONNECTION_ERRORS as exc:
+                if self._stopping:
+                    break
+                log.warning(
+                    "lost connection to broker at %s (%s); reconnecting",
+                    sanitize_url(connection.as_uri()),
+                    exc,
+                    extra={"loop": self.name},
+                )
+            finally:
+                self.connected = False
+                self._channel = None
+                close_quietly(connection)
+
+    def _consume(self, subscriber: Any) -> None:
+        if subscriber not in self._subscribers:
+            return
+        channel = self._channel
+        subscriber.queue.bind(channel).declare()
+        channel.basic_qos(prefetch_size=0, prefetch_count=subscriber.prefetch_count, a_global=False)
+        generation = self.generation
+
+        def on_message(raw: Any) -> None:
+            self._on_message(subscriber, raw, generation)
+
+        tag = channel.basic_consume(subscriber.queue.name, callback=on_message, no_ack=subscriber.no_ack)
+        self._subscribers[subscriber] = tag
+
+    def _on_message(self, subscriber: Any, raw: Any, generation: int) -> None:
+        delivery = Delivery(raw, self, generation, subscriber)
+        if subscriber not in self._subscribers:
+            # Delivered before our cancel reached the broker: give it back.
+            delivery.requeue()
+            return
+        try:
+            body = delivery.decode(self.accept)
+        except DECODE_ERRORS as exc:
+            self._on_undecodable(delivery, exc)
+            return
+        subscriber.handle_message(body, delivery)

@@ -1,0 +1,415 @@
+"""RPC over AMQP, on nameko's wire format.
+
+Requests go to the topic exchange ``nameko-rpc`` with routing key
+``<service>.<method>``; each service consumes its durable queue ``rpc-<service>``.
+Replies go back through the same exchange with the caller's ``reply_to`` as routing
+key. Unlike nameko, every call can time out, in services too.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from functools import partial
+from typing import Any
+
+import kombu
+import kombu.exceptions
+
+from framework import concurrency
+from framework.constants import (
+    DEFAULT_RPC_EXCHANGE,
+    DEFAULT_RPC_TIMEOUT,
+    RPC_EXCHANGE_CONFIG_KEY,
+    RPC_QUEUE_TEMPLATE,
+    RPC_REPLY_QUEUE_TEMPLATE,
+    RPC_REPLY_QUEUE_TTL,
+    RPC_TIMEOUT_CONFIG_KEY,
+)
+from framework.containers import WorkerContext
+from framework.exceptions import (
+    MalformedRequest,
+    MethodNotFound,
+    RpcTimeout,
+    UndeliverableMessage,
+    UnknownService,
+    UnserializableValueError,
+    deserialize,
+    serialize,
+)
+from framework.extensions import DependencyProvider, Entrypoint, ProviderCollector, SharedExtension
+from framework.messaging import ContainerPublisher, HeaderDecoder, HeaderEncoder, QueueConsumer
+from framework.serialization import content_type_to_serializer
+
+log = logging.getLogger(__name__)
+
+
+def get_rpc_exchange(config: dict[str, Any]) -> kombu.Exchange:
+    name = config.get(RPC_EXCHANGE_CONFIG_KEY, DEFAULT_RPC_EXCHANGE)
+    return kombu.Exchange(name, type="topic", durable=True, auto_delete=False)
+
+
+def get_rpc_timeout(config: dict[str, Any]) -> float | None:
+    value = config.get(RPC_TIMEOUT_CONFIG_KEY, DEFAULT_RPC_TIMEOUT)
+    return float(value) if value else None
+
+
+# -- server side ----------------------------------------------------------------------
+
+
+class Responder:
+    """Publishes the reply to one request: ``{"result": ..., "error": ...}``."""
+
+    def __init__(self, config: dict[str, Any], publisher: ContainerPublisher, message: Any) -> None:
+        self.config = config
+        self.publisher = publisher
+        self.message = message
+
+    def send_response(self, result: Any, exc_info: Any) -> tuple[Any, Any]:
+        reply_to = self.message.properties.get("reply_to")
+        if not reply_to:
+            return result, exc_info  # a fire-and-forget caller: nobody to answer
+        error = serialize(exc_info[1]) if exc_info is not None else None
+        serializer = content_type_to_serializer(self.message.content_type, "json")
+        options = {
+            "exchange": get_rpc_exchange(self.config),
+            "routing_key": reply_to,
+            "serializer": serializer,
+            "correlation_id": self.message.properties.get("correlation_id"),
+        }
+        try:
+            self.publisher.publish({"result": result, "error": error}, **options)
+        except (kombu.exceptions.EncodeError, TypeError, ValueError) as exc:
+            # The result cannot be serialized: say so to the caller instead of
+            # leaving it waiting (or killing anything).
+            log.warning("unserializable RPC result: %s", exc)
+            unserializable = UnserializableValueError(result)
+            exc_info = (UnserializableValueError, unserializable, None)
+            self.publisher.publish({"result": None, "error": serialize(unserializable)}, **options)
+            result = None
+        return result, exc_info
+
+
+class RpcConsumer(SharedExtension, ProviderCollector):
+    """Consumes ``rpc-<service>`` and routes each request to its ``@rpc`` method."""
+
+    queue_consumer = QueueConsumer()
+    publisher = ContainerPublisher()
+    no_ack = False
+
+    def __init__(self) -> None:
+        self._methods: dict[str, Rpc] = {}
+        super().__init__()
+
+    def setup(self) -> None:
+        service_name = self.container.service_name
+        self.queue = kombu.Queue(
+            RPC_QUEUE_TEMPLATE.format(service_name),
+            exchange=get_rpc_exchange(self.container.config),
+            routing_key=f"{service_name}.*",
+            durable=True,
+        )
+        self.prefetch_count = self.queue_consumer.default_prefetch
+        self.queue_consumer.register_provider(self)
+
+    def register_provider(self, provider: Any) -> None:
+        self._methods[provider.method_name] = provider
+        super().register_provider(provider)
+
+    def unregister_provider(self, provider: Any) -> None:
+        self._methods.pop(provider.method_name, None)
+        super().unregister_provider(provider)
+        if not self._providers:
+            self.queue_consumer.unregister_provider(self)
+
+    def stop(self) -> None:
+        self.wait_for_providers()
+
+    def handle_message(self, body: Any, message: Any) -> None:
+        routing_key = message.delivery_info.get("routing_key", "")
+        method_name = routing_key.rsplit(".", 1)[-1]
+        try:
+            service, _, _ = routing_key.rpartition(".")
+            provider = self._methods.get(method_name) if service == self.container.service_name else None
+            if provider is None:
+                raise MethodNotFound(method_name)
+            provider.handle_message(body, message)
+        except Exception as exc:
+            # Off the consumer loop: the reply waits for a publisher confirm.
+            concurrency.spawn_n(self.reply_and_ack, message, None, (type(exc), exc, exc.__traceback__))
+
+    def reply_and_ack(self, message: Any, result: Any, exc_info: Any) -> tuple[Any, Any]:
+        """Reply first, then ack: a request is never acked without its answer sent."""
+        responder = Responder(self.container.config, self.publisher, message)
+        result, exc_info = responder.send_response(result, exc_info)
+        message.ack()
+        return result, exc_info
+
+
+class Rpc(Entrypoint, HeaderDecoder):
+    """Exposes the decorated method over RPC as ``<service>.<method>``."""
+
+    rpc_consumer = RpcConsumer()
+
+    def setup(self) -> None:
+        self.rpc_consumer.register_provider(self)
+
+    def stop(self) -> None:
+        self.rpc_consumer.unregister_provider(self)
+
+    def handle_message(self, body: Any, message: Any) -> None:
+        if not isinstance(body, dict) or "args" not in body or "kwargs" not in body:
+            raise MalformedRequest("Message missing `args` or `kwargs`")
+        args, kwargs = body["args"], body["kwargs"]
+        if not isinstance(args, list | tuple) or not isinstance(kwargs, dict):
+            raise MalformedRequest("`args` must be a list and `kwargs` a mapping")
+        self.check_signature(args, kwargs)
+        context_data = self.unpack_message_headers(message)
+        handle_result = partial(self.handle_result, message)
+        self.rpc_consumer.queue_consumer.spawn_worker(self, message, tuple(args), kwargs, context_data, handle_result)
+
+    def handle_result(self, message: Any, worker_ctx: WorkerContext, result: Any, exc_info: Any) -> tuple[Any, Any]:
+        return self.rpc_consumer.reply_and_ack(message, result, exc_info)
+
+
+rpc = Rpc.decorator
+
+
+# -- client side ------------------------------------------------------------------------
+
+
+class ReplyEvent:
+    """Where one pending call's reply lands."""
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event = concurrency.Event()
+
+    def send(self, body: Any) -> None:
+        if not self._event.ready():
+            self._event.send(body)
+
+    def ready(self) -> bool:
+        return self._event.ready()
+
+    def wait(self, timeout: float | None) -> Any:
+        with concurrency.Timeout(timeout, False):
+            return self._event.wait()
+        raise RpcTimeout(timeout)
+
+
+class ReplyListener(SharedExtension):
+    """The container's reply queue, and the calls waiting on it.
+
+    A reply whose caller gave up (timed out) finds no waiter and is dropped.
+    """
+
+    queue_consumer = QueueConsumer()
+    no_ack = True  # replies are disposable: a lost one is a timed-out call
+
+    def __init__(self) -> None:
+        self.pending: dict[str, ReplyEvent] = {}
+        super().__init__()
+
+    def setup(self) -> None:
+        self.routing_key = str(uuid.uuid4())
+        self.queue = kombu.Queue(
+            RPC_REPLY_QUEUE_TEMPLATE.format(self.container.service_name, self.routing_key),
+            exchange=get_rpc_exchange(self.container.config),
+            routing_key=self.routing_key,
+            queue_arguments={"x-expires": RPC_REPLY_QUEUE_TTL},
+        )
+        self.prefetch_count = 0
+        self.queue_consumer.register_provider(self)
+
+    def stop(self) -> None:
+        self.queue_consumer.unregister_provider(self)
+
+    def get_reply_event(self, correlation_id: str) -> ReplyEvent:
+        event = self.pending[correlation_id] = ReplyEvent()
+        return event
+
+    def forget(self, correlation_id: str) -> None:
+        self.pending.pop(correlation_id, None)
+
+    def handle_message(self, body: Any, message: Any) -> None:
+        correlation_id = message.properties.get("correlation_id")
+        event = self.pending.pop(correlation_id, None)
+        if event is None:
+            log.debug("dropping a reply nobody waits for", extra={"correlation_id": correlation_id})
+            return
+        event.send(body)
+
+
+class RpcReply:
+    """A call in flight. ``result()`` waits for it (once) and returns or raises."""
+
+    def __init__(self, reply_event: Any, correlation_id: str, timeout: float | None, on_timeout: Any) -> None:
+        self.reply_event = reply_event
+        self.correlation_id = correlation_id
+        self.timeout = timeout
+        self._on_timeout = on_timeout
+        self._response: Any = None
+        self._received = False
+
+    def get_response(self, timeout: Any = "default") -> Any:
+        if not self._received:
+            wait = self.timeout if timeout == "default" else timeout
+            try:
+                self._response = self.reply_event.wait(wait)
+            except RpcTimeout:
+                self._on_timeout(self.correlation_id)
+                raise RpcTimeout(f"no reply within {wait}s (correlation id {self.correlation_id})") from None
+            self._received = True
+        return self._response
+
+    def result(self, timeout: Any = "default") -> Any:
+        response = self.get_response(timeout)
+        if not isinstance(response, dict):
+            raise MalformedRequest(f"malformed RPC reply: {response!r}")
+        error = response.get("error")
+        if error:
+            raise deserialize(error)
+        return response.get("result")
+
+
+class MethodProxy(HeaderEncoder):
+    """``proxy.service.method(...)``; ``.call_async(...)``; ``.with_timeout(s)``."""
+
+    def __init__(self, client: RpcClient, service_name: str, method_name: str, timeout: float | None) -> None:
+        self.client = client
+        self.service_name = service_name
+        self.method_name = method_name
+        self.timeout = timeout
+
+    def with_timeout(self, timeout: float | None) -> MethodProxy:
+        return MethodProxy(self.client, self.service_name, self.method_name, timeout)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.call_async(*args, **kwargs).result()
+
+    def call_async(self, *args: Any, **kwargs: Any) -> RpcReply:
+        return self.client.call(self.service_name, self.method_name, args, kwargs, self.timeout)
+
+    def __repr__(self) -> str:
+        return f"<MethodProxy {self.service_name}.{self.method_name}>"
+
+
+class ServiceProxy:
+    def __init__(self, client: RpcClient, service_name: str, timeout: float | None) -> None:
+        self._client = client
+        self.service_name = service_name
+        self.timeout = timeout
+
+    def __getattr__(self, name: str) -> MethodProxy:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return MethodProxy(self._client, self.service_name, name, self.timeout)
+
+    def with_timeout(self, timeout: float | None) -> ServiceProxy:
+        return ServiceProxy(self._client, self.service_name, timeout)
+
+
+class ClusterProxy:
+    """``proxy.<service>.<method>(...)`` or ``proxy["service-name"].<method>(...)``."""
+
+    def __init__(self, client: RpcClient, timeout: float | None) -> None:
+        self._client = client
+        self.timeout = timeout
+        self._proxies: dict[str, ServiceProxy] = {}
+
+    def __getattr__(self, name: str) -> ServiceProxy:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self[name]
+
+    def __getitem__(self, name: str) -> ServiceProxy:
+        proxy = self._proxies.get(name)
+        if proxy is None:
+            proxy = self._proxies[name] = ServiceProxy(self._client, name, self.timeout)
+        return proxy
+
+
+class RpcClient:
+    """Publishes requests and waits for replies; shared by in-service and standalone
+    proxies, which differ only in how they publish, listen and wait."""
+
+    def __init__(self, config: dict[str, Any], publish: Any, reply_listener: Any, context_headers: Any, serializer: str, options: dict[str, Any]) -> None:
+        self.config = config
+        self.exchange = get_rpc_exchange(config)
+        self._publish = publish
+        self._reply_listener = reply_listener
+        self._context_headers = context_headers
+        self._serializer = serializer
+        self._options = options
+
+    def call(self, service_name: str, method_name: str, args: tuple, kwargs: dict, timeout: float | None) -> RpcReply:
+        correlation_id = str(uuid.uuid4())
+        reply_event = self._reply_listener.get_reply_event(correlation_id)
+        options = {k: v for k, v in self._options.items() if k not in RESTRICTED_PUBLISHER_OPTIONS}
+        headers = {**(options.pop("headers", None) or {}), **self._context_headers()}
+        options.setdefault("serializer", self._serializer)
+        try:
+            self._publish(
+                {"args": list(args), "kwargs": kwargs},
+                exchange=self.exchange,
+                routing_key=f"{service_name}.{method_name}",
+                mandatory=True,
+                reply_to=self._reply_listener.routing_key,
+                correlation_id=correlation_id,
+                headers=headers,
+                declare=[self.exchange],
+                **options,
+            )
+        except UndeliverableMessage:
+            self._reply_listener.forget(correlation_id)
+            raise UnknownService(service_name) from None
+        except BaseException:
+            self._reply_listener.forget(correlation_id)
+            raise
+        return RpcReply(reply_event, correlation_id, timeout, self._reply_listener.forget)
+
+
+RESTRICTED_PUBLISHER_OPTIONS = ("exchange", "routing_key", "mandatory", "reply_to", "correlation_id", "timeout", "use_confirms", "uri")
+
+
+class ClusterRpc(DependencyProvider, HeaderEncoder):
+    """Injects a proxy to every service: ``self.rpc.<service>.<method>(...)``."""
+
+    reply_listener = ReplyListener()
+    publisher = ContainerPublisher()
+
+    def __init__(self, timeout: float | None = None, **publisher_options: Any) -> None:
+        self.timeout = timeout
+        self.publisher_options = publisher_options
+
+    def _client(self, worker_ctx: WorkerContext) -> RpcClient:
+        return RpcClient(
+            self.container.config,
+            self.publisher.publish,
+            self.reply_listener,
+            partial(self.get_message_headers, worker_ctx),
+            self.container.serializer,
+            self.publisher_options,
+        )
+
+    def _timeout(self) -> float | None:
+        return self.timeout if self.timeout is not None else get_rpc_timeout(self.container.config)
+
+    def get_dependency(self, worker_ctx: WorkerContext) -> Any:
+        return ClusterProxy(self._client(worker_ctx), self._timeout())
+
+
+class RpcProxy(ClusterRpc):
+    """Injects a proxy to one service: ``self.greeter.hello(...)``."""
+
+    def __init__(self, target_service: str, timeout: float | None = None, **publisher_options: Any) -> None:
+        self.target_service = target_service
+        super().__init__(timeout=timeout, **publisher_options)
+
+    def get_dependency(self, worker_ctx: WorkerContext) -> Any:
+        return ServiceProxy(self._client(worker_ctx), self.target_service, self._timeout())
+
+
+ServiceRpc = RpcProxy

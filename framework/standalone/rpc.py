@@ -1,0 +1,170 @@
+"""RPC proxies for code outside any service: scripts, shells, tests, web apps.
+
+Single-connection and caller-driven: whoever waits for a reply or a publisher
+confirm reads the connection (see ``DrainedConnection``), so these proxies work in
+plain, unpatched programs as well as under eventlet.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+import kombu
+import kombu.serialization
+
+from framework import concurrency
+from framework.amqp.connection import CONNECTION_ERRORS, DrainedConnection
+from framework.amqp.publish import Publisher
+from framework.constants import (
+    ACCEPT_CONFIG_KEY,
+    CALL_ID_STACK_CONTEXT_KEY,
+    DEFAULT_SERIALIZER,
+    RPC_REPLY_QUEUE_TEMPLATE,
+    RPC_REPLY_QUEUE_TTL,
+    SERIALIZER_CONFIG_KEY,
+)
+from framework.exceptions import RpcTimeout
+from framework.messaging import encode_to_headers
+from framework.rpc import ClusterProxy, RpcClient, ServiceProxy, get_rpc_exchange, get_rpc_timeout
+
+log = logging.getLogger(__name__)
+
+STANDALONE_SERVICE_NAME = "standalone_rpc_proxy"
+
+
+class StandaloneReplyEvent:
+    def __init__(self, listener: SingleThreadedReplyListener, correlation_id: str) -> None:
+        self.listener = listener
+        self.correlation_id = correlation_id
+
+    def ready(self) -> bool:
+        return self.correlation_id in self.listener.replies
+
+    def wait(self, timeout: float | None) -> Any:
+        deadline = concurrency.Deadline(timeout)
+        connection = self.listener.connection
+        while True:
+            generation = connection.generation
+            try:
+                connection.ensure_connected()
+                if connection.wait_until(self.ready, deadline):
+                    return self.listener.replies.pop(self.correlation_id)
+            except CONNECTION_ERRORS as exc:
+                # The reply queue is durable and redeclared on reconnect, so a
+                # reply published meanwhile is still waiting for us there.
+                log.warning("connection lost while waiting for a reply (%s); reconnecting", exc)
+                connection.reset(generation)
+                if deadline.expired():
+                    raise
+                continue
+            raise RpcTimeout(timeout)
+
+
+class SingleThreadedReplyListener:
+    """The proxy's reply queue, consumed on the proxy's own connection."""
+
+    def __init__(self, connection: DrainedConnection, config: dict[str, Any]) -> None:
+        self.connection = connection
+        self.accept = kombu.serialization.prepare_accept_content(
+            config.get(ACCEPT_CONFIG_KEY) or [config.get(SERIALIZER_CONFIG_KEY, DEFAULT_SERIALIZER)]
+        )
+        self.routing_key = str(uuid.uuid4())
+        self.queue = kombu.Queue(
+            RPC_REPLY_QUEUE_TEMPLATE.format(STANDALONE_SERVICE_NAME, self.routing_key),
+            exchange=get_rpc_exchange(config),
+            routing_key=self.routing_key,
+            queue_arguments={"x-expires": RPC_REPLY_QUEUE_TTL},
+        )
+        self.waiting: set[str] = set()
+        self.replies: dict[str, Any] = {}
+        connection.on_connect(self._consume)
+
+    def _consume(self, connection: kombu.Connection) -> None:
+        channel = connection.channel()
+        self.queue.bind(channel).declare()
+        channel.basic_consume(self.queue.name, callback=self._on_message, no_ack=True)
+
+    def _on_message(self, raw: Any) -> None:
+        correlation_id = raw.properties.get("correlation_id")
+        if correlation_id not in self.waiting:
+            log.debug("dropping a reply nobody waits for", extra={"correlation_id": correlation_id})
+            return
+        self.waiting.discard(correlation_id)
+        try:
+            body = kombu.serialization.loads(
+                raw.body, raw.properties.get("content_type"), raw.properties.get("content_encoding"), accept=self.accept
+            )
+        except Exception as exc:  # a broken reply must fail its call, not the proxy
+            body = {"result": None, "error": {"exc_type": "MalformedReply", "exc_path": "", "exc_args": [str(exc)], "value": str(exc)}}
+        self.replies[correlation_id] = body
+
+    def get_reply_event(self, correlation_id: str) -> StandaloneReplyEvent:
+        self.waiting.add(correlation_id)
+        return StandaloneReplyEvent(self, correlation_id)
+
+    def forget(self, correlation_id: str) -> None:
+        self.waiting.discard(correlation_id)
+        self.replies.pop(correlation_id, None)
+
+
+class StandaloneProxyBase:
+    def __init__(self, config: dict[str, Any], context_data: dict[str, Any] | None = None, timeout: float | None = None, **publisher_options: Any) -> None:
+        self.config = config
+        self.context_data = dict(context_data or {})
+        self.timeout = timeout if timeout is not None else get_rpc_timeout(config)
+        self.connection = DrainedConnection(config, purpose="standalone rpc proxy")
+        self.publisher = Publisher(config, connection=self.connection, use_confirms=publisher_options.pop("use_confirms", True))
+        self.reply_listener = SingleThreadedReplyListener(self.connection, config)
+        self.client = RpcClient(
+            config,
+            self.publisher.publish,
+            self.reply_listener,
+            self._context_headers,
+            config.get(SERIALIZER_CONFIG_KEY, DEFAULT_SERIALIZER),
+            publisher_options,
+        )
+
+    def _context_headers(self) -> dict[str, Any]:
+        call_id = f"{STANDALONE_SERVICE_NAME}.call.{uuid.uuid4()}"
+        return encode_to_headers({**self.context_data, CALL_ID_STACK_CONTEXT_KEY: [call_id]})
+
+    def _connect(self) -> None:
+        self.connection.ensure_connected()
+
+    def stop(self) -> None:
+        self.connection.close()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+
+class ClusterRpcProxy(StandaloneProxyBase):
+    """``with ClusterRpcProxy(config) as rpc: rpc.greeter.hello("Matt")``."""
+
+    def start(self) -> ClusterProxy:
+        self._connect()
+        return ClusterProxy(self.client, self.timeout)
+
+    def __enter__(self) -> ClusterProxy:
+        return self.start()
+
+
+class ServiceRpcProxy(StandaloneProxyBase):
+    """``with ServiceRpcProxy("greeter", config) as greeter: greeter.hello("Matt")``."""
+
+    def __init__(self, service_name: str, config: dict[str, Any], context_data: dict[str, Any] | None = None, timeout: float | None = None, **publisher_options: Any) -> None:
+        self.service_name = service_name
+        super().__init__(config, context_data, timeout, **publisher_options)
+
+    def start(self) -> ServiceProxy:
+        self._connect()
+        return ServiceProxy(self.client, self.service_name, self.timeout)
+
+    def __enter__(self) -> ServiceProxy:
+        return self.start()
+
+
+ClusterRpcClient = ClusterRpcProxy
+ServiceRpcClient = ServiceRpcProxy
