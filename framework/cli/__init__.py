@@ -1,0 +1,1 @@
+"""The ``framework`` command line: ``run``, ``shell``, ``show-config`` (see ``main``)."""
