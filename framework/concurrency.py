@@ -150,3 +150,20 @@ def websocket_app(handler: Any, max_frame_length: int = 8 << 20) -> Any:
         return upgrade(environ, start_response)
 
     return app
+
+
+# -- test support ---------------------------------------------------------------------
+
+import eventlet.debug  # noqa: E402
+
+__all__ += ["enable_blocking_detection"]
+
+
+def enable_blocking_detection(resolution: float = 1.0) -> None:
+    """Raise in any green thread that keeps the hub for ``resolution`` seconds.
+
+    That only happens when something blocks without yielding (a C driver, a call
+    that monkey patching missed); the pytest plugin's ``--blocking-detection``
+    turns this on. Uses SIGALRM, so it is for tests, not for services.
+    """
+    eventlet.debug.hub_blocking_detection(True, resolution)
