@@ -72,7 +72,9 @@ def call(container: ServiceContainer, method_name: str, *args: Any) -> Any:
 
 def spawn_call(container: ServiceContainer, method_name: str, *args: Any) -> Any:
     """A green thread whose ``wait()`` returns the worker's result after teardown."""
-    (entrypoint,) = [ep for ep in container.entrypoints if ep.method_name == method_name]
+    (entrypoint,) = [
+        ep for ep in container.entrypoints if ep.method_name == method_name
+    ]
     outcome: list[Any] = []
 
     def handle_result(worker_ctx: Any, result: Any, exc_info: Any) -> Any:
@@ -80,7 +82,9 @@ def spawn_call(container: ServiceContainer, method_name: str, *args: Any) -> Any
         return result, exc_info
 
     def run() -> Any:
-        worker_ctx = container.spawn_worker(entrypoint, args, {}, handle_result=handle_result)
+        worker_ctx = container.spawn_worker(
+            entrypoint, args, {}, handle_result=handle_result
+        )
         # The worker's thread ends after its dependencies' teardown.
         container._worker_threads[worker_ctx].wait()
         result, exc_info = outcome[0]
@@ -92,7 +96,11 @@ def spawn_call(container: ServiceContainer, method_name: str, *args: Any) -> Any
 
 
 def provider(container: ServiceContainer) -> Any:
-    (found,) = [dep for dep in container.dependencies if isinstance(dep, Database | DatabaseSession)]
+    (found,) = [
+        dep
+        for dep in container.dependencies
+        if isinstance(dep, Database | DatabaseSession)
+    ]
     return found
 
 
@@ -128,7 +136,9 @@ def count_items(url: str) -> int:
     engine = sa.create_engine(normalise_url(url))
     try:
         with engine.connect() as connection:
-            return connection.execute(sa.select(sa.func.count()).select_from(Item)).scalar_one()
+            return connection.execute(
+                sa.select(sa.func.count()).select_from(Item)
+            ).scalar_one()
     finally:
         engine.dispose()
 
@@ -169,24 +179,35 @@ class ItemService:
 
 def test_db_uris_entry_for_the_declarative_base_wins_over_database_url() -> None:
     config = {
-        DB_URIS_KEY: {"orders:Base": "postgresql://db/orders", "orders:Other": "sqlite://"},
+        DB_URIS_KEY: {
+            "orders:Base": "postgresql://db/orders",
+            "orders:Other": "sqlite://",
+        },
         DATABASE_URL_CONFIG_KEY: "postgresql://db/fallback",
     }
     assert database_url(config, "orders", "Base") == "postgresql://db/orders"
     assert database_url(config, "orders", "Missing") == "postgresql://db/fallback"
 
 
-def test_without_configuration_the_database_is_a_sqlite_file_named_after_the_service() -> None:
+def test_without_configuration_the_database_is_a_sqlite_file_named_after_the_service() -> (
+    None
+):
     assert database_url({}, "orders", "Base") == "sqlite:///orders.sqlite3"
 
 
 def test_url_placeholders_name_the_service_and_base_in_both_spellings() -> None:
-    config = {DATABASE_URL_CONFIG_KEY: "postgresql://u:p{w}d@db/{service_name}_{0[declarative_base_name]}"}
-    assert database_url(config, "orders", "Base") == "postgresql://u:p{w}d@db/orders_Base"
+    config = {
+        DATABASE_URL_CONFIG_KEY: "postgresql://u:p{w}d@db/{service_name}_{0[declarative_base_name]}"
+    }
+    assert (
+        database_url(config, "orders", "Base") == "postgresql://u:p{w}d@db/orders_Base"
+    )
 
 
 def test_without_a_base_name_the_only_db_uris_entry_of_the_service_is_used() -> None:
-    config = {DB_URIS_KEY: {"orders:Base": "sqlite:///a.db", "users:Base": "sqlite:///b.db"}}
+    config = {
+        DB_URIS_KEY: {"orders:Base": "sqlite:///a.db", "users:Base": "sqlite:///b.db"}
+    }
     assert database_url(config, "orders") == "sqlite:///a.db"
     config[DB_URIS_KEY]["orders:Other"] = "sqlite:///c.db"
     with pytest.raises(ConfigurationError, match="several entries"):
@@ -199,7 +220,9 @@ def test_a_bare_postgresql_url_means_psycopg2() -> None:
     assert normalise_url("postgresql+pg8000://db/x").drivername == "postgresql+pg8000"
 
 
-def test_engine_options_from_config_override_the_providers_own(start: Any, sqlite_url: str) -> None:
+def test_engine_options_from_config_override_the_providers_own(
+    start: Any, sqlite_url: str
+) -> None:
     class Tuned:
         name = "tuned"
         db = Database(Base, engine_options={"pool_size": 3, "echo": False})
@@ -208,12 +231,20 @@ def test_engine_options_from_config_override_the_providers_own(start: Any, sqlit
         def noop(self) -> None:
             pass
 
-    container = start(Tuned, {DATABASE_URL_CONFIG_KEY: sqlite_url, DB_ENGINE_OPTIONS_KEY: {"pool_size": 7}})
+    container = start(
+        Tuned,
+        {DATABASE_URL_CONFIG_KEY: sqlite_url, DB_ENGINE_OPTIONS_KEY: {"pool_size": 7}},
+    )
     assert provider(container).engine.pool.size() == 7
 
 
-def test_engine_options_that_are_not_a_mapping_are_a_configuration_error(sqlite_url: str) -> None:
-    container = ServiceContainer(ItemService, {DATABASE_URL_CONFIG_KEY: sqlite_url, DB_ENGINE_OPTIONS_KEY: "pool_size=7"})
+def test_engine_options_that_are_not_a_mapping_are_a_configuration_error(
+    sqlite_url: str,
+) -> None:
+    container = ServiceContainer(
+        ItemService,
+        {DATABASE_URL_CONFIG_KEY: sqlite_url, DB_ENGINE_OPTIONS_KEY: "pool_size=7"},
+    )
     with pytest.raises(ConfigurationError, match=DB_ENGINE_OPTIONS_KEY):
         container.start()
     container.kill()
@@ -238,7 +269,9 @@ def test_legacy_declarative_base_name_keys_db_uris(start: Any, tmp_path: Any) ->
 # -- sessions --------------------------------------------------------------------------
 
 
-def test_worker_session_is_never_committed_for_the_service(start: Any, sqlite_url: str) -> None:
+def test_worker_session_is_never_committed_for_the_service(
+    start: Any, sqlite_url: str
+) -> None:
     container = start(ItemService, {DATABASE_URL_CONFIG_KEY: sqlite_url})
     call(container, "add_without_commit", "lost")
     call(container, "add_and_commit", "kept")
@@ -267,20 +300,26 @@ def test_worker_session_is_opened_once_per_worker_and_get_session_gives_new_ones
     assert other_worker is not first
 
 
-def test_get_session_commits_when_the_block_succeeds(start: Any, sqlite_url: str) -> None:
+def test_get_session_commits_when_the_block_succeeds(
+    start: Any, sqlite_url: str
+) -> None:
     container = start(ItemService, {DATABASE_URL_CONFIG_KEY: sqlite_url})
     call(container, "add_in_get_session", "kept")
     assert count_items(sqlite_url) == 1
 
 
-def test_get_session_rolls_back_when_the_block_raises(start: Any, sqlite_url: str) -> None:
+def test_get_session_rolls_back_when_the_block_raises(
+    start: Any, sqlite_url: str
+) -> None:
     container = start(ItemService, {DATABASE_URL_CONFIG_KEY: sqlite_url})
     with pytest.raises(ValueError, match="business rule broken"):
         call(container, "add_in_get_session", "lost", True)
     assert count_items(sqlite_url) == 0
 
 
-def test_get_session_rolls_back_and_reraises_when_the_commit_fails(start: Any, sqlite_url: str) -> None:
+def test_get_session_rolls_back_and_reraises_when_the_commit_fails(
+    start: Any, sqlite_url: str
+) -> None:
     class Duplicating:
         name = "duplicating"
         db = Database(Base)
@@ -327,11 +366,18 @@ def test_in_memory_sqlite_is_one_database_for_all_workers(start: Any) -> None:
 
     container = start(Memory, {DATABASE_URL_CONFIG_KEY: "sqlite://"})
     call(container, "create")
-    threads = [concurrency.spawn(_add_in_memory, container, name) for name in ("a", "b")]
+    threads = [
+        concurrency.spawn(_add_in_memory, container, name) for name in ("a", "b")
+    ]
     for thread in threads:
         thread.wait()
     with provider(container).engine.connect() as connection:
-        assert connection.execute(sa.select(sa.func.count()).select_from(Item)).scalar_one() == 2
+        assert (
+            connection.execute(
+                sa.select(sa.func.count()).select_from(Item)
+            ).scalar_one()
+            == 2
+        )
 
 
 def _add_in_memory(container: ServiceContainer, name: str) -> None:
@@ -340,7 +386,9 @@ def _add_in_memory(container: ServiceContainer, name: str) -> None:
         session.add(Item(name=name))
 
 
-def test_legacy_database_session_injects_a_session_closed_at_teardown(start: Any, sqlite_url: str) -> None:
+def test_legacy_database_session_injects_a_session_closed_at_teardown(
+    start: Any, sqlite_url: str
+) -> None:
     class Legacy:
         name = "legacy"
         session = DatabaseSession(Base)
@@ -357,15 +405,19 @@ def test_legacy_database_session_injects_a_session_closed_at_teardown(start: Any
     assert count_items(sqlite_url) == 1
 
 
-def test_engine_is_disposed_when_the_container_stops_or_is_killed(sqlite_url: str) -> None:
-    for end in ("stop", "kill"):
-        container = ServiceContainer(ItemService, {DATABASE_URL_CONFIG_KEY: sqlite_url})
-        container.start()
-        call(container, "add_and_commit", end)
-        closed: list[Any] = []
-        sa.event.listen(provider(container).engine.pool, "close", lambda *args: closed.append(args))
-        getattr(container, end)()
-        assert closed, f"pooled connection still open after {end}()"
+@pytest.mark.parametrize("end", ["stop", "kill"])
+def test_engine_is_disposed_when_the_container_stops_or_is_killed(
+    sqlite_url: str, end: str
+) -> None:
+    container = ServiceContainer(ItemService, {DATABASE_URL_CONFIG_KEY: sqlite_url})
+    container.start()
+    call(container, "add_and_commit", end)
+    closed: list[Any] = []
+    sa.event.listen(
+        provider(container).engine.pool, "close", lambda *args: closed.append(args)
+    )
+    getattr(container, end)()
+    assert closed, f"pooled connection still open after {end}()"
 
 
 # -- readiness -------------------------------------------------------------------------
@@ -392,7 +444,12 @@ def test_check_before_setup_says_so() -> None:
 
 
 def dropped(invalidated: bool = True) -> OperationalError:
-    return OperationalError("SELECT 1", {}, Exception("server closed the connection"), connection_invalidated=invalidated)
+    return OperationalError(
+        "SELECT 1",
+        {},
+        Exception("server closed the connection"),
+        connection_invalidated=invalidated,
+    )
 
 
 class Flaky:
@@ -434,7 +491,9 @@ def test_transaction_retry_leaves_other_errors_alone() -> None:
     assert flaky.calls == 1
 
 
-def test_transaction_retry_rolls_back_the_service_session_only_after_invalidation() -> None:
+def test_transaction_retry_rolls_back_the_service_session_only_after_invalidation() -> (
+    None
+):
     class Recorder:
         rollbacks = 0
 
@@ -455,7 +514,9 @@ def test_transaction_retry_rolls_back_the_service_session_only_after_invalidatio
     assert service.db.session.rollbacks == 1
 
 
-def test_transaction_retry_backs_off_exponentially_up_to_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_transaction_retry_backs_off_exponentially_up_to_the_cap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     delays: list[float] = []
     monkeypatch.setattr(concurrency, "sleep", delays.append)
     flaky = Flaky(*[dropped() for _ in range(5)])
@@ -577,7 +638,9 @@ class PgService:
     @dummy
     def sleep_in_database(self, seconds: float) -> str:
         self.events["sleeping"].send()
-        self.db.session.execute(sa.text("SELECT pg_sleep(:seconds)"), {"seconds": seconds})
+        self.db.session.execute(
+            sa.text("SELECT pg_sleep(:seconds)"), {"seconds": seconds}
+        )
         return "slow"
 
     @dummy
@@ -589,18 +652,24 @@ class PgService:
     def backend_pid_then_sleep(self, seconds: float) -> None:
         pid = self.db.session.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
         self.events["pid"].send(pid)
-        self.db.session.execute(sa.text("SELECT pg_sleep(:seconds)"), {"seconds": seconds})
+        self.db.session.execute(
+            sa.text("SELECT pg_sleep(:seconds)"), {"seconds": seconds}
+        )
 
 
 @pytest.fixture
 def pg_container(start: Any, pg_items: str) -> ServiceContainer:
     PgService.attempts = []
-    PgService.events = {name: concurrency.Event() for name in ("added", "release", "sleeping", "pid")}
+    PgService.events = {
+        name: concurrency.Event() for name in ("added", "release", "sleeping", "pid")
+    }
     return start(PgService, {DATABASE_URL_CONFIG_KEY: pg_items})
 
 
 @pytest.mark.integration
-def test_postgres_transaction_of_the_worker_session_ends_at_teardown(pg_container: ServiceContainer, pg_url: str) -> None:
+def test_postgres_transaction_of_the_worker_session_ends_at_teardown(
+    pg_container: ServiceContainer, pg_url: str
+) -> None:
     worker = spawn_call(pg_container, "backend_pid_in_open_transaction")
     pid = PgService.events["pid"].wait()
     assert backend_state(pg_url, pid) == "idle in transaction"
@@ -611,7 +680,9 @@ def test_postgres_transaction_of_the_worker_session_ends_at_teardown(pg_containe
 
 
 @pytest.mark.integration
-def test_postgres_get_session_commits_or_rolls_back(pg_container: ServiceContainer, pg_url: str) -> None:
+def test_postgres_get_session_commits_or_rolls_back(
+    pg_container: ServiceContainer, pg_url: str
+) -> None:
     call(pg_container, "add_in_get_session", "kept")
     with pytest.raises(ValueError):
         call(pg_container, "add_in_get_session", "lost", True)
@@ -619,7 +690,9 @@ def test_postgres_get_session_commits_or_rolls_back(pg_container: ServiceContain
 
 
 @pytest.mark.integration
-def test_postgres_workers_do_not_see_each_others_uncommitted_work(pg_container: ServiceContainer, pg_url: str) -> None:
+def test_postgres_workers_do_not_see_each_others_uncommitted_work(
+    pg_container: ServiceContainer, pg_url: str
+) -> None:
     writer = spawn_call(pg_container, "add_and_wait", "pending")
     PgService.events["added"].wait()
     assert call(pg_container, "count") == 0
@@ -632,13 +705,17 @@ def test_postgres_workers_do_not_see_each_others_uncommitted_work(pg_container: 
 def test_transaction_retry_survives_a_connection_terminated_by_the_server(
     pg_container: ServiceContainer, pg_url: str
 ) -> None:
-    attempts = call(pg_container, "add_surviving_a_dropped_connection", "survivor", pg_url)
+    attempts = call(
+        pg_container, "add_surviving_a_dropped_connection", "survivor", pg_url
+    )
     assert attempts == 2
     assert count_items(pg_url) == 1
 
 
 @pytest.mark.integration
-def test_a_worker_waiting_on_postgres_does_not_block_the_other_workers(pg_container: ServiceContainer) -> None:
+def test_a_worker_waiting_on_postgres_does_not_block_the_other_workers(
+    pg_container: ServiceContainer,
+) -> None:
     finished: list[str] = []
     slow = spawn_call(pg_container, "sleep_in_database", 2)
     slow.link(lambda thread: finished.append(thread.wait()))
@@ -650,7 +727,9 @@ def test_a_worker_waiting_on_postgres_does_not_block_the_other_workers(pg_contai
 
 
 @pytest.mark.integration
-def test_killing_a_worker_cancels_its_statement_on_the_server(pg_container: ServiceContainer, pg_url: str) -> None:
+def test_killing_a_worker_cancels_its_statement_on_the_server(
+    pg_container: ServiceContainer, pg_url: str
+) -> None:
     spawn_call(pg_container, "backend_pid_then_sleep", 60)
     pid = PgService.events["pid"].wait()
     wait_until(lambda: backend_state(pg_url, pid) == "active")
@@ -662,6 +741,9 @@ def test_killing_a_worker_cancels_its_statement_on_the_server(pg_container: Serv
 def test_check_against_postgres(start: Any, pg_url: str) -> None:
     container = start(PgService, {DATABASE_URL_CONFIG_KEY: pg_url})
     provider(container).check()
-    refused = start(ItemService, {DATABASE_URL_CONFIG_KEY: "postgresql://postgres@127.0.0.1:1/nowhere"})
+    refused = start(
+        ItemService,
+        {DATABASE_URL_CONFIG_KEY: "postgresql://postgres@127.0.0.1:1/nowhere"},
+    )
     with pytest.raises(DatabaseUnavailable, match="127.0.0.1:1"):
         provider(refused).check()
