@@ -34,7 +34,7 @@ from framework.database import (
     transaction_retry,
 )
 from framework.exceptions import ConfigurationError
-from framework.extensions import Entrypoint
+from framework.testing.services import dummy, entrypoint_hook
 
 PG_SERVER = "postgresql://postgres@127.0.0.1:5432"
 
@@ -50,49 +50,18 @@ class Item(Base):
     name: Mapped[str] = mapped_column(unique=True)
 
 
-class Dummy(Entrypoint):
-    """An entrypoint that never fires by itself: tests spawn its workers."""
-
-
-dummy = Dummy.decorator
-
-
 # -- helpers ---------------------------------------------------------------------------
 
 
-class WorkerFailed(Exception):
-    pass
-
-
 def call(container: ServiceContainer, method_name: str, *args: Any) -> Any:
-    """Run one worker to the end of its teardown and return its result."""
-    thread = spawn_call(container, method_name, *args)
-    return thread.wait()
+    """Run one worker; its result once its dependencies are torn down."""
+    with entrypoint_hook(container, method_name) as hook:
+        return hook(*args)
 
 
 def spawn_call(container: ServiceContainer, method_name: str, *args: Any) -> Any:
-    """A green thread whose ``wait()`` returns the worker's result after teardown."""
-    (entrypoint,) = [
-        ep for ep in container.entrypoints if ep.method_name == method_name
-    ]
-    outcome: list[Any] = []
-
-    def handle_result(worker_ctx: Any, result: Any, exc_info: Any) -> Any:
-        outcome.append((result, exc_info))
-        return result, exc_info
-
-    def run() -> Any:
-        worker_ctx = container.spawn_worker(
-            entrypoint, args, {}, handle_result=handle_result
-        )
-        # The worker's thread ends after its dependencies' teardown.
-        container._worker_threads[worker_ctx].wait()
-        result, exc_info = outcome[0]
-        if exc_info is not None:
-            raise exc_info[1]
-        return result
-
-    return concurrency.spawn(run)
+    """``call`` in a green thread: ``wait()`` on it for the result."""
+    return concurrency.spawn(call, container, method_name, *args)
 
 
 def provider(container: ServiceContainer) -> Any:
@@ -105,19 +74,10 @@ def provider(container: ServiceContainer) -> Any:
 
 
 @pytest.fixture
-def containers() -> Iterator[list[ServiceContainer]]:
-    started: list[ServiceContainer] = []
-    yield started
-    for container in started:
-        container.kill()
-
-
-@pytest.fixture
-def start(containers: list[ServiceContainer]) -> Any:
+def start(container_factory: Any) -> Any:
     def start(service_cls: type, config: dict[str, Any]) -> ServiceContainer:
-        container = ServiceContainer(service_cls, config)
+        container = container_factory(service_cls, config)
         container.start()
-        containers.append(container)
         return container
 
     return start
@@ -364,26 +324,20 @@ def test_in_memory_sqlite_is_one_database_for_all_workers(start: Any) -> None:
         def create(self) -> None:
             Base.metadata.create_all(self.db.session.get_bind())
 
+        @dummy
+        def add(self, name: str) -> None:
+            with self.db.get_session() as session:
+                session.add(Item(name=name))
+
+        @dummy
+        def count(self) -> int:
+            return self.db.session.scalar(sa.select(sa.func.count()).select_from(Item))
+
     container = start(Memory, {DATABASE_URL_CONFIG_KEY: "sqlite://"})
     call(container, "create")
-    threads = [
-        concurrency.spawn(_add_in_memory, container, name) for name in ("a", "b")
-    ]
-    for thread in threads:
+    for thread in [spawn_call(container, "add", name) for name in ("a", "b")]:
         thread.wait()
-    with provider(container).engine.connect() as connection:
-        assert (
-            connection.execute(
-                sa.select(sa.func.count()).select_from(Item)
-            ).scalar_one()
-            == 2
-        )
-
-
-def _add_in_memory(container: ServiceContainer, name: str) -> None:
-    session = provider(container).sessionmaker()
-    with session:
-        session.add(Item(name=name))
+    assert call(container, "count") == 2
 
 
 def test_legacy_database_session_injects_a_session_closed_at_teardown(
@@ -407,10 +361,9 @@ def test_legacy_database_session_injects_a_session_closed_at_teardown(
 
 @pytest.mark.parametrize("end", ["stop", "kill"])
 def test_engine_is_disposed_when_the_container_stops_or_is_killed(
-    sqlite_url: str, end: str
+    start: Any, sqlite_url: str, end: str
 ) -> None:
-    container = ServiceContainer(ItemService, {DATABASE_URL_CONFIG_KEY: sqlite_url})
-    container.start()
+    container = start(ItemService, {DATABASE_URL_CONFIG_KEY: sqlite_url})
     call(container, "add_and_commit", end)
     closed: list[Any] = []
     sa.event.listen(
@@ -730,10 +683,11 @@ def test_a_worker_waiting_on_postgres_does_not_block_the_other_workers(
 def test_killing_a_worker_cancels_its_statement_on_the_server(
     pg_container: ServiceContainer, pg_url: str
 ) -> None:
-    spawn_call(pg_container, "backend_pid_then_sleep", 60)
+    caller = spawn_call(pg_container, "backend_pid_then_sleep", 60)
     pid = PgService.events["pid"].wait()
     wait_until(lambda: backend_state(pg_url, pid) == "active")
     pg_container.kill()
+    concurrency.kill(caller)  # its worker is gone; it would only wait to time out
     wait_until(lambda: backend_state(pg_url, pid) != "active")
 
 
