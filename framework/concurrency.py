@@ -167,3 +167,20 @@ def enable_blocking_detection(resolution: float = 1.0) -> None:
     turns this on. Uses SIGALRM, so it is for tests, not for services.
     """
     eventlet.debug.hub_blocking_detection(True, resolution)
+
+
+# -- CPU-bound work off the hub -------------------------------------------------------
+
+import eventlet.tpool  # noqa: E402
+
+__all__ += ["run_in_thread"]
+
+
+def run_in_thread(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` in a real OS thread; this green thread waits for it.
+
+    For CPU-heavy C code that releases the GIL (argon2 password hashing, say):
+    run on the hub it would stall every green thread of the process for its whole
+    duration. The pool has ``EVENTLET_THREADPOOL_SIZE`` threads (default 20).
+    """
+    return eventlet.tpool.execute(fn, *args, **kwargs)
