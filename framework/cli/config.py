@@ -41,7 +41,7 @@ RAW_ENV_VAR_TAG = "!raw_env_var"
 LOGGING_CONFIG_KEY = "LOGGING"
 DEFAULT_CONFIG_FILE = "config.yaml"
 
-# The module another engineer owns; when it exists it decides how logs look
+# Optional, written separately; when it exists it decides how logs look
 # (e.g. JSON lines when LOG_FORMAT=json).
 LOGS_MODULE = "framework.logs"
 
@@ -58,8 +58,9 @@ def substitute_env_vars(text: str, environ: Mapping[str, str] | None = None) -> 
     ``${A``) is left as it is, as nameko's regular expression leaves it.
     """
     env = os.environ if environ is None else environ
-    expanded, _ = _expand(text, 0, env, in_default=False)  # type: ignore[misc]
-    return expanded
+    expanded = _expand(text, 0, env, in_default=False)
+    assert expanded is not None  # only a default can be left unterminated
+    return expanded[0]
 
 
 def _expand(
