@@ -29,6 +29,7 @@ class ExtensionNotFound(AttributeError):
     pass
 
 
+@deserialize_to_instance
 class RpcTimeout(Exception):
     """No reply arrived within the RPC timeout. A late reply is dropped."""
 

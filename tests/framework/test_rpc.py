@@ -1,0 +1,309 @@
+"""RPC against the real broker: behaviour, timeouts, and nameko's wire format."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import kombu
+import pytest
+
+from framework import concurrency
+from framework.exceptions import (
+    IncorrectSignature,
+    MalformedRequest,
+    MethodNotFound,
+    RemoteError,
+    RpcTimeout,
+    UnknownService,
+    UnserializableValueError,
+    deserialize_to_instance,
+)
+from framework.rpc import RpcProxy, ServiceRpc, ClusterRpc, rpc
+from framework.standalone.rpc import ClusterRpcProxy, ServiceRpcProxy
+from framework.testing.services import entrypoint_hook
+from tests.helpers import wait_for
+
+
+@deserialize_to_instance
+class OutOfStock(Exception):
+    pass
+
+
+release = concurrency.Event()
+
+
+class Greeter:
+    name = "greeter"
+
+    @rpc
+    def hello(self, name, punctuation="!"):
+        return f"Hello, {name}{punctuation}"
+
+    @rpc
+    def echo(self, *args, **kwargs):
+        return {"args": list(args), "kwargs": kwargs}
+
+    @rpc(expected_exceptions=OutOfStock)
+    def buy(self):
+        raise OutOfStock("none left")
+
+    @rpc
+    def fail(self):
+        raise ValueError("bad name")
+
+    @rpc
+    def unserializable(self):
+        return object()
+
+    @rpc
+    def sleep(self, seconds):
+        concurrency.sleep(seconds)
+        return seconds
+
+
+class Gateway:
+    name = "gateway"
+    greeter = RpcProxy("greeter")
+    impatient = ServiceRpc("greeter", timeout=0.3)
+    cluster = ClusterRpc()
+
+    @rpc
+    def relay(self, name):
+        return self.greeter.hello(name)
+
+    @rpc
+    def relay_cluster(self, name):
+        return self.cluster.greeter.hello(name)
+
+    @rpc
+    def relay_sleep(self, seconds):
+        return self.greeter.sleep(seconds)
+
+    @rpc
+    def relay_slow(self, seconds):
+        return self.impatient.sleep(seconds)
+
+    @rpc
+    def relay_with_timeout(self, seconds, timeout):
+        return self.greeter.sleep.with_timeout(timeout)(seconds)
+
+    @rpc
+    def relay_async(self, names):
+        replies = [self.greeter.hello.call_async(name) for name in names]
+        return [reply.result() for reply in replies]
+
+
+@pytest.fixture
+def services(rabbit_config, runner_factory):
+    runner = runner_factory(rabbit_config, Greeter, Gateway)
+    runner.start()
+    return runner
+
+
+@pytest.fixture
+def proxy(rabbit_config, services):
+    with ClusterRpcProxy(rabbit_config, timeout=10) as cluster:
+        yield cluster
+
+
+def test_standalone_proxy_calls_a_service(proxy):
+    assert proxy.greeter.hello("Matt") == "Hello, Matt!"
+    assert proxy["greeter"].hello("Matt", punctuation="?") == "Hello, Matt?"
+
+
+def test_unicode_and_nested_payloads_round_trip(proxy):
+    payload = {"ключ": ["ü", {"n": 1, "f": 1.5, "none": None, "list": [True, False]}]}
+    assert proxy.greeter.echo("日本", payload, k=payload) == {"args": ["日本", payload], "kwargs": {"k": payload}}
+
+
+def test_call_async_returns_replies_in_any_order(proxy):
+    replies = [proxy.greeter.hello.call_async(str(i)) for i in range(20)]
+    assert [r.result() for r in reversed(replies)] == [f"Hello, {i}!" for i in reversed(range(20))]
+
+
+def test_service_to_service_calls(proxy):
+    assert proxy.gateway.relay("Ann") == "Hello, Ann!"
+    assert proxy.gateway.relay_cluster("Bo") == "Hello, Bo!"
+    assert proxy.gateway.relay_async(["a", "b", "c"]) == ["Hello, a!", "Hello, b!", "Hello, c!"]
+
+
+def test_plain_exception_arrives_as_remote_error(proxy):
+    with pytest.raises(RemoteError) as info:
+        proxy.greeter.fail()
+    assert info.value.exc_type == "ValueError"
+    assert info.value.value == "bad name"
+
+
+def test_registered_exception_is_rebuilt_as_instance(proxy):
+    with pytest.raises(OutOfStock, match="none left"):
+        proxy.greeter.buy()
+
+
+def test_unknown_method_and_bad_signature_are_rebuilt(proxy):
+    with pytest.raises(MethodNotFound, match="nope"):
+        proxy.greeter.nope()
+    with pytest.raises(IncorrectSignature):
+        proxy.greeter.hello()
+
+
+def test_unknown_service_fails_fast(proxy):
+    with pytest.raises(UnknownService, match="Unknown service `nobody`"):
+        proxy.nobody.anything()
+
+
+def test_unserializable_result_becomes_an_error_reply(proxy):
+    # As in nameko, the error is not registered: it arrives as a RemoteError.
+    with pytest.raises(RemoteError) as info:
+        proxy.greeter.unserializable()
+    assert info.value.exc_type == UnserializableValueError.__name__
+    assert "Unserializable value: `<object object" in info.value.value
+    assert proxy.greeter.hello("still serving") == "Hello, still serving!"
+
+
+def test_standalone_timeout_raises_and_late_reply_is_dropped(rabbit_config, services):
+    with ClusterRpcProxy(rabbit_config, timeout=0.2) as cluster:
+        with pytest.raises(RpcTimeout):
+            cluster.greeter.sleep(0.6)
+        concurrency.sleep(0.8)  # let the late reply arrive
+        assert cluster.greeter.hello("after") == "Hello, after!"
+
+
+def test_per_call_timeout_overrides_the_proxy_default(rabbit_config, services):
+    with ServiceRpcProxy("greeter", rabbit_config) as greeter:
+        with pytest.raises(RpcTimeout):
+            greeter.sleep.with_timeout(0.2)(0.6)
+        assert greeter.sleep.with_timeout(5)(0.1) == 0.1
+
+
+def test_in_service_rpc_times_out_per_proxy_and_per_call(proxy):
+    with pytest.raises(RpcTimeout):
+        proxy.gateway.relay_slow(1)
+    with pytest.raises(RpcTimeout):
+        proxy.gateway.relay_with_timeout(1, 0.2)
+    assert proxy.gateway.relay_with_timeout(0.05, 5) == 0.05
+
+
+def test_rpc_timeout_default_comes_from_config(rabbit_config, runner_factory):
+    config = {**rabbit_config, "RPC_TIMEOUT": 0.2}
+    runner_factory(config, Greeter, Gateway).start()
+    with ClusterRpcProxy(config) as cluster:
+        with pytest.raises(RpcTimeout):
+            cluster.greeter.sleep(1)
+        # the in-service proxy of gateway inherits the configured default too
+        with pytest.raises(RpcTimeout):
+            cluster.gateway.relay_sleep.with_timeout(5)(1)
+
+
+def test_entrypoint_hook_reaches_rpc_methods(rabbit_config, container_factory):
+    container = container_factory(Greeter, rabbit_config)
+    container.start()
+    with entrypoint_hook(container, "hello") as hello:
+        assert hello("hook") == "Hello, hook!"
+
+
+# -- wire format ------------------------------------------------------------------------
+
+
+def test_rpc_entities_are_declared_exactly_as_nameko_declares_them(rabbit_config, services, rabbit_manager):
+    vhost = rabbit_config["vhost"]
+    exchange = rabbit_manager.get_exchange(vhost, "nameko-rpc")
+    assert (exchange["type"], exchange["durable"], exchange["auto_delete"]) == ("topic", True, False)
+    queue = rabbit_manager.get_queue(vhost, "rpc-greeter")
+    assert queue["durable"] is True and queue["auto_delete"] is False and queue["exclusive"] is False
+    assert queue["arguments"] == {}
+    bindings = [b for b in rabbit_manager.get_queue_bindings(vhost, "rpc-greeter") if b["source"] == "nameko-rpc"]
+    assert [b["routing_key"] for b in bindings] == ["greeter.*"]
+    reply_queues = [q for q in rabbit_manager.get_queues(vhost) if q["name"].startswith("rpc.reply-gateway-")]
+    assert len(reply_queues) == 1
+    assert reply_queues[0]["arguments"] == {"x-expires": 300000}
+    reply_key = reply_queues[0]["name"].removeprefix("rpc.reply-gateway-")
+    reply_bindings = [b for b in rabbit_manager.get_queue_bindings(vhost, reply_queues[0]["name"]) if b["source"] == "nameko-rpc"]
+    assert [b["routing_key"] for b in reply_bindings] == [reply_key]
+    uuid.UUID(reply_key)
+
+
+def test_request_and_reply_messages_match_nameko_on_the_wire(rabbit_config, services, spy):
+    wire = spy("nameko-rpc")
+    with ClusterRpcProxy(rabbit_config, context_data={"language": "fr"}, timeout=5) as cluster:
+        assert cluster.greeter.hello("Matt") == "Hello, Matt!"
+    request, reply = wire.get(), wire.get()
+    if request.delivery_info["routing_key"] != "greeter.hello":
+        request, reply = reply, request
+
+    assert request.delivery_info["routing_key"] == "greeter.hello"
+    props = request.properties
+    assert request.content_type == "application/json" and request.content_encoding == "utf-8"
+    assert props["delivery_mode"] == 2 and props.get("priority", 0) == 0
+    uuid.UUID(props["reply_to"])
+    uuid.UUID(props["correlation_id"])
+    assert json.loads(request.body) == {"args": ["Matt"], "kwargs": {}}
+    headers = request.headers
+    assert headers["nameko.language"] == "fr"
+    (call_id,) = headers["nameko.call_id_stack"]
+    assert call_id.startswith("standalone_rpc_proxy.call.")
+
+    assert reply.delivery_info["routing_key"] == props["reply_to"]
+    assert reply.properties["correlation_id"] == props["correlation_id"]
+    assert reply.content_type == "application/json"
+    assert reply.properties["delivery_mode"] == 2
+    assert json.loads(reply.body) == {"result": "Hello, Matt!", "error": None}
+    assert not any(key.startswith("nameko.") for key in reply.headers)
+
+
+def test_error_replies_use_nameko_error_format(rabbit_config, services, spy):
+    wire = spy("nameko-rpc", routing_key="#")
+    with ClusterRpcProxy(rabbit_config, timeout=5) as cluster:
+        with pytest.raises(RemoteError):
+            cluster.greeter.fail()
+        with pytest.raises(MethodNotFound):
+            cluster.greeter.helo()
+    bodies = [json.loads(wire.get().body) for _ in range(4)]
+    errors = [b["error"] for b in bodies if "error" in b and b["error"]]
+    assert {"exc_type": "ValueError", "exc_path": "builtins.ValueError", "exc_args": ["bad name"], "value": "bad name"} in errors
+    assert {"exc_type": "MethodNotFound", "exc_path": "nameko.exceptions.MethodNotFound", "exc_args": ["helo"], "value": "helo"} in errors
+
+
+def test_in_service_calls_carry_the_call_id_stack(rabbit_config, services, spy):
+    wire = spy("nameko-rpc", routing_key="greeter.*")
+    with ClusterRpcProxy(rabbit_config, timeout=5) as cluster:
+        cluster.gateway.relay("x")
+    request = wire.get()
+    stack = request.headers["nameko.call_id_stack"]
+    assert len(stack) == 2
+    assert stack[0].startswith("standalone_rpc_proxy.call.")
+    assert stack[1].startswith("gateway.relay.")
+
+
+def test_malformed_request_gets_an_error_reply_and_the_service_keeps_serving(rabbit_config, services):
+    with ClusterRpcProxy(rabbit_config, timeout=5) as cluster:
+        client = cluster.greeter._client
+        reply_event = client._reply_listener.get_reply_event("bad-1")
+        client._publish(
+            {"no": "args"},
+            exchange=client.exchange,
+            routing_key="greeter.hello",
+            mandatory=True,
+            reply_to=client._reply_listener.routing_key,
+            correlation_id="bad-1",
+        )
+        from framework.rpc import RpcReply
+
+        with pytest.raises(MalformedRequest):
+            RpcReply(reply_event, "bad-1", 5, client._reply_listener.forget).result()
+        assert cluster.greeter.hello("ok") == "Hello, ok!"
+
+
+def test_graceful_stop_finishes_in_flight_calls_and_acks_them(rabbit_config, runner_factory, rabbit_manager):
+    runner = runner_factory(rabbit_config, Greeter)
+    runner.start()
+    with ClusterRpcProxy(rabbit_config, timeout=10) as cluster:
+        replies = [cluster.greeter.sleep.call_async(0.5) for _ in range(3)]
+        wait_for(lambda: runner.containers[0].active_workers == 3)
+        runner.stop()
+        assert [r.result() for r in replies] == [0.5, 0.5, 0.5]
+    # Every request was acked before the connection closed: none is left to be
+    # redelivered (nameko would leave them unacked and process them twice).
+    wait_for(lambda: "messages" in rabbit_manager.get_queue(rabbit_config["vhost"], "rpc-greeter"), timeout=15)
+    queue = rabbit_manager.get_queue(rabbit_config["vhost"], "rpc-greeter")
+    assert queue["messages"] == 0 and queue["consumers"] == 0
