@@ -127,7 +127,7 @@ from typing import Any  # noqa: E402
 
 import eventlet.websocket  # noqa: E402
 
-__all__ += ["Full", "websocket_app"]
+__all__ += ["Full", "websocket_app", "websocket_send_close"]
 
 Full = eventlet.queue.Full
 
@@ -150,6 +150,16 @@ def websocket_app(handler: Any, max_frame_length: int = 8 << 20) -> Any:
         return upgrade(environ, start_response)
 
     return app
+
+
+def websocket_send_close(ws: Any) -> None:
+    """Send a close frame on ``ws`` but leave the socket open.
+
+    eventlet's ``ws.close()`` also closes the descriptor, which does not wake a
+    green thread blocked reading it; the caller shuts the socket down instead, which
+    does. Send errors are ignored: the peer may be gone already.
+    """
+    ws._send_closing_frame(ignore_send_errors=True)
 
 
 # -- test support ---------------------------------------------------------------------
