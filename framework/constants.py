@@ -85,3 +85,13 @@ DEFAULT_HTTP_CONTEXT_HEADERS = {
 }
 DEFAULT_WEBSOCKET_QUEUE_SIZE = 256  # frames queued for one socket before it is dropped
 DEFAULT_WEBSOCKET_SEND_TIMEOUT = 10.0  # seconds one frame may take to send
+
+# -- operations: logging, health and metrics (framework.logs, .health, .metrics) ----
+LOG_FORMAT_CONFIG_KEY = "LOG_FORMAT"  # "text" (default) or "json"; also read from env
+LOG_LEVEL_CONFIG_KEY = "LOG_LEVEL"  # a level name or number; also read from env
+HEALTH_SERVER_CONFIG_KEY = "HEALTH_SERVER_ADDRESS"  # "[address:]port"; unset: no server
+HEALTH_CHECK_TIMEOUT_CONFIG_KEY = "HEALTH_CHECK_TIMEOUT"
+
+DEFAULT_LOG_FORMAT = "text"
+DEFAULT_LOG_LEVEL = "INFO"
+DEFAULT_HEALTH_CHECK_TIMEOUT = 5.0  # seconds one readiness check may take
