@@ -122,18 +122,30 @@ class WorkerContext:
         )
 
 
-def _run_all(extensions: Iterable[Extension], method: str, swallow: bool = False) -> None:
-    """Call ``method`` on every extension concurrently and wait for all of them."""
-    threads = [concurrency.spawn(getattr(ext, method)) for ext in extensions]
+def run_all(targets: Iterable[Any], method: str, swallow: bool = False) -> None:
+    """Call ``method`` on every target concurrently and wait for all of them.
+
+    Errors are caught inside each green thread (eventlet would otherwise print
+    every one of them before we re-raise the first).
+    """
+
+    def call(target: Any) -> BaseException | None:
+        try:
+            getattr(target, method)()
+        except Exception as exc:
+            return exc
+        return None
+
+    threads = [concurrency.spawn(call, target) for target in targets]
     first_error: BaseException | None = None
     for thread in threads:
-        try:
-            thread.wait()
-        except Exception as exc:
-            if swallow:
-                log.warning("extension raised during %s: %r", method, exc, exc_info=True)
-            elif first_error is None:
-                first_error = exc
+        exc = thread.wait()
+        if exc is None:
+            continue
+        if swallow:
+            log.warning("%s raised: %r", method, exc, exc_info=exc)
+        elif first_error is None:
+            first_error = exc
     if first_error is not None:
         raise first_error
 
@@ -194,8 +206,8 @@ class ServiceContainer:
     def start(self) -> None:
         log.info("starting %s", self, extra={"service": self.service_name})
         self.started = True
-        _run_all(self.extensions, "setup")
-        _run_all(self.extensions, "start")
+        run_all(self.extensions, "setup")
+        run_all(self.extensions, "start")
 
     def stop(self) -> None:
         """Graceful: stop taking work, finish in-flight workers, then release.
@@ -212,7 +224,7 @@ class ServiceContainer:
             self._died.wait()
             return
         log.info("stopping %s", self, extra={"service": self.service_name})
-        _run_all(self.entrypoints, "stop")
+        run_all(self.entrypoints, "stop")
         if not self._wait_for_workers(self.drain_timeout):
             log.warning(
                 "killing %d workers still running after the %.1fs drain deadline",
@@ -221,8 +233,8 @@ class ServiceContainer:
                 extra={"service": self.service_name},
             )
             self._kill_worker_threads()
-        _run_all(self.dependencies, "stop")
-        _run_all(self.subextensions, "stop")
+        run_all(self.dependencies, "stop")
+        run_all(self.subextensions, "stop")
         self._kill_managed_threads()
         self.started = False
         if not self._died.ready():
@@ -241,9 +253,9 @@ class ServiceContainer:
             log.info("killing %s due to %s", self, exc_info[1])
         else:
             log.info("killing %s", self)
-        _run_all(self.entrypoints, "kill", swallow=True)
+        run_all(self.entrypoints, "kill", swallow=True)
         self._kill_worker_threads()
-        _run_all(self.extensions, "kill", swallow=True)
+        run_all(self.extensions, "kill", swallow=True)
         self._kill_managed_threads()
         self.started = False
         if not self._died.ready():

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from framework import concurrency
-from framework.containers import ServiceContainer, get_container_cls, get_service_name
+from framework.containers import ServiceContainer, get_container_cls, get_service_name, run_all
 
 log = logging.getLogger(__name__)
 
@@ -35,23 +35,18 @@ class ServiceRunner:
             raise ValueError(f"a service named {service_name!r} was already added")
         self.service_map[service_name] = self.container_cls(cls, self.config)
 
-    def _all(self, method: str) -> None:
-        threads = [concurrency.spawn(getattr(c, method)) for c in self.containers]
-        for thread in threads:
-            thread.wait()
-
     def start(self) -> None:
         log.info("starting services: %s", ", ".join(self.service_names))
-        self._all("start")
+        run_all(self.containers, "start")
         log.info("services started: %s", ", ".join(self.service_names))
 
     def stop(self) -> None:
         log.info("stopping services: %s", ", ".join(self.service_names))
-        self._all("stop")
+        run_all(self.containers, "stop")
 
     def kill(self) -> None:
         log.info("killing services: %s", ", ".join(self.service_names))
-        self._all("kill")
+        run_all(self.containers, "kill", swallow=True)
 
     def wait(self) -> None:
         """Wait until every container has stopped. If one dies with an error, the

@@ -78,7 +78,11 @@ def connect_with_retry(
     while True:
         attempt += 1
         try:
-            connection.connect()
+            # One attempt, no sleep inside kombu: the backoff and its logging are ours
+            # (kombu's connect() would quietly sleep 2s and try again).
+            connection.ensure_connection(
+                max_retries=1, interval_start=0, interval_step=0, interval_max=0, reraise_as_library_errors=False
+            )
             if attempt > 1:
                 log.info(
                     "connected to broker",
