@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 from framework import concurrency, serialization
 from framework.constants import (
@@ -36,6 +36,24 @@ worker_log = logging.getLogger("framework.workers")
 
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 HandleResult = Callable[["WorkerContext", Any, ExcInfo | None], tuple[Any, ExcInfo | None]]
+
+
+class WorkerObserver(Protocol):
+    """Told of every worker's start and end (``framework.metrics`` is one).
+
+    Called on the worker's own green thread, on the hot path: keep it cheap and
+    never block. ``worker_finished`` follows every ``worker_started`` exactly once;
+    ``outcome`` is ``success``, ``expected_error``, ``error``, or ``killed`` for a
+    worker killed mid-call.
+    """
+
+    def worker_started(self, worker_ctx: WorkerContext) -> None: ...
+
+    def worker_finished(self, worker_ctx: WorkerContext, outcome: str, duration: float) -> None: ...
+
+
+#: Observers of every container's workers in this process.
+worker_observers: list[WorkerObserver] = []
 
 
 def get_service_name(service_cls: type) -> str:
@@ -312,6 +330,19 @@ class ServiceContainer:
 
     def _run_worker(self, worker_ctx: WorkerContext, handle_result: HandleResult | None) -> None:
         started = time.perf_counter()
+        for observer in worker_observers:
+            observer.worker_started(worker_ctx)
+        try:
+            exc_info = self._call_worker(worker_ctx, handle_result)
+        except BaseException:
+            # Killed mid-call (GreenletExit): observers still hear of the end, so
+            # e.g. an in-flight gauge cannot leak.
+            for observer in worker_observers:
+                observer.worker_finished(worker_ctx, "killed", time.perf_counter() - started)
+            raise
+        self._log_worker(worker_ctx, started, exc_info)
+
+    def _call_worker(self, worker_ctx: WorkerContext, handle_result: HandleResult | None) -> ExcInfo | None:
         result: Any = None
         exc_info: ExcInfo | None = None
         try:
@@ -340,7 +371,7 @@ class ServiceContainer:
 
         self._worker_result(worker_ctx, result, exc_info)
         self._worker_teardown(worker_ctx)
-        self._log_worker(worker_ctx, started, exc_info)
+        return exc_info
 
     def _inject_dependencies(self, worker_ctx: WorkerContext) -> None:
         for provider in self.dependencies:
@@ -363,12 +394,17 @@ class ServiceContainer:
                 log.exception("%r.worker_teardown failed for %s", provider, worker_ctx)
 
     def _log_worker(self, worker_ctx: WorkerContext, started: float, exc_info: ExcInfo | None) -> None:
-        if not worker_log.isEnabledFor(logging.INFO):
-            return
+        duration = time.perf_counter() - started
         outcome = "success"
         if exc_info is not None:
             expected = worker_ctx.entrypoint.expected_exceptions
             outcome = "expected_error" if expected and isinstance(exc_info[1], expected) else "error"
+        # Observers before the log line: a handler may yield, and a worker killed
+        # there would otherwise never report its end.
+        for observer in worker_observers:
+            observer.worker_finished(worker_ctx, outcome, duration)
+        if not worker_log.isEnabledFor(logging.INFO):
+            return
         worker_log.info(
             "worker finished",
             extra={
@@ -376,7 +412,7 @@ class ServiceContainer:
                 "entrypoint": worker_ctx.entrypoint.method_name,
                 "call_id": worker_ctx.call_id,
                 "call_id_stack": worker_ctx.call_id_stack,
-                "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                "duration_ms": round(duration * 1000, 3),
                 "outcome": outcome,
             },
         )
