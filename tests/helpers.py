@@ -36,7 +36,6 @@ class Spy:
         self.connection.release()
 
 
-
 def wait_for(predicate: Any, timeout: float = 10, interval: float = 0.02) -> None:
     """Wait until ``predicate()`` is true, failing the test at the deadline."""
     deadline = concurrency.Deadline(timeout)

@@ -30,6 +30,7 @@ COMMAND_MODULES = (
     "framework.cli.run",
     "framework.cli.shell",
     "framework.cli.show_config",
+    "framework.cli.dead_letters",
 )
 OPTIONAL_COMMAND_MODULES = ("framework.cli.db",)
 

@@ -73,7 +73,9 @@ def run_worker(container, method_name, *args, handle_result=None, context_data=N
         done.send((result, exc_info))
         return result, exc_info
 
-    ctx = container.spawn_worker(entrypoint, args, {}, context_data=context_data, handle_result=on_result)
+    ctx = container.spawn_worker(
+        entrypoint, args, {}, context_data=context_data, handle_result=on_result
+    )
     with concurrency.Timeout(5):
         return ctx, done.wait()
 
@@ -86,7 +88,13 @@ def test_worker_lifecycle_runs_hooks_in_order(container_factory):
         while "worker_teardown" not in calls:
             concurrency.sleep(0.01)
     assert result == 42 and exc_info is None
-    assert calls == ["get_dependency", "worker_setup", "method:injected", "worker_result:42:None", "worker_teardown"]
+    assert calls == [
+        "get_dependency",
+        "worker_setup",
+        "method:injected",
+        "worker_result:42:None",
+        "worker_teardown",
+    ]
 
 
 def test_method_errors_reach_handle_result_and_dependencies(container_factory):
@@ -96,7 +104,9 @@ def test_method_errors_reach_handle_result_and_dependencies(container_factory):
     assert result is None and exc_info[0] is ValueError
 
 
-def test_a_broken_dependency_hook_fails_the_worker_not_the_service(container_factory, caplog):
+def test_a_broken_dependency_hook_fails_the_worker_not_the_service(
+    container_factory, caplog
+):
     class Fragile:
         name = "fragile"
         setup_dep = BrokenSetup()
@@ -123,7 +133,9 @@ def test_worker_context_builds_call_id_stack_and_caps_it(container_factory):
     container = container_factory(Service, {"parent_calls_tracked": 2})
     parent = ["a.x.1", "b.y.2", "c.z.3"]
     entrypoint = next(e for e in container.entrypoints if e.method_name == "method")
-    ctx = WorkerContext(container, None, entrypoint, data={"call_id_stack": parent, "language": "fr"})
+    ctx = WorkerContext(
+        container, None, entrypoint, data={"call_id_stack": parent, "language": "fr"}
+    )
     assert ctx.call_id.startswith("service.method.")
     assert ctx.call_id_stack == ["b.y.2", "c.z.3", ctx.call_id]
     assert ctx.origin_call_id == "a.x.1"
@@ -150,7 +162,9 @@ def test_max_workers_bounds_concurrent_workers(container_factory):
     container = container_factory(Busy, {"max_workers": 3})
     container.start()
     ep = next(iter(container.entrypoints))
-    spawner = concurrency.spawn(lambda: [container.spawn_worker(ep, (i,), {}) for i in range(6)])
+    spawner = concurrency.spawn(
+        lambda: [container.spawn_worker(ep, (i,), {}) for i in range(6)]
+    )
     with concurrency.Timeout(5):
         while len(running) < 3:
             concurrency.sleep(0.01)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import uuid
 
-import kombu
 import pytest
 
 from framework import concurrency
@@ -19,7 +18,7 @@ from framework.exceptions import (
     UnserializableValueError,
     deserialize_to_instance,
 )
-from framework.rpc import RpcProxy, ServiceRpc, ClusterRpc, rpc
+from framework.rpc import ClusterRpc, RpcProxy, ServiceRpc, rpc
 from framework.standalone.rpc import ClusterRpcProxy, ServiceRpcProxy
 from framework.testing.services import entrypoint_hook
 from tests.helpers import wait_for
@@ -114,18 +113,27 @@ def test_standalone_proxy_calls_a_service(proxy):
 
 def test_unicode_and_nested_payloads_round_trip(proxy):
     payload = {"ключ": ["ü", {"n": 1, "f": 1.5, "none": None, "list": [True, False]}]}
-    assert proxy.greeter.echo("日本", payload, k=payload) == {"args": ["日本", payload], "kwargs": {"k": payload}}
+    assert proxy.greeter.echo("日本", payload, k=payload) == {
+        "args": ["日本", payload],
+        "kwargs": {"k": payload},
+    }
 
 
 def test_call_async_returns_replies_in_any_order(proxy):
     replies = [proxy.greeter.hello.call_async(str(i)) for i in range(20)]
-    assert [r.result() for r in reversed(replies)] == [f"Hello, {i}!" for i in reversed(range(20))]
+    assert [r.result() for r in reversed(replies)] == [
+        f"Hello, {i}!" for i in reversed(range(20))
+    ]
 
 
 def test_service_to_service_calls(proxy):
     assert proxy.gateway.relay("Ann") == "Hello, Ann!"
     assert proxy.gateway.relay_cluster("Bo") == "Hello, Bo!"
-    assert proxy.gateway.relay_async(["a", "b", "c"]) == ["Hello, a!", "Hello, b!", "Hello, c!"]
+    assert proxy.gateway.relay_async(["a", "b", "c"]) == [
+        "Hello, a!",
+        "Hello, b!",
+        "Hello, c!",
+    ]
 
 
 def test_plain_exception_arrives_as_remote_error(proxy):
@@ -205,27 +213,53 @@ def test_entrypoint_hook_reaches_rpc_methods(rabbit_config, container_factory):
 # -- wire format ------------------------------------------------------------------------
 
 
-def test_rpc_entities_are_declared_exactly_as_nameko_declares_them(rabbit_config, services, rabbit_manager):
+def test_rpc_entities_are_declared_exactly_as_nameko_declares_them(
+    rabbit_config, services, rabbit_manager
+):
     vhost = rabbit_config["vhost"]
     exchange = rabbit_manager.get_exchange(vhost, "nameko-rpc")
-    assert (exchange["type"], exchange["durable"], exchange["auto_delete"]) == ("topic", True, False)
+    assert (exchange["type"], exchange["durable"], exchange["auto_delete"]) == (
+        "topic",
+        True,
+        False,
+    )
     queue = rabbit_manager.get_queue(vhost, "rpc-greeter")
-    assert queue["durable"] is True and queue["auto_delete"] is False and queue["exclusive"] is False
+    assert (
+        queue["durable"] is True
+        and queue["auto_delete"] is False
+        and queue["exclusive"] is False
+    )
     assert queue["arguments"] == {}
-    bindings = [b for b in rabbit_manager.get_queue_bindings(vhost, "rpc-greeter") if b["source"] == "nameko-rpc"]
+    bindings = [
+        b
+        for b in rabbit_manager.get_queue_bindings(vhost, "rpc-greeter")
+        if b["source"] == "nameko-rpc"
+    ]
     assert [b["routing_key"] for b in bindings] == ["greeter.*"]
-    reply_queues = [q for q in rabbit_manager.get_queues(vhost) if q["name"].startswith("rpc.reply-gateway-")]
+    reply_queues = [
+        q
+        for q in rabbit_manager.get_queues(vhost)
+        if q["name"].startswith("rpc.reply-gateway-")
+    ]
     assert len(reply_queues) == 1
     assert reply_queues[0]["arguments"] == {"x-expires": 300000}
     reply_key = reply_queues[0]["name"].removeprefix("rpc.reply-gateway-")
-    reply_bindings = [b for b in rabbit_manager.get_queue_bindings(vhost, reply_queues[0]["name"]) if b["source"] == "nameko-rpc"]
+    reply_bindings = [
+        b
+        for b in rabbit_manager.get_queue_bindings(vhost, reply_queues[0]["name"])
+        if b["source"] == "nameko-rpc"
+    ]
     assert [b["routing_key"] for b in reply_bindings] == [reply_key]
     uuid.UUID(reply_key)
 
 
-def test_request_and_reply_messages_match_nameko_on_the_wire(rabbit_config, services, spy):
+def test_request_and_reply_messages_match_nameko_on_the_wire(
+    rabbit_config, services, spy
+):
     wire = spy("nameko-rpc")
-    with ClusterRpcProxy(rabbit_config, context_data={"language": "fr"}, timeout=5) as cluster:
+    with ClusterRpcProxy(
+        rabbit_config, context_data={"language": "fr"}, timeout=5
+    ) as cluster:
         assert cluster.greeter.hello("Matt") == "Hello, Matt!"
     request, reply = wire.get(), wire.get()
     if request.delivery_info["routing_key"] != "greeter.hello":
@@ -233,7 +267,10 @@ def test_request_and_reply_messages_match_nameko_on_the_wire(rabbit_config, serv
 
     assert request.delivery_info["routing_key"] == "greeter.hello"
     props = request.properties
-    assert request.content_type == "application/json" and request.content_encoding == "utf-8"
+    assert (
+        request.content_type == "application/json"
+        and request.content_encoding == "utf-8"
+    )
     assert props["delivery_mode"] == 2 and props.get("priority", 0) == 0
     uuid.UUID(props["reply_to"])
     uuid.UUID(props["correlation_id"])
@@ -260,8 +297,18 @@ def test_error_replies_use_nameko_error_format(rabbit_config, services, spy):
             cluster.greeter.helo()
     bodies = [json.loads(wire.get().body) for _ in range(4)]
     errors = [b["error"] for b in bodies if "error" in b and b["error"]]
-    assert {"exc_type": "ValueError", "exc_path": "builtins.ValueError", "exc_args": ["bad name"], "value": "bad name"} in errors
-    assert {"exc_type": "MethodNotFound", "exc_path": "nameko.exceptions.MethodNotFound", "exc_args": ["helo"], "value": "helo"} in errors
+    assert {
+        "exc_type": "ValueError",
+        "exc_path": "builtins.ValueError",
+        "exc_args": ["bad name"],
+        "value": "bad name",
+    } in errors
+    assert {
+        "exc_type": "MethodNotFound",
+        "exc_path": "nameko.exceptions.MethodNotFound",
+        "exc_args": ["helo"],
+        "value": "helo",
+    } in errors
 
 
 def test_in_service_calls_carry_the_call_id_stack(rabbit_config, services, spy):
@@ -275,7 +322,9 @@ def test_in_service_calls_carry_the_call_id_stack(rabbit_config, services, spy):
     assert stack[1].startswith("gateway.relay.")
 
 
-def test_malformed_request_gets_an_error_reply_and_the_service_keeps_serving(rabbit_config, services):
+def test_malformed_request_gets_an_error_reply_and_the_service_keeps_serving(
+    rabbit_config, services
+):
     with ClusterRpcProxy(rabbit_config, timeout=5) as cluster:
         client = cluster.greeter._client
         reply_event = client._reply_listener.get_reply_event("bad-1")
@@ -294,7 +343,9 @@ def test_malformed_request_gets_an_error_reply_and_the_service_keeps_serving(rab
         assert cluster.greeter.hello("ok") == "Hello, ok!"
 
 
-def test_graceful_stop_finishes_in_flight_calls_and_acks_them(rabbit_config, runner_factory, rabbit_manager):
+def test_graceful_stop_finishes_in_flight_calls_and_acks_them(
+    rabbit_config, runner_factory, rabbit_manager
+):
     runner = runner_factory(rabbit_config, Greeter)
     runner.start()
     with ClusterRpcProxy(rabbit_config, timeout=10) as cluster:
@@ -304,6 +355,12 @@ def test_graceful_stop_finishes_in_flight_calls_and_acks_them(rabbit_config, run
         assert [r.result() for r in replies] == [0.5, 0.5, 0.5]
     # Every request was acked before the connection closed: none is left to be
     # redelivered (nameko would leave them unacked and process them twice).
-    wait_for(lambda: "messages" in rabbit_manager.get_queue(rabbit_config["vhost"], "rpc-greeter"), timeout=15)
+    wait_for(
+        lambda: (
+            "messages"
+            in rabbit_manager.get_queue(rabbit_config["vhost"], "rpc-greeter")
+        ),
+        timeout=15,
+    )
     queue = rabbit_manager.get_queue(rabbit_config["vhost"], "rpc-greeter")
     assert queue["messages"] == 0 and queue["consumers"] == 0

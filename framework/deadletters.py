@@ -1,0 +1,132 @@
+"""Inspecting and replaying dead letters.
+
+Topology: a message a service cannot handle (undecodable, content type not in
+``ACCEPT``, or failing more than ``MAX_REDELIVERIES`` times with
+``requeue_on_error``) is published, exactly as received, to the topic exchange
+``DEAD_LETTER_EXCHANGE`` (default ``framework-dlx``) with the source queue's name as
+routing key, into the durable queue ``<source queue>.dead-letter``. Its headers keep
+the original ones plus ``x-dead-letter-reason``, ``x-original-exchange``,
+``x-original-routing-key`` and ``x-original-queue``. Replaying republishes it to its
+original exchange and routing key with the bookkeeping headers removed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import amqp
+import amqp.exceptions
+
+from framework.amqp.connection import make_connection
+
+log = logging.getLogger(__name__)
+
+DEAD_LETTER_SUFFIX = ".dead-letter"
+BOOKKEEPING_HEADERS = (
+    "x-dead-letter-reason",
+    "x-original-exchange",
+    "x-original-routing-key",
+    "x-original-queue",
+    "x-redelivery-count",
+)
+
+
+@dataclass
+class DeadLetter:
+    body: bytes
+    content_type: str | None
+    reason: str
+    original_exchange: str
+    original_routing_key: str
+    headers: dict[str, Any]
+
+
+def dead_letter_queue(queue_name: str) -> str:
+    return (
+        queue_name
+        if queue_name.endswith(DEAD_LETTER_SUFFIX)
+        else queue_name + DEAD_LETTER_SUFFIX
+    )
+
+
+def _describe(raw: Any) -> DeadLetter:
+    headers = dict(raw.properties.get("application_headers") or {})
+    body = raw.body
+    if isinstance(body, str):  # py-amqp decodes bodies that declare an encoding
+        body = body.encode(raw.properties.get("content_encoding") or "utf-8")
+    return DeadLetter(
+        body=body,
+        content_type=raw.properties.get("content_type"),
+        reason=str(headers.get("x-dead-letter-reason", "")),
+        original_exchange=str(headers.get("x-original-exchange", "")),
+        original_routing_key=str(headers.get("x-original-routing-key", "")),
+        headers=headers,
+    )
+
+
+def peek(config: dict[str, Any], queue_name: str, limit: int = 100) -> list[DeadLetter]:
+    """Up to ``limit`` dead letters of ``queue_name``, left in place (none if the
+    dead-letter queue does not exist yet)."""
+    with make_connection(config) as connection:
+        channel = connection.channel()
+        seen: list[DeadLetter] = []
+        for _ in range(limit):
+            try:
+                raw = channel.basic_get(dead_letter_queue(queue_name), no_ack=False)
+            except amqp.exceptions.NotFound:
+                return []
+            if raw is None:
+                break
+            seen.append(_describe(raw))
+        # Closing the channel without acking returns every message, in order.
+        channel.close()
+        return seen
+
+
+def replay(config: dict[str, Any], queue_name: str, limit: int | None = None) -> int:
+    """Republish dead letters to where they first went; returns how many.
+
+    Each message is acked on the dead-letter queue only after the broker confirmed
+    its republication, so a replay interrupted half way loses nothing.
+    """
+    replayed = 0
+    with make_connection(config) as connection:
+        channel = connection.channel()
+        try:
+            _, waiting, _ = channel.queue_declare(
+                dead_letter_queue(queue_name), passive=True
+            )
+        except amqp.exceptions.NotFound:
+            return 0
+        # Only what is there now: a message that fails again comes back to this
+        # queue, and must not be replayed in a loop.
+        limit = waiting if limit is None else min(limit, waiting)
+        publish_channel = connection.channel()
+        publish_channel.confirm_select()
+        while replayed < limit:
+            raw = channel.basic_get(dead_letter_queue(queue_name), no_ack=False)
+            if raw is None:
+                break
+            letter = _describe(raw)
+            headers = {
+                k: v for k, v in letter.headers.items() if k not in BOOKKEEPING_HEADERS
+            }
+            properties = {
+                k: v
+                for k, v in raw.properties.items()
+                if k not in ("application_headers",)
+            }
+            message = amqp.Message(raw.body, application_headers=headers, **properties)
+            publish_channel.basic_publish_confirm(
+                message,
+                exchange=letter.original_exchange,
+                routing_key=letter.original_routing_key,
+            )
+            channel.basic_ack(raw.delivery_tag)
+            replayed += 1
+        log.info(
+            "replayed dead letters", extra={"queue": queue_name, "count": replayed}
+        )
+    return replayed

@@ -1,0 +1,228 @@
+"""@consume, the Publisher dependency, dead letters and poison messages (real broker)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+
+import kombu
+import pytest
+
+from framework import deadletters
+from framework.events import event_handler
+from framework.messaging import Publisher, consume
+from framework.rpc import rpc
+from framework.standalone.events import event_dispatcher
+from framework.standalone.rpc import ClusterRpcProxy
+from tests.helpers import wait_for
+
+exchange = kombu.Exchange("jobs", type="topic", durable=True)
+queue = kombu.Queue("jobs-queue", exchange=exchange, routing_key="job.*", durable=True)
+received: list = []
+attempts: list = []
+
+
+class Producer:
+    name = "producer"
+    publish = Publisher(exchange=exchange)
+
+    @rpc
+    def submit(self, job):
+        self.publish(job, routing_key="job.new")
+
+
+class Worker:
+    name = "worker"
+
+    @consume(queue)
+    def handle(self, body):
+        received.append(body)
+
+
+class Poisoned:
+    name = "poisoned"
+
+    @event_handler("source", "boom", requeue_on_error=True)
+    def on_boom(self, payload):
+        attempts.append(payload)
+        raise RuntimeError("always fails")
+
+
+@pytest.fixture(autouse=True)
+def clear():
+    received.clear()
+    attempts.clear()
+
+
+def publish_raw(
+    amqp_uri: str, body: bytes, content_type: str, exchange_name: str, routing_key: str
+) -> None:
+    with kombu.Connection(amqp_uri) as connection:
+        producer = connection.Producer()
+        producer.publish(
+            body,
+            exchange=exchange_name,
+            routing_key=routing_key,
+            content_type=content_type,
+            content_encoding="utf-8",
+        )
+
+
+def test_publisher_and_consumer_carry_messages_with_context(
+    rabbit_config, runner_factory, spy
+):
+    runner_factory(rabbit_config, Producer, Worker).start()
+    wire = spy("jobs")
+    with ClusterRpcProxy(
+        rabbit_config, context_data={"language": "nl"}, timeout=5
+    ) as cluster:
+        cluster.producer.submit({"n": 1})
+    wait_for(lambda: received == [{"n": 1}])
+    message = wire.get()
+    assert json.loads(message.body) == {"n": 1}
+    assert message.headers["nameko.language"] == "nl"
+    assert message.headers["nameko.call_id_stack"][-1].startswith("producer.submit.")
+
+
+def test_undecodable_message_is_dead_lettered_and_the_consumer_keeps_serving(
+    rabbit_config, runner_factory
+):
+    runner_factory(rabbit_config, Worker).start()
+    publish_raw(
+        rabbit_config["AMQP_URI"], b"{not json", "application/json", "jobs", "job.bad"
+    )
+    publish_raw(
+        rabbit_config["AMQP_URI"],
+        b'{"ok": true}',
+        "application/json",
+        "jobs",
+        "job.good",
+    )
+    wait_for(lambda: received == [{"ok": True}])
+    wait_for(lambda: len(deadletters.peek(rabbit_config, "jobs-queue")) == 1)
+    (letter,) = deadletters.peek(rabbit_config, "jobs-queue")
+    assert letter.body == b"{not json"
+    assert letter.reason.startswith("undecodable")
+    assert (
+        letter.original_exchange == "jobs" and letter.original_routing_key == "job.bad"
+    )
+
+
+def test_content_type_not_accepted_is_dead_lettered(rabbit_config, runner_factory):
+    runner_factory(rabbit_config, Worker).start()
+    publish_raw(
+        rabbit_config["AMQP_URI"],
+        b"\x80\x04K\x01.",
+        "application/x-python-serialize",
+        "jobs",
+        "job.pickle",
+    )
+    wait_for(lambda: len(deadletters.peek(rabbit_config, "jobs-queue")) == 1)
+    (letter,) = deadletters.peek(rabbit_config, "jobs-queue")
+    assert "untrusted content" in letter.reason or "disallowed" in letter.reason.lower()
+    assert received == []
+
+
+def test_without_a_dead_letter_exchange_bad_messages_are_logged_and_dropped(
+    rabbit_config, runner_factory, caplog, rabbit_manager
+):
+    config = {**rabbit_config, "DEAD_LETTER_EXCHANGE": None}
+    runner_factory(config, Worker).start()
+    with caplog.at_level(logging.ERROR):
+        publish_raw(
+            rabbit_config["AMQP_URI"], b"{broken", "application/json", "jobs", "job.bad"
+        )
+        publish_raw(
+            rabbit_config["AMQP_URI"],
+            b'{"after": 1}',
+            "application/json",
+            "jobs",
+            "job.good",
+        )
+        wait_for(lambda: received == [{"after": 1}])
+    assert "dropping message" in caplog.text
+    wait_for(
+        lambda: (
+            rabbit_manager.get_queue(rabbit_config["vhost"], "jobs-queue").get(
+                "messages"
+            )
+            == 0
+        )
+    )
+
+
+def test_poison_message_is_redelivered_a_bounded_number_of_times_then_dead_lettered(
+    rabbit_config, runner_factory
+):
+    config = {**rabbit_config, "MAX_REDELIVERIES": 3}
+    runner_factory(config, Poisoned).start()
+    dispatch = event_dispatcher(rabbit_config)
+    dispatch("source", "boom", {"id": "poison"})
+    source_queue = "evt-source-boom--poisoned.on_boom"
+    wait_for(lambda: len(deadletters.peek(rabbit_config, source_queue)) == 1)
+    assert attempts == [{"id": "poison"}] * 4  # the first delivery and 3 redeliveries
+    (letter,) = deadletters.peek(rabbit_config, source_queue)
+    assert "failed 4 times" in letter.reason and "always fails" in letter.reason
+    dispatch.close()
+
+
+def test_dead_letters_can_be_replayed_to_their_original_destination(
+    rabbit_config, runner_factory
+):
+    config = {**rabbit_config, "MAX_REDELIVERIES": 0}
+    runner = runner_factory(config, Poisoned)
+    runner.start()
+    dispatch = event_dispatcher(rabbit_config)
+    dispatch("source", "boom", {"id": 1})
+    source_queue = "evt-source-boom--poisoned.on_boom"
+    wait_for(lambda: len(deadletters.peek(rabbit_config, source_queue)) == 1)
+    assert len(attempts) == 1
+    assert deadletters.replay(rabbit_config, source_queue) == 1
+    wait_for(
+        lambda: len(attempts) == 2
+    )  # the replayed message reached the handler again
+    wait_for(lambda: len(deadletters.peek(rabbit_config, source_queue)) == 1)
+    dispatch.close()
+
+
+def test_dead_letters_cli_lists_and_replays(rabbit_config, runner_factory):
+    config = {**rabbit_config, "MAX_REDELIVERIES": 0}
+    runner_factory(config, Poisoned).start()
+    dispatch = event_dispatcher(rabbit_config)
+    dispatch("source", "boom", {"id": "cli"})
+    source_queue = "evt-source-boom--poisoned.on_boom"
+    wait_for(lambda: len(deadletters.peek(rabbit_config, source_queue)) == 1)
+    cli = [sys.executable, "-m", "framework.cli.main"]
+    listing = subprocess.run(
+        [
+            *cli,
+            "dead-letters",
+            "list",
+            source_queue,
+            "--broker",
+            rabbit_config["AMQP_URI"],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert listing.returncode == 0, listing.stderr
+    assert "source.events boom" in listing.stdout and '"cli"' in listing.stdout
+    replayed = subprocess.run(
+        [
+            *cli,
+            "dead-letters",
+            "replay",
+            source_queue,
+            "--broker",
+            rabbit_config["AMQP_URI"],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert "replayed 1 message(s)" in replayed.stdout
+    wait_for(lambda: len(attempts) == 2)
+    dispatch.close()
