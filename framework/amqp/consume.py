@@ -29,6 +29,10 @@ from framework.utils import sanitize_url
 
 log = logging.getLogger(__name__)
 
+#: Called once per message delivered: ``observer(loop, queue_name)``.
+#: ``framework.metrics`` counts messages here; observers must be cheap and not raise.
+consume_observers: list[Callable[[ConsumeLoop, str], None]] = []
+
 DECODE_ERRORS = (
     kombu.exceptions.ContentDisallowed,
     kombu.exceptions.DecodeError,
@@ -239,6 +243,8 @@ class ConsumeLoop:
         self._subscribers[subscriber] = tag
 
     def _on_message(self, subscriber: Any, raw: Any, generation: int) -> None:
+        for observer in consume_observers:
+            observer(self, subscriber.queue.name)
         delivery = Delivery(raw, self, generation, subscriber)
         if subscriber not in self._subscribers:
             # Delivered before our cancel reached the broker: give it back.

@@ -10,7 +10,7 @@ between nameko's throughput and the broker's.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import amqp
@@ -37,6 +37,11 @@ DEFAULT_RETRY_POLICY: dict[str, Any] = {
 }
 
 
+#: Called once per message the broker took: ``observer(publisher, exchange_name)``.
+#: ``framework.metrics`` counts messages here; observers must be cheap and not raise.
+publish_observers: list[Callable[[Publisher, str], None]] = []
+
+
 class _Confirm:
     __slots__ = ("done", "error", "correlation_id", "mandatory")
 
@@ -58,8 +63,10 @@ class Publisher:
         connection: DrainedConnection | None = None,
         use_confirms: bool = True,
         purpose: str = "publish",
+        service: str | None = None,
     ) -> None:
         self.config = config
+        self.service = service  # the publishing service, for metrics; None outside one
         self.use_confirms = use_confirms
         self.confirm_timeout = float(
             config.get(PUBLISH_CONFIRM_TIMEOUT_CONFIG_KEY, DEFAULT_PUBLISH_CONFIRM_TIMEOUT)
@@ -211,7 +218,6 @@ class Publisher:
                 self._publish_once(
                     body, message_properties, exchange_name, routing_key, mandatory, declare, timeout
                 )
-                return
             except CONNECTION_ERRORS as exc:
                 self.connection.reset(generation)
                 if attempt == attempts:
@@ -224,6 +230,10 @@ class Publisher:
                 )
                 concurrency.sleep(interval)
                 interval = min(interval + float(policy["interval_step"]), float(policy["interval_max"]))
+            else:
+                for observer in publish_observers:
+                    observer(self, exchange_name)
+                return
 
     def _publish_once(
         self,
