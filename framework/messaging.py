@@ -10,6 +10,7 @@ from typing import Any
 import kombu
 
 from framework import concurrency
+from framework.amqp.connection import CONNECTION_ERRORS, close_quietly, make_connection
 from framework.amqp.consume import ConsumeLoop, Delivery
 from framework.amqp.publish import Publisher as AmqpPublisher
 from framework.constants import (
@@ -75,7 +76,9 @@ class ContainerPublisher(SharedExtension):
 
     def setup(self) -> None:
         self.publisher = AmqpPublisher(
-            self.container.config, purpose=f"{self.container.service_name} publisher"
+            self.container.config,
+            purpose=f"{self.container.service_name} publisher",
+            service=self.container.service_name,
         )
 
     def publish(self, payload: Any, **options: Any) -> None:
@@ -86,6 +89,25 @@ class ContainerPublisher(SharedExtension):
 
     def kill(self) -> None:
         self.publisher.close()
+
+    def health_check(self) -> tuple[bool, str]:
+        """Readiness (see ``framework.health``): could this container publish now?
+
+        The publishing connection opens on the first publish and reopens on the
+        next one after a loss, so while it is down we only ask whether the broker
+        would take a connection, on a throwaway one: opening the publisher's own
+        from the probe could race with a stop and leave it open.
+        """
+        if self.publisher.connection.connected:
+            return True, "connected"
+        probe = make_connection(self.container.config)
+        try:
+            probe.connect()
+        except CONNECTION_ERRORS as exc:
+            return False, f"broker unreachable: {exc}"
+        finally:
+            close_quietly(probe)
+        return True, "broker reachable; connects on the next publish"
 
 
 class QueueConsumer(SharedExtension, ProviderCollector):
@@ -149,6 +171,14 @@ class QueueConsumer(SharedExtension, ProviderCollector):
     @property
     def connected(self) -> bool:
         return self.loop.connected
+
+    def health_check(self) -> tuple[bool, str]:
+        """Readiness (see ``framework.health``): consumers registered, connection up."""
+        if not self.loop.ready.ready():
+            return False, "consumers not registered with the broker yet"
+        if not self.connected:
+            return False, "consumer connection down; reconnecting"
+        return True, "consuming"
 
     # -- handing messages to workers without blocking the loop -----------------------
 
