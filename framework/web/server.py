@@ -1,0 +1,344 @@
+"""The one HTTP server a container runs, shared by its HTTP and websocket entrypoints.
+
+Every route provider (an ``@http`` handler, the websocket server) registers with the
+container's ``WebServer`` during ``setup()``; ``start()`` freezes their rules into a
+werkzeug ``Map``, binds ``WEB_SERVER_ADDRESS`` and serves with eventlet's wsgi server.
+Each connection is handled in a green thread of the server's own pool; the service
+method itself runs in a container worker, which is what bounds concurrency
+(``max_workers``).
+
+Graceful stop, in the container's order: the first entrypoint to stop makes the
+server stop accepting; in-flight requests finish while the container waits for its
+workers; then ``WebServer.stop()`` waits for the connections to write their
+responses (up to the container's drain timeout) and closes the listening socket.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import socket
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple, Protocol
+
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.routing import Map, Rule
+from werkzeug.wrappers import Request, Response
+
+from framework import concurrency
+from framework.constants import (
+    DEFAULT_HTTP_CONTEXT_HEADERS,
+    DEFAULT_WEB_MAX_CONTENT_LENGTH,
+    DEFAULT_WEB_SERVER_ADDRESS,
+    HTTP_CONTEXT_HEADERS_CONFIG_KEY,
+    WEB_MAX_CONTENT_LENGTH_CONFIG_KEY,
+    WEB_SERVER_CONFIG_KEY,
+)
+from framework.exceptions import ConfigurationError
+from framework.extensions import ProviderCollector, SharedExtension
+
+log = logging.getLogger(__name__)
+
+WsgiApplication = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+# Connections served at once (keep-alive and websockets included); further ones wait
+# in the listen backlog.
+MAX_CONNECTIONS = 1024
+# Seconds an idle keep-alive connection (or one that never sends a request) is kept.
+KEEPALIVE_TIMEOUT = 60
+LISTEN_BACKLOG = 128
+
+_ADDRESS = re.compile(r"^(?:(?P<address>\[[^\]]+\]|[^:\[\]]+):)?(?P<port>\d+)$")
+
+
+class BindAddress(NamedTuple):
+    address: str
+    port: int
+
+
+def parse_address(address: str | int) -> BindAddress:
+    """``[address:]port`` → ``BindAddress``; the address defaults to ``0.0.0.0``.
+
+    An IPv6 address goes in brackets: ``[::1]:8000``.
+    """
+    match = _ADDRESS.match(str(address).strip())
+    if match is None:
+        raise ConfigurationError(
+            f"Misconfigured bind address `{address}`. Should be `[address:]port`"
+        )
+    host = (match.group("address") or "0.0.0.0").strip("[]")
+    return BindAddress(host, int(match.group("port")))
+
+
+def context_data_from_headers(
+    request: Request, config: Mapping[str, Any]
+) -> dict[str, str]:
+    """Context data taken from the request headers named in ``HTTP_CONTEXT_HEADERS``.
+
+    The config maps header name → context key and replaces the default mapping
+    (``X-Request-Id``, ``Accept-Language``, ``User-Agent``) as a whole. Empty
+    headers are skipped.
+    """
+    mapping = config.get(HTTP_CONTEXT_HEADERS_CONFIG_KEY)
+    if mapping is None:
+        mapping = DEFAULT_HTTP_CONTEXT_HEADERS
+    if not isinstance(mapping, Mapping):
+        raise ConfigurationError(
+            f"`{HTTP_CONTEXT_HEADERS_CONFIG_KEY}` must map header names to "
+            f"context keys, got {mapping!r}"
+        )
+    data = {}
+    for header, key in mapping.items():
+        value = request.headers.get(header)
+        if value:
+            data[key] = value
+    return data
+
+
+def json_error_response(exc: BaseException, status: int) -> Response:
+    """``{"error": <exception type>, "message": <its text>}``; never a traceback."""
+    body = {"error": type(exc).__name__, "message": str(exc)}
+    return Response(json.dumps(body), status=status, mimetype="application/json")
+
+
+class RouteProvider(Protocol):
+    """What the server needs from an extension that serves a URL."""
+
+    def get_url_rule(self) -> Rule: ...
+
+    def handle_request(self, request: Request) -> WsgiApplication: ...
+
+
+class WsgiApp:
+    """Routes a request to its provider and returns the provider's WSGI response.
+
+    The body is read here, in the connection's thread and within
+    ``WEB_MAX_CONTENT_LENGTH``, so a slow or oversized upload never holds a worker.
+    """
+
+    def __init__(self, server: WebServer) -> None:
+        self.server = server
+
+    def __call__(
+        self, environ: dict[str, Any], start_response: Callable[..., Any]
+    ) -> Iterable[bytes]:
+        started = time.perf_counter()
+        if "eventlet.input" in environ:
+            # eventlet's input stream stops at the end of the body, chunked or not;
+            # saying so lets werkzeug read chunked bodies (it returns an empty body
+            # otherwise) and enforce the size limit while reading.
+            environ.setdefault("wsgi.input_terminated", True)
+        request = Request(environ)
+        request.max_content_length = self.server.max_content_length
+        try:
+            response = self.dispatch(request)
+        except HTTPException as exc:
+            response = exc.get_response(environ)
+        except Exception as exc:
+            log.exception("error routing %s %s", request.method, request.path)
+            response = json_error_response(exc, 500)
+        log.debug(
+            "http request",
+            extra={
+                "service": self.server.container.service_name,
+                "method": request.method,
+                "path": request.path,
+                "status": getattr(response, "status_code", None),
+                "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+            },
+        )
+        return response(environ, start_response)
+
+    def dispatch(self, request: Request) -> WsgiApplication:
+        adapter = self.server.url_map.bind_to_environ(request.environ)
+        rule, values = adapter.match(return_rule=True)
+        request.path_values = values  # type: ignore[attr-defined]
+        if not rule.websocket:
+            self.read_body(request)
+        provider: RouteProvider = rule.endpoint  # type: ignore[assignment]
+        return provider.handle_request(request)
+
+    def read_body(self, request: Request) -> None:
+        limit = request.max_content_length
+        if limit is None:
+            request.get_data(cache=True)
+            return
+        if (request.content_length or 0) > limit:
+            raise RequestEntityTooLarge()
+        # A chunked body has no declared length, and werkzeug silently truncates a
+        # stream at the limit; reading one byte past it tells "exactly the limit"
+        # from "more". The stream is created (and its limit fixed) by this read.
+        request.max_content_length = limit + 1
+        # Cached on the request: get_data(), json and form all read from the cache.
+        data = request.get_data(cache=True)
+        request.max_content_length = limit
+        if len(data) > limit:
+            raise RequestEntityTooLarge()
+
+
+class WebServer(ProviderCollector, SharedExtension):
+    """The container's HTTP server, shared by every route provider.
+
+    Override points: ``get_wsgi_app()`` (wrap it in middleware) and
+    ``get_wsgi_server_options()``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.url_map: Map = Map()
+        self._sock: Any = None
+        self._server_thread: concurrency.GreenThread | None = None
+        self._connections: concurrency.GreenPool | None = None
+        self._accepting = False
+
+    @property
+    def bind_address(self) -> BindAddress:
+        return parse_address(
+            self.container.config.get(WEB_SERVER_CONFIG_KEY, DEFAULT_WEB_SERVER_ADDRESS)
+        )
+
+    @property
+    def port(self) -> int:
+        """The port actually bound (the configured one, or the OS's pick for 0)."""
+        if self._sock is None:
+            raise RuntimeError("the web server is not listening")
+        return self._sock.getsockname()[1]
+
+    @property
+    def accepting(self) -> bool:
+        """Whether new connections are being accepted (started and not stopping)."""
+        return self._accepting
+
+    @property
+    def max_content_length(self) -> int | None:
+        return self.container.config.get(
+            WEB_MAX_CONTENT_LENGTH_CONFIG_KEY, DEFAULT_WEB_MAX_CONTENT_LENGTH
+        )
+
+    def setup(self) -> None:
+        self.bind_address  # noqa: B018 -- a misconfigured address fails setup, early
+
+    def start(self) -> None:
+        if self._sock is not None:
+            return
+        rules = [provider.get_url_rule() for provider in self._providers]
+        self.url_map = Map(rules)
+        address = self.bind_address
+        family = socket.AF_INET6 if ":" in address.address else socket.AF_INET
+        # No SO_REUSEPORT (eventlet's default): a second service started on the
+        # same port must fail loudly, not silently take half of the traffic.
+        self._sock = concurrency.green_listen(
+            (address.address, address.port),
+            family=family,
+            backlog=LISTEN_BACKLOG,
+            reuse_port=False,
+        )
+        self._connections = concurrency.GreenPool(MAX_CONNECTIONS)
+        self._accepting = True
+        self._server_thread = self.container.spawn_managed_thread(
+            self._serve, identifier="web_server"
+        )
+        log.info(
+            "web server listening",
+            extra={
+                "service": self.container.service_name,
+                "address": address.address,
+                "port": self.port,
+                "routes": sorted(rule.rule for rule in rules),
+            },
+        )
+
+    def get_wsgi_app(self) -> WsgiApplication:
+        """The WSGI application served; override to wrap it in middleware."""
+        return WsgiApp(self)
+
+    def get_wsgi_server_options(self) -> dict[str, Any]:
+        """Keyword arguments for eventlet's wsgi server (see ``wsgi_server``)."""
+        return {
+            "custom_pool": self._connections,
+            "keepalive": KEEPALIVE_TIMEOUT,
+            # Access logging is WsgiApp's (structured); errors never reach eventlet
+            # because WsgiApp turns them into responses.
+            "log_output": False,
+            "debug": False,
+        }
+
+    def _serve(self) -> None:
+        concurrency.wsgi_server(
+            self._sock, self.get_wsgi_app(), **self.get_wsgi_server_options()
+        )
+
+    def stop_accepting(self) -> None:
+        """Take no new connections; idle keep-alive ones are closed, busy ones finish.
+
+        Called by the first entrypoint that stops, so nothing new arrives while
+        the container drains its workers.
+        """
+        if not self._accepting:
+            return
+        self._accepting = False
+        if self._server_thread is not None:
+            # Interrupts accept(); eventlet's server then closes idle connections
+            # and waits, in its own thread, for the busy ones before it closes the
+            # listening socket.
+            concurrency.kill(self._server_thread)
+
+    def stop(self) -> None:
+        """Let the connections write their responses, then close the socket.
+
+        Runs after the container drained its workers. A connection still busy
+        after the drain deadline (a slow reader, or one whose worker was killed at
+        the deadline) is cut.
+        """
+        self.stop_accepting()
+        self.wait_for_providers()
+        if not self._wait_for_server(self.container.drain_timeout):
+            log.warning(
+                "closing %d connections still open after the drain deadline",
+                self.active_connections,
+                extra={"service": self.container.service_name},
+            )
+            self._kill_connections()
+            self._wait_for_server(None)
+        self._close_socket()
+
+    def kill(self) -> None:
+        self._accepting = False
+        if self._server_thread is not None:
+            concurrency.kill(self._server_thread)
+        self._kill_connections()
+        self._close_socket()
+
+    @property
+    def active_connections(self) -> int:
+        if self._connections is None:
+            return 0
+        return self._connections.running()
+
+    def _wait_for_server(self, timeout: float | None) -> bool:
+        if self._server_thread is None:
+            return True
+        with concurrency.Timeout(timeout, False):
+            try:
+                self._server_thread.wait()
+            except concurrency.GreenletExit:
+                pass
+            return True
+        return False
+
+    def _kill_connections(self) -> None:
+        if self._connections is None:
+            return
+        for thread in list(self._connections.coroutines_running):
+            concurrency.kill(thread)
+
+    def _close_socket(self) -> None:
+        # eventlet's server closes it when it exits, but not if it was killed
+        # before it ever ran.
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            except OSError:
+                pass

@@ -1,0 +1,439 @@
+"""Websocket entrypoints and the hub that pushes events to connected sockets.
+
+The container's ``WebServer`` serves websockets at ``GET /ws``, speaking nameko's
+frame protocol (JSON text frames):
+
+* on connect the server sends
+  ``{"type": "event", "event": "connected", "data": {"socket_id": "<id>"}}``;
+* the client calls ``{"method": "<name>", "data": {<kwargs>}, "correlation_id": <any>}``
+  and gets ``{"type": "result", "success": true, "data": <result>,
+  "correlation_id": <same>}``, or ``"success": false`` with ``"error"`` holding the
+  serialized exception (``MalformedRequest`` for a frame that is not such an object,
+  ``MethodNotFound`` for an unknown method);
+* the hub pushes ``{"type": "event", "event": <event>, "data": <data>}``.
+
+An ``@rpc`` method takes ``(self, socket_id, **data)``. Frames of one socket are
+handled one at a time, in order, as in nameko.
+
+Everything sent to a socket goes through its own bounded queue, drained by its own
+green thread (``FrameSender``): pushing never blocks, so one slow or dead client
+cannot hold up a broadcast, a reply to another socket, or the worker that pushes.
+A socket whose queue is full (``WEBSOCKET_QUEUE_SIZE`` frames) or whose send fails
+or takes longer than ``WEBSOCKET_SEND_TIMEOUT`` is dropped: closed, its
+subscriptions forgotten. Clients reconnect and subscribe again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import uuid
+from collections import defaultdict
+from functools import partial
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from werkzeug.routing import Rule
+from werkzeug.wrappers import Request
+
+from framework import concurrency
+from framework.constants import (
+    DEFAULT_WEBSOCKET_QUEUE_SIZE,
+    DEFAULT_WEBSOCKET_SEND_TIMEOUT,
+    WEBSOCKET_QUEUE_SIZE_CONFIG_KEY,
+    WEBSOCKET_SEND_TIMEOUT_CONFIG_KEY,
+)
+from framework.exceptions import (
+    ConnectionNotFound,
+    MalformedRequest,
+    MethodNotFound,
+    UnserializableValueError,
+    serialize,
+)
+from framework.extensions import DependencyProvider, Entrypoint, SharedExtension
+from framework.web.server import WebServer, WsgiApplication, context_data_from_headers
+
+if TYPE_CHECKING:
+    from framework.containers import ExcInfo, WorkerContext
+
+log = logging.getLogger(__name__)
+
+WEBSOCKET_PATH = "/ws"
+
+_CLOSE = object()  # queued after the last frame of a socket being closed gracefully
+
+
+def event_frame(event: str, data: Any) -> str:
+    return json.dumps({"type": "event", "event": event, "data": data})
+
+
+def result_frame(correlation_id: Any, result: Any) -> str:
+    frame = {
+        "type": "result",
+        "success": True,
+        "data": result,
+        "correlation_id": correlation_id,
+    }
+    try:
+        return json.dumps(frame)
+    except (TypeError, ValueError):
+        return error_frame(correlation_id, UnserializableValueError(result))
+
+
+def error_frame(correlation_id: Any, exc: BaseException) -> str:
+    frame = {
+        "type": "result",
+        "success": False,
+        "error": serialize(exc),
+        "correlation_id": correlation_id,
+    }
+    return json.dumps(frame)
+
+
+class Connection:
+    """What the server knows about one connected socket."""
+
+    def __init__(self, socket_id: str, context_data: dict[str, Any]) -> None:
+        self.socket_id = socket_id
+        self.context_data = context_data
+        self.subscriptions: set[str] = set()
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.socket_id}>"
+
+
+class FrameSender:
+    """The sending side of one socket: a bounded queue and the thread that drains it."""
+
+    def __init__(self, ws: Any, socket_id: str, queue_size: int, send_timeout: float):
+        self.socket_id = socket_id
+        self.closed = False
+        self._ws = ws
+        self._queue: concurrency.Queue = concurrency.Queue(maxsize=queue_size)
+        self._send_timeout = send_timeout
+        self._thread: concurrency.GreenThread | None = None
+
+    def start(self) -> None:
+        self._thread = concurrency.spawn(self._run)
+
+    def push(self, frame: str) -> bool:
+        """Queue a frame; ``False`` if the socket is closed, or dropped for lagging."""
+        if self.closed:
+            return False
+        try:
+            self._queue.put_nowait(frame)
+        except concurrency.Full:
+            log.warning(
+                "dropping websocket: outgoing queue full",
+                extra={"socket_id": self.socket_id, "queue_size": self._queue.maxsize},
+            )
+            self.drop()
+            return False
+        return True
+
+    def close(self) -> None:
+        """Send what is queued, then a close frame."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self._queue.put_nowait(_CLOSE)
+        except concurrency.Full:
+            self.drop()
+
+    def drop(self) -> None:
+        """Close now, without waiting for the client: never blocks."""
+        self.closed = True
+        if self._thread is not None:
+            concurrency.kill(self._thread)
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        # Wakes the connection's reader (it sees end of stream) and any blocked
+        # send, without writing a close frame a stuck client would never read.
+        try:
+            self._ws.socket.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _run(self) -> None:
+        while True:
+            frame = self._queue.get()
+            if frame is _CLOSE:
+                try:
+                    with concurrency.Timeout(self._send_timeout):
+                        concurrency.websocket_send_close(self._ws)
+                except (Exception, concurrency.Timeout):
+                    pass
+                # Not waiting for the client's own close frame: we are stopping.
+                self._shutdown()
+                return
+            try:
+                with concurrency.Timeout(self._send_timeout):
+                    self._ws.send(frame)
+            except (Exception, concurrency.Timeout) as exc:
+                log.info(
+                    "dropping websocket: send failed",
+                    extra={"socket_id": self.socket_id, "error": repr(exc)},
+                )
+                self.closed = True
+                self._shutdown()
+                return
+
+
+class SocketInfo(NamedTuple):
+    """A connected socket: its sending side and the connection's state."""
+
+    socket: FrameSender
+    data: Connection
+
+
+class WebSocketServer(SharedExtension):
+    """Serves ``/ws`` on the container's web server and owns the connected sockets."""
+
+    server = WebServer()
+
+    def __init__(self) -> None:
+        self.sockets: dict[str, SocketInfo] = {}
+        self.subscriptions: dict[str, set[str]] = defaultdict(set)
+        self.rpc_methods: dict[str, WebSocketRpc] = {}
+        self._all_closed = concurrency.Event()
+        self._stopping = False
+
+    @property
+    def queue_size(self) -> int:
+        return int(
+            self.container.config.get(
+                WEBSOCKET_QUEUE_SIZE_CONFIG_KEY, DEFAULT_WEBSOCKET_QUEUE_SIZE
+            )
+        )
+
+    @property
+    def send_timeout(self) -> float:
+        return float(
+            self.container.config.get(
+                WEBSOCKET_SEND_TIMEOUT_CONFIG_KEY, DEFAULT_WEBSOCKET_SEND_TIMEOUT
+            )
+        )
+
+    def setup(self) -> None:
+        self.server.register_provider(self)
+
+    def stop(self) -> None:
+        """Flush and close every socket, then let the web server stop."""
+        self._stopping = True
+        for info in list(self.sockets.values()):
+            info.socket.close()
+        if self.sockets:
+            with concurrency.Timeout(self.send_timeout, False):
+                self._all_closed.wait()
+        for info in list(self.sockets.values()):
+            info.socket.drop()
+        self.server.unregister_provider(self)
+
+    def kill(self) -> None:
+        self._stopping = True
+        for info in list(self.sockets.values()):
+            info.socket.drop()
+        self.server.unregister_provider(self)
+
+    def register_rpc(self, provider: WebSocketRpc) -> None:
+        self.rpc_methods[provider.method_name] = provider  # type: ignore[index]
+
+    def get_url_rule(self) -> Rule:
+        return Rule(WEBSOCKET_PATH, methods=["GET"], endpoint=self, websocket=True)
+
+    def context_data_from_headers(self, request: Request) -> dict[str, Any]:
+        """Context data for every worker of the socket, from the upgrade request."""
+        return context_data_from_headers(request, self.container.config)
+
+    def handle_request(self, request: Request) -> WsgiApplication:
+        context_data = self.context_data_from_headers(request)
+        return concurrency.websocket_app(partial(self._serve_socket, context_data))
+
+    def _serve_socket(self, context_data: dict[str, Any], ws: Any) -> None:
+        """The connection's thread: reads frames and answers them, one at a time."""
+        socket_id = str(uuid.uuid4())
+        sender = FrameSender(ws, socket_id, self.queue_size, self.send_timeout)
+        connection = Connection(socket_id, context_data)
+        self.sockets[socket_id] = SocketInfo(sender, connection)
+        log.debug("websocket connected", extra={"socket_id": socket_id})
+        try:
+            sender.start()
+            sender.push(event_frame("connected", {"socket_id": socket_id}))
+            if self._stopping:
+                sender.close()
+            while True:
+                try:
+                    message = ws.wait()
+                except Exception as exc:
+                    log.debug(
+                        "websocket read failed",
+                        extra={"socket_id": socket_id, "error": repr(exc)},
+                    )
+                    break
+                if message is None:
+                    break
+                if not sender.push(self.handle_frame(connection, message)):
+                    break
+        finally:
+            self._forget(connection)
+            sender.drop()
+            log.debug("websocket disconnected", extra={"socket_id": socket_id})
+
+    def _forget(self, connection: Connection) -> None:
+        self.sockets.pop(connection.socket_id, None)
+        for channel in connection.subscriptions:
+            subscribers = self.subscriptions.get(channel)
+            if subscribers is not None:
+                subscribers.discard(connection.socket_id)
+                if not subscribers:
+                    del self.subscriptions[channel]
+        connection.subscriptions.clear()
+        if self._stopping and not self.sockets and not self._all_closed.ready():
+            self._all_closed.send()
+
+    def handle_frame(self, connection: Connection, message: str | bytes) -> str:
+        """One client frame → the reply frame (a result or an error)."""
+        correlation_id = None
+        try:
+            try:
+                payload = json.loads(message)
+            except ValueError:
+                raise MalformedRequest("Invalid JSON data") from None
+            if not isinstance(payload, dict):
+                raise MalformedRequest("A frame must be a JSON object")
+            correlation_id = payload.get("correlation_id")
+            method = payload.get("method")
+            data = payload.get("data")
+            if data is None:
+                data = {}
+            if not isinstance(method, str) or not isinstance(data, dict):
+                raise MalformedRequest(
+                    "A frame needs `method` (a string) and `data` (an object)"
+                )
+            provider = self.rpc_methods.get(method)
+            if provider is None:
+                raise MethodNotFound(method)
+            result = provider.handle_message(connection, data)
+        except Exception as exc:
+            return error_frame(correlation_id, exc)
+        return result_frame(correlation_id, result)
+
+    # -- used by the hub -----------------------------------------------------------
+
+    def get_connection(self, socket_id: str) -> Connection:
+        try:
+            return self.sockets[socket_id].data
+        except KeyError:
+            raise ConnectionNotFound(socket_id) from None
+
+    def push(self, socket_id: str, frame: str) -> bool:
+        info = self.sockets.get(socket_id)
+        if info is None:
+            return False
+        return info.socket.push(frame)
+
+
+class WebSocketRpc(Entrypoint):
+    """``@rpc``: a method websocket clients call as ``(self, socket_id, **data)``."""
+
+    server = WebSocketServer()
+
+    def setup(self) -> None:
+        self.server.register_rpc(self)
+
+    def handle_message(self, connection: Connection, data: dict[str, Any]) -> Any:
+        """Run the method in a worker and wait for its result (or its exception)."""
+        args = (connection.socket_id,)
+        self.check_signature(args, data)
+        done = concurrency.Event()
+        self.container.spawn_worker(
+            self,
+            args,
+            data,
+            context_data=connection.context_data,
+            handle_result=partial(self._handle_result, done),
+        )
+        return done.wait()
+
+    def _handle_result(
+        self,
+        done: concurrency.Event,
+        worker_ctx: WorkerContext,
+        result: Any,
+        exc_info: ExcInfo | None,
+    ) -> tuple[Any, ExcInfo | None]:
+        if exc_info is not None:
+            done.send_exception(exc_info[1])
+        else:
+            done.send(result)
+        return result, exc_info
+
+
+class WebSocketHub:
+    """Subscriptions and pushes to the sockets connected to this process.
+
+    State lives in this process only. With several replicas of a web service, each
+    holds its own sockets, so an event meant for every subscriber must reach every
+    replica; that fan-out is the application's, with a BROADCAST event handler
+    (one queue per replica) that hands the event to its local hub::
+
+        class Gateway:
+            name = "gateway"
+            hub = WebSocketHubProvider()
+
+            @event_handler("orders", "order_shipped", handler_type=BROADCAST,
+                           reliable_delivery=False)
+            def push_order_shipped(self, payload):
+                self.hub.broadcast(f"orders.{payload['order_id']}",
+                                   "order_shipped", payload)
+
+    ``reliable_delivery=False`` because a replica's queue must go away with it:
+    its sockets did too.
+    """
+
+    def __init__(self, server: WebSocketServer) -> None:
+        self._server = server
+
+    def subscribe(self, socket_id: str, channel: str) -> None:
+        connection = self._server.get_connection(socket_id)
+        connection.subscriptions.add(channel)
+        self._server.subscriptions[channel].add(socket_id)
+
+    def unsubscribe(self, socket_id: str, channel: str) -> None:
+        connection = self._server.get_connection(socket_id)
+        connection.subscriptions.discard(channel)
+        subscribers = self._server.subscriptions.get(channel)
+        if subscribers is not None:
+            subscribers.discard(socket_id)
+            if not subscribers:
+                del self._server.subscriptions[channel]
+
+    def get_subscriptions(self, socket_id: str) -> list[str]:
+        return sorted(self._server.get_connection(socket_id).subscriptions)
+
+    def broadcast(self, channel: str, event: str, data: Any) -> int:
+        """Queue the event for every subscriber; returns how many got it queued."""
+        frame = event_frame(event, data)
+        subscribers = list(self._server.subscriptions.get(channel, ()))
+        return sum(self._server.push(socket_id, frame) for socket_id in subscribers)
+
+    def unicast(self, socket_id: str, event: str, data: Any) -> bool:
+        """Queue the event for one socket; ``False`` if it is not connected here."""
+        return self._server.push(socket_id, event_frame(event, data))
+
+
+class WebSocketHubProvider(DependencyProvider):
+    """Injects the container's ``WebSocketHub``."""
+
+    server = WebSocketServer()
+
+    def setup(self) -> None:
+        self.hub = WebSocketHub(self.server)
+
+    def get_dependency(self, worker_ctx: WorkerContext) -> WebSocketHub:
+        return self.hub
+
+
+rpc = WebSocketRpc.decorator
