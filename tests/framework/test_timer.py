@@ -1,0 +1,79 @@
+"""@timer: schedule, no overlap, errors, stop (no broker needed)."""
+
+from __future__ import annotations
+
+import time
+
+from framework import concurrency
+from framework.timer import timer
+from tests.helpers import wait_for
+
+ticks: list[float] = []
+
+
+def make_service(
+    interval: float, eager: bool = False, duration: float = 0.0, fail: bool = False
+):
+    class Ticker:
+        name = "ticker"
+        running = 0
+        overlap = False
+
+        @timer(interval, eager=eager)
+        def tick(self):
+            Ticker.running += 1
+            Ticker.overlap |= Ticker.running > 1
+            ticks.append(time.monotonic())
+            if duration:
+                concurrency.sleep(duration)
+            Ticker.running -= 1
+            if fail:
+                raise RuntimeError("tick failed")
+
+    return Ticker
+
+
+def setup_function():
+    ticks.clear()
+
+
+def test_eager_timer_fires_at_start(container_factory):
+    container = container_factory(make_service(10, eager=True), {})
+    started = time.monotonic()
+    container.start()
+    wait_for(lambda: len(ticks) == 1, timeout=2)
+    assert ticks[0] - started < 5  # far before the first interval would end
+
+
+def test_lazy_timer_waits_one_interval_then_keeps_firing(container_factory):
+    container = container_factory(make_service(0.05), {})
+    container.start()
+    concurrency.sleep(0.01)
+    assert ticks == []
+    wait_for(lambda: len(ticks) >= 4, timeout=5)
+
+
+def test_a_slow_run_never_overlaps_the_next(container_factory):
+    service = make_service(0.01, duration=0.05)
+    container = container_factory(service, {})
+    container.start()
+    wait_for(lambda: len(ticks) >= 4, timeout=5)
+    assert service.overlap is False
+
+
+def test_errors_are_logged_and_the_timer_keeps_going(container_factory):
+    container = container_factory(make_service(0.02, fail=True), {})
+    container.start()
+    wait_for(lambda: len(ticks) >= 3, timeout=5)
+    assert not container._died.ready()
+
+
+def test_stop_waits_for_the_running_tick_then_no_more_fire(container_factory):
+    container = container_factory(make_service(0.01, eager=True, duration=0.2), {})
+    container.start()
+    wait_for(lambda: len(ticks) == 1, timeout=2)
+    with concurrency.Timeout(5):
+        container.stop()
+    count = len(ticks)
+    concurrency.sleep(0.1)
+    assert len(ticks) == count
