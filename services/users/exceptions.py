@@ -1,0 +1,71 @@
+"""The errors callers of the users service can get back: part of its contract.
+
+Each class is registered with ``deserialize_to_instance``, so a caller that has
+imported this module gets them back from an RPC call as instances of these
+classes (``except UserNotFound:``) instead of ``RemoteError``. They travel as their
+constructor arguments, so every argument must be plain data (strings, dicts).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from framework.exceptions import deserialize_to_instance
+
+__all__ = [
+    "AuthenticationFailed",
+    "EmailAlreadyRegistered",
+    "InvalidUserData",
+    "UserNotFound",
+    "UsersError",
+]
+
+
+class UsersError(Exception):
+    """Base class of every error the users service raises on purpose."""
+
+
+@deserialize_to_instance
+class UserNotFound(UsersError):
+    """No account has the given id (or email)."""
+
+
+@deserialize_to_instance
+class EmailAlreadyRegistered(UsersError):
+    """Another account already uses this email (compared case-insensitively)."""
+
+
+@deserialize_to_instance
+class InvalidUserData(UsersError):
+    """The arguments were rejected; ``errors`` maps each bad field to the reason.
+
+    ``InvalidUserData("invalid user data", {"email": "not an email address"})``
+    """
+
+    def __init__(self, message: str, errors: dict[str, Any] | None = None) -> None:
+        super().__init__(message, dict(errors or {}))
+
+    @property
+    def message(self) -> str:
+        return self.args[0]
+
+    @property
+    def errors(self) -> dict[str, str]:
+        return self.args[1]
+
+    def __str__(self) -> str:
+        if not self.errors:
+            return self.message
+        details = "; ".join(
+            f"{field}: {reason}" for field, reason in self.errors.items()
+        )
+        return f"{self.message} ({details})"
+
+
+@deserialize_to_instance
+class AuthenticationFailed(UsersError):
+    """Wrong email or password, or the account is deactivated.
+
+    Deliberately one error with one message for all three, so that a caller
+    cannot use it to find out which emails have accounts.
+    """

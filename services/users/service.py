@@ -1,0 +1,203 @@
+"""The users service: accounts, roles and password authentication.
+
+Events are dispatched after the change is committed, so a listener never hears of
+a change that was rolled back. The price: a crash between the commit and the
+dispatch loses the event (there is no outbox).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from framework.events import EventDispatcher
+from framework.rpc import rpc
+from services.users.dependencies import (
+    AdminSettings,
+    FirstAdmin,
+    PasswordHasher,
+    Passwords,
+    UserRepository,
+    UserStore,
+    on_start,
+)
+from services.users.exceptions import (
+    AuthenticationFailed,
+    EmailAlreadyRegistered,
+    InvalidUserData,
+    UserNotFound,
+)
+from services.users.models import Base, User
+from services.users.schemas import (
+    DEFAULT_PER_PAGE,
+    ROLE_ADMIN,
+    ROLE_MEMBER,
+    USER_CREATED,
+    USER_DELETED,
+    USER_UPDATED,
+    UserPage,
+    UserPayload,
+    dump_page,
+    dump_user,
+    parse_changes,
+    parse_new_user,
+    parse_password,
+    parse_query,
+)
+
+log = logging.getLogger(__name__)
+
+# One message for every way a login can fail, so it does not reveal which emails
+# have accounts or which accounts are deactivated.
+AUTHENTICATION_FAILED = "invalid email or password"
+
+
+class UsersService:
+    name = "users"
+
+    # Annotated with what each provider injects into a worker, which is what the
+    # methods below see as ``self.<name>``.
+    users: UserRepository = UserStore(Base)  # type: ignore[assignment]
+    passwords: Passwords = PasswordHasher()  # type: ignore[assignment]
+    first_admin: FirstAdmin | None = AdminSettings()  # type: ignore[assignment]
+    dispatch: Callable[[str, Any], None] = EventDispatcher()  # type: ignore[assignment]
+
+    @rpc(
+        expected_exceptions=(InvalidUserData, EmailAlreadyRegistered),
+        sensitive_arguments="password",
+    )
+    def create_user(
+        self, email: str, password: str, display_name: str, role: str = ROLE_MEMBER
+    ) -> UserPayload:
+        new = parse_new_user(email, password, display_name, role)
+        if self.users.find_by_email(new.email) is not None:
+            raise EmailAlreadyRegistered(f"{new.email} is already registered")
+        user = self.users.add(
+            User(
+                email=new.email,
+                display_name=new.display_name,
+                role=new.role,
+                is_active=True,
+                password_hash=self.passwords.hash(new.password),
+            )
+        )
+        payload = dump_user(user)
+        self.dispatch(USER_CREATED, {"user": payload})
+        return payload
+
+    @rpc(expected_exceptions=(UserNotFound, InvalidUserData))
+    def get_user(self, user_id: int) -> UserPayload:
+        return dump_user(self.users.get(user_id))
+
+    @rpc(expected_exceptions=UserNotFound)
+    def get_user_by_email(self, email: str) -> UserPayload:
+        user = self.users.find_by_email(email)
+        if user is None:
+            raise UserNotFound(f"no user with email {email}")
+        return dump_user(user)
+
+    @rpc(expected_exceptions=InvalidUserData)
+    def list_users(
+        self,
+        page: int = 1,
+        per_page: int = DEFAULT_PER_PAGE,
+        text: str | None = None,
+        role: str | None = None,
+    ) -> UserPage:
+        query = parse_query(page, per_page, text, role)
+        users, total = self.users.search(query)
+        return dump_page(users, total, query)
+
+    @rpc(expected_exceptions=(UserNotFound, InvalidUserData, EmailAlreadyRegistered))
+    def update_user(self, user_id: int, **changes: object) -> UserPayload:
+        wanted = parse_changes(changes)
+        user = self.users.get(user_id)
+        if "email" in wanted:
+            owner = self.users.find_by_email(wanted["email"])
+            if owner is not None and owner.id != user.id:
+                raise EmailAlreadyRegistered(f"{wanted['email']} is already registered")
+        changed = sorted(
+            field for field, value in wanted.items() if getattr(user, field) != value
+        )
+        if not changed:
+            return dump_user(user)
+        for field in changed:
+            setattr(user, field, wanted[field])
+        self.users.save()
+        payload = dump_user(user)
+        self.dispatch(USER_UPDATED, {"user": payload, "changed": changed})
+        return payload
+
+    @rpc(expected_exceptions=(UserNotFound, InvalidUserData))
+    def deactivate_user(self, user_id: int) -> UserPayload:
+        return self.update_user(user_id, is_active=False)
+
+    @rpc(expected_exceptions=(UserNotFound, InvalidUserData))
+    def delete_user(self, user_id: int) -> None:
+        user = self.users.get(user_id)
+        payload = dump_user(user)
+        self.users.delete(user)
+        self.dispatch(USER_DELETED, {"user": payload})
+
+    @rpc(expected_exceptions=AuthenticationFailed, sensitive_arguments="password")
+    def authenticate(self, email: str, password: str) -> UserPayload:
+        user = self.users.find_by_email(email)
+        password_hash = user.password_hash if user is not None else None
+        if not self.passwords.verify(password_hash, password) or not user.is_active:
+            raise AuthenticationFailed(AUTHENTICATION_FAILED)
+        if self.passwords.needs_rehash(user.password_hash):
+            user.password_hash = self.passwords.hash(password)
+            self.users.save()
+        return dump_user(user)
+
+    @rpc(
+        expected_exceptions=(UserNotFound, InvalidUserData, AuthenticationFailed),
+        sensitive_arguments=("old_password", "new_password"),
+    )
+    def change_password(
+        self, user_id: int, old_password: str, new_password: str
+    ) -> UserPayload:
+        new_password = parse_password(new_password, field="new_password")
+        user = self.users.get(user_id)
+        if not user.is_active or not self.passwords.verify(
+            user.password_hash, old_password
+        ):
+            raise AuthenticationFailed(AUTHENTICATION_FAILED)
+        user.password_hash = self.passwords.hash(new_password)
+        self.users.save()
+        payload = dump_user(user)
+        self.dispatch(USER_UPDATED, {"user": payload, "changed": ["password"]})
+        return payload
+
+    @on_start
+    def create_first_admin(self) -> None:
+        """Without an active admin, create the one configured in ``ADMIN_EMAIL``.
+
+        Replicas starting together race to create it; the unique email index lets
+        exactly one win, and the others find the email taken. An existing member
+        with that email is not promoted behind anyone's back.
+        """
+        if self.users.active_admin_exists():
+            return
+        admin = self.first_admin
+        if admin is None:
+            log.warning(
+                "no active admin account, and none configured",
+                extra={"service": self.name},
+            )
+            return
+        try:
+            self.create_user(
+                admin.email, admin.password, admin.display_name, role=ROLE_ADMIN
+            )
+        except EmailAlreadyRegistered:
+            log.info(
+                "first admin email already registered; not creating it",
+                extra={"service": self.name, "email": admin.email},
+            )
+        else:
+            log.info(
+                "created the first admin account",
+                extra={"service": self.name, "email": admin.email},
+            )
