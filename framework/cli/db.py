@@ -101,6 +101,11 @@ def main(args: argparse.Namespace) -> int:
     migrations = ServiceMigrations.find(
         args.service, config={}, service_name=args.service_name
     )
+    if args.db_command != "init" and not migrations.directory.is_dir():
+        raise CommandError(
+            f"{migrations.service_name} has no migrations folder ({migrations.directory}); "
+            f"create it with `framework db init {args.service}`"
+        )
     config_path = args.config
     if config_path is None:
         default = migrations.directory.parent / SERVICE_CONFIG_FILE
