@@ -5,10 +5,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from framework import concurrency
 from framework.containers import ServiceContainer, get_container_cls, get_service_name, run_all
+
+if TYPE_CHECKING:
+    from framework.health import HealthServer
 
 log = logging.getLogger(__name__)
 
@@ -18,6 +21,7 @@ class ServiceRunner:
         self.service_map: dict[str, ServiceContainer] = {}
         self.config = config
         self.container_cls = get_container_cls(config)
+        self.health_server: HealthServer | None = None
 
     @property
     def service_names(self) -> list[str]:
@@ -37,16 +41,42 @@ class ServiceRunner:
 
     def start(self) -> None:
         log.info("starting services: %s", ", ".join(self.service_names))
+        self._start_health_server()
         run_all(self.containers, "start")
         log.info("services started: %s", ", ".join(self.service_names))
 
     def stop(self) -> None:
         log.info("stopping services: %s", ", ".join(self.service_names))
-        run_all(self.containers, "stop")
+        if self.health_server is not None:
+            self.health_server.mark_stopping()
+        try:
+            run_all(self.containers, "stop")
+        finally:
+            self._stop_health_server()
 
     def kill(self) -> None:
         log.info("killing services: %s", ", ".join(self.service_names))
         run_all(self.containers, "kill", swallow=True)
+        self._stop_health_server()
+
+    def _start_health_server(self) -> None:
+        """One health/metrics server per process, when ``HEALTH_SERVER_ADDRESS`` is set.
+
+        Started before the containers so liveness answers while they start.
+        """
+        if self.health_server is not None:
+            return
+        # Imported here: werkzeug and prometheus_client load only when asked for.
+        from framework.health import from_config
+
+        self.health_server = from_config(self.config, lambda: self.containers)
+        if self.health_server is not None:
+            self.health_server.start()
+
+    def _stop_health_server(self) -> None:
+        if self.health_server is not None:
+            self.health_server.stop()
+            self.health_server = None
 
     def wait(self) -> None:
         """Wait until every container has stopped. If one dies with an error, the
