@@ -158,8 +158,8 @@ class ResourcePipeline(Generic[Resource]):
     """Creates resources ahead of use and destroys used ones, both in the background.
 
     Creating a vhost (or a database) per test costs a round trip or two; the
-    pipeline keeps up to ``size`` of them ready, so a test only waits when it
-    outpaces the creator, and it never waits for a destruction.
+    pipeline keeps ``size`` of them ready, so a test only waits when it outpaces
+    the creator, and it never waits for a destruction.
 
         with ResourcePipeline(create, destroy).run() as pipeline:
             vhost = pipeline.get()
@@ -182,7 +182,10 @@ class ResourcePipeline(Generic[Resource]):
         self.create = create
         self.destroy = destroy
         self.size = size
-        self._ready: Any = concurrency.Queue(maxsize=size)
+        # One slot per resource made but not yet handed out: the creator takes a
+        # slot before creating, ``get()`` gives it back.
+        self._slots = concurrency.Semaphore(size)
+        self._ready: Any = concurrency.Queue()
         self._trash: Any = concurrency.Queue()
         self._running = False
         self._creator: concurrency.GreenThread | None = None
@@ -199,6 +202,7 @@ class ResourcePipeline(Generic[Resource]):
     def get(self) -> Resource:
         """A fresh resource; waits while none is ready yet."""
         item = self._ready.get()
+        self._slots.release()
         if isinstance(item, _CreateFailed):
             raise item.error
         return item
@@ -213,16 +217,15 @@ class ResourcePipeline(Generic[Resource]):
         self._destroyer = concurrency.spawn(self._destroy_loop)
 
     def _create_loop(self) -> None:
-        while self._running:
+        while True:
+            self._slots.acquire()
+            if not self._running:
+                return
             try:
                 item: Any = self.create()
             except Exception as exc:
                 log.exception("pipeline could not create a resource")
                 item = _CreateFailed(exc)
-                concurrency.sleep(1)  # don't spin if the backend is down
-            if not self._running:
-                self._trash.put(item)
-                return
             self._ready.put(item)
 
     def _destroy_loop(self) -> None:
@@ -238,23 +241,19 @@ class ResourcePipeline(Generic[Resource]):
                 log.exception("pipeline could not destroy resource %r", item)
 
     def _shutdown(self) -> None:
-        self._running = False
-        # The creator may be blocked putting into a full queue, or in the middle of
-        # a create: keep draining until it has left, so nothing it made leaks.
         assert self._creator is not None and self._destroyer is not None
-        while not self._creator.dead:
-            self._drain_ready()
-            concurrency.sleep(0.01)
-        self._drain_ready()
-        self._trash.put(_STOP)
-        self._destroyer.wait()
-
-    def _drain_ready(self) -> None:
+        self._running = False
+        # Wake a creator waiting for a slot; one busy creating finishes first, so
+        # what it makes is not lost but destroyed below.
+        self._slots.release()
+        self._creator.wait()
         while True:
             try:
                 self._trash.put(self._ready.get_nowait())
             except concurrency.Empty:
-                return
+                break
+        self._trash.put(_STOP)
+        self._destroyer.wait()
 
 
 class _CreateFailed:
