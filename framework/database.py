@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "DATABASE_URL_CONFIG_KEY",
     "DB_ENGINE_OPTIONS_KEY",
+    "DEFAULT_DATABASE_URL",
     "DB_URIS_KEY",
     "Database",
     "DatabaseSession",
@@ -62,6 +63,7 @@ __all__ = [
     "database_url",
     "engine_options",
     "install_green_psycopg2",
+    "normalise_url",
     "transaction_retry",
 ]
 
@@ -80,7 +82,9 @@ class DatabaseUnavailable(Exception):
 # -- configuration -------------------------------------------------------------------
 
 
-_PLACEHOLDER = re.compile(r"\{(?:0\[)?(service_name|declarative_base_name)\]?\}")
+_PLACEHOLDER = re.compile(
+    r"\{(?:0\[(service_name|declarative_base_name)\]|(service_name|declarative_base_name))\}"
+)
 
 
 def database_url(
@@ -100,7 +104,9 @@ def database_url(
     }
     # Only our two placeholders are replaced (nameko ran the whole URL through
     # str.format, which breaks on a password containing a brace).
-    return _PLACEHOLDER.sub(lambda match: names[match.group(1)], str(url))
+    return _PLACEHOLDER.sub(
+        lambda match: names[match.group(1) or match.group(2)], str(url)
+    )
 
 
 def _db_uris_entry(

@@ -162,6 +162,8 @@ def test_url_placeholders_name_the_service_and_base_in_both_spellings() -> None:
     assert (
         database_url(config, "orders", "Base") == "postgresql://u:p{w}d@db/orders_Base"
     )
+    untouched = {DATABASE_URL_CONFIG_KEY: "sqlite:///{service_name]}.db"}
+    assert database_url(untouched, "orders", "Base") == "sqlite:///{service_name]}.db"
 
 
 def test_without_a_base_name_the_only_db_uris_entry_of_the_service_is_used() -> None:
