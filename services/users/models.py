@@ -53,6 +53,10 @@ class User(Base):
             "role IN (" + ", ".join(f"'{role}'" for role in ROLES) + ")",
             name="ck_users_role",
         ),
+        # Ids are never reused, so an id another service still holds from a
+        # user_deleted event cannot come to mean someone else. PostgreSQL's serial
+        # already behaves so; SQLite reuses the highest rowid without this.
+        {"sqlite_autoincrement": True},
     )
 
     def __repr__(self) -> str:

@@ -28,6 +28,7 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.CheckConstraint("role IN ('admin', 'member')", name="ck_users_role"),
+        sqlite_autoincrement=True,
     )
     op.create_index("ix_users_role", "users", ["role"])
     # Case-insensitive uniqueness: Ann@example.com and ann@example.com are one
