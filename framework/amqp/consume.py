@@ -223,6 +223,13 @@ class ConsumeLoop:
                     exc,
                     extra={"loop": self.name},
                 )
+            except Exception as exc:
+                # Not a lost connection but a refusal, e.g. PRECONDITION_FAILED for a
+                # queue that exists with other arguments: fatal. start() is waiting
+                # on `ready`; fail it too, or it waits forever on a dead loop.
+                if not self.ready.ready():
+                    self.ready.send_exception(exc)
+                raise
             finally:
                 self.connected = False
                 self._channel = None
