@@ -194,3 +194,29 @@ def run_in_thread(fn: Any, *args: Any, **kwargs: Any) -> Any:
     duration. The pool has ``EVENTLET_THREADPOOL_SIZE`` threads (default 20).
     """
     return eventlet.tpool.execute(fn, *args, **kwargs)
+
+
+# -- real OS threads ---------------------------------------------------------------------
+# For the few jobs that must run while the hub is blocked by CPU-bound green code
+# (AMQP heartbeats): the unpatched threading, time and os modules.
+
+
+def start_os_thread(fn: Any, name: str) -> Any:
+    """Run ``fn`` in a real daemon thread, outside the eventlet hub."""
+    threading = eventlet.patcher.original("threading")
+    thread = threading.Thread(target=fn, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def os_lock() -> Any:
+    """A lock that also excludes real OS threads (hold it only for non-blocking work)."""
+    return eventlet.patcher.original("threading").Lock()
+
+
+def os_sleep(seconds: float) -> None:
+    eventlet.patcher.original("time").sleep(seconds)
+
+
+def os_write(fd: int, data: bytes) -> int:
+    return eventlet.patcher.original("os").write(fd, data)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import socket
 from typing import Any
 
 import amqp.exceptions
@@ -194,7 +193,7 @@ class DrainedConnection:
                 slice_ = 1.0 if remaining is None else min(remaining, 1.0)
                 try:
                     connection.drain_events(timeout=max(slice_, 0.001))
-                except socket.timeout:
+                except TimeoutError:
                     pass
             finally:
                 self.drain_lock.release()

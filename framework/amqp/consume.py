@@ -9,7 +9,6 @@ frame writes with its own lock.
 from __future__ import annotations
 
 import logging
-import socket
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -25,6 +24,7 @@ from framework.amqp.connection import (
     heartbeat_interval,
     make_connection,
 )
+from framework.amqp.heartbeat import HeartbeatGuard
 from framework.utils import sanitize_url
 
 log = logging.getLogger(__name__)
@@ -195,8 +195,10 @@ class ConsumeLoop:
         while not self._stopping:
             connection = make_connection(self.config, heartbeat=heartbeat)
             self._connection = connection
+            guard: HeartbeatGuard | None = None
             try:
                 connect_with_retry(connection, self.config, purpose=f"{self.name} consumer")
+                guard = HeartbeatGuard.install(connection.connection, heartbeat)
                 self._channel = connection.channel()
                 self.generation += 1
                 self.connected = True
@@ -208,7 +210,7 @@ class ConsumeLoop:
                 while not self._stopping:
                     try:
                         connection.drain_events(timeout=tick)
-                    except socket.timeout:
+                    except TimeoutError:
                         pass
                     if heartbeat:
                         connection.heartbeat_check(rate=2)
@@ -233,6 +235,8 @@ class ConsumeLoop:
             finally:
                 self.connected = False
                 self._channel = None
+                if guard is not None:
+                    guard.close()
                 close_quietly(connection)
 
     def _consume(self, subscriber: Any) -> None:

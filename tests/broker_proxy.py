@@ -1,0 +1,92 @@
+"""A TCP proxy in front of RabbitMQ whose plug a test can pull.
+
+Run as its own process (plain threads, no eventlet): ``python broker_proxy.py PORT``.
+SIGUSR1 cuts every connection and stops listening (to clients the broker is down);
+SIGUSR2 listens again (the broker is back). Prints ``ready`` once listening.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import sys
+import threading
+
+UPSTREAM = ("127.0.0.1", 5672)
+
+
+class Proxy:
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.listener: socket.socket | None = None
+        self.connections: set[socket.socket] = set()
+        self.lock = threading.Lock()
+
+    def listen(self) -> None:
+        with self.lock:
+            if self.listener is not None:
+                return
+            listener = socket.socket()
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", self.port))
+            listener.listen(64)
+            self.listener = listener
+        threading.Thread(target=self.accept, args=(listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        with self.lock:
+            listener, self.listener = self.listener, None
+            connections, self.connections = self.connections, set()
+        if listener is not None:
+            listener.close()
+        for conn in connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            conn.close()
+
+    def accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(UPSTREAM)
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                if self.listener is not listener:
+                    client.close()
+                    upstream.close()
+                    return
+                self.connections.update((client, upstream))
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self.pipe, args=(src, dst), daemon=True).start()
+
+    def pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def main() -> None:
+    proxy = Proxy(int(sys.argv[1]))
+    signal.signal(signal.SIGUSR1, lambda *_: proxy.cut())
+    signal.signal(signal.SIGUSR2, lambda *_: proxy.listen())
+    proxy.listen()
+    print("ready", flush=True)
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()
