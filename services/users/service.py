@@ -192,10 +192,17 @@ class UsersService:
                 admin.email, admin.password, admin.display_name, role=ROLE_ADMIN
             )
         except EmailAlreadyRegistered:
-            log.info(
-                "first admin email already registered; not creating it",
-                extra={"service": self.name, "email": admin.email},
-            )
+            if self.users.active_admin_exists():
+                log.info(
+                    "another instance created the first admin account",
+                    extra={"service": self.name, "email": admin.email},
+                )
+            else:
+                log.warning(
+                    "the first admin's email belongs to an account that is not an "
+                    "active admin; not promoting it",
+                    extra={"service": self.name, "email": admin.email},
+                )
         else:
             log.info(
                 "created the first admin account",

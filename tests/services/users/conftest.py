@@ -45,7 +45,13 @@ def migrate(url: str) -> None:
 
 @pytest.fixture
 def passwords() -> Passwords:
-    return Passwords(argon2.PasswordHasher(**FAST_HASHING))
+    return Passwords(
+        argon2.PasswordHasher(
+            time_cost=FAST_HASHING["time_cost"],
+            memory_cost=FAST_HASHING["memory_cost"],
+            parallelism=FAST_HASHING["parallelism"],
+        )
+    )
 
 
 @pytest.fixture

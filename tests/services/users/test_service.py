@@ -7,6 +7,7 @@ service announces, which is its contract with whoever listens.
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 from typing import Any
 from unittest.mock import call
@@ -40,8 +41,11 @@ def later(timestamp: str, than: str) -> bool:
 
 
 def stored(repository: UserRepository, user_id: int) -> User:
+    """The row as the database has it now, not as the session remembers it."""
     repository.session.expire_all()
-    return repository.session.get(User, user_id)
+    user = repository.session.get(User, user_id)
+    assert user is not None
+    return user
 
 
 # -- create_user ------------------------------------------------------------------------
@@ -437,15 +441,17 @@ def test_no_admin_is_created_while_another_active_admin_exists(
 
 
 def test_an_existing_member_with_the_admin_email_is_not_promoted(
-    make_service: Any, repository: UserRepository
+    make_service: Any, repository: UserRepository, caplog: pytest.LogCaptureFixture
 ) -> None:
     service = make_service(first_admin=ROOT)
     member = create(service, "Root@Example.com")
 
-    service.create_first_admin()
+    with caplog.at_level(logging.WARNING, logger="services.users.service"):
+        service.create_first_admin()
 
     assert service.get_user(member["id"])["role"] == "member"
     assert admins(repository) == []
+    assert "not promoting it" in caplog.text
 
 
 def test_without_admin_settings_no_admin_is_created(
