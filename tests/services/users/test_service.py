@@ -16,6 +16,9 @@ import argon2
 import pytest
 from sqlalchemy import select
 
+from framework.rpc import Rpc
+from framework.testing.utils import get_extension
+from framework.utils import REDACTED, get_redacted_args
 from services.users.dependencies import FirstAdmin, Passwords, UserRepository
 from services.users.exceptions import (
     AuthenticationFailed,
@@ -25,6 +28,7 @@ from services.users.exceptions import (
 )
 from services.users.models import User
 from services.users.schemas import MAX_USER_ID, USER_CREATED, USER_DELETED, USER_UPDATED
+from services.users.service import UsersService
 
 PASSWORD = "correct horse"
 
@@ -460,3 +464,30 @@ def test_without_admin_settings_no_admin_is_created(
     service.create_first_admin()
 
     assert admins(repository) == []
+
+
+# -- declarations ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method_name", "args", "secrets"),
+    [
+        ("create_user", ("ann@example.com", PASSWORD, "Ann"), ["password"]),
+        ("authenticate", ("ann@example.com", PASSWORD), ["password"]),
+        (
+            "change_password",
+            (1, PASSWORD, "battery staple"),
+            ["old_password", "new_password"],
+        ),
+    ],
+)
+def test_passwords_are_masked_wherever_call_arguments_are_recorded(
+    container_factory: Any, method_name: str, args: tuple[Any, ...], secrets: list[str]
+) -> None:
+    container = container_factory(UsersService, {})
+    entrypoint = get_extension(container, Rpc, method_name=method_name)
+
+    recorded = get_redacted_args(entrypoint, *args)
+
+    assert all(recorded[name] == REDACTED for name in secrets)
+    assert PASSWORD not in str(recorded)
