@@ -93,8 +93,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="store_true",
         dest="blocking_detection",
         default=False,
-        help="fail any green thread that blocks the eventlet hub (a call that "
-        "was not monkey patched)",
+        help="fail any green thread that blocks the eventlet hub for a second (a "
+        "call that was not monkey patched); uses SIGALRM, so pair it with "
+        "--timeout-method=thread if pytest-timeout is on",
     )
     group.addoption(
         "--suppress-nameko-eventlet-notification",

@@ -295,7 +295,7 @@ def test_plugin_isolates_tests_in_vhosts_and_cleans_up_in_order(
     teardown = [event[0] for event in events if event[0] in ("killed", "discarded")]
     assert teardown == ["discarded", "discarded", "killed", "discarded", "killed"]
 
-    # every vhost the run used, and the ones it made ahead, are gone at its end
+    # the vhosts the run used are gone once it has ended
     for vhost in vhosts:
         with pytest.raises(HTTPError):
             rabbit_manager.get_vhost(vhost)

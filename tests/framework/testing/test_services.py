@@ -305,6 +305,19 @@ def test_entrypoint_waiter_times_out_with_the_method_in_the_message(container_fa
     assert entrypoint_waiter.Timeout is EntrypointWaiterTimeout
 
 
+def test_entrypoint_waiter_without_timeout_still_waits_for_the_worker(
+    container_factory,
+):
+    container = container_factory(make_service())
+    container.start()
+    echo = get_extension(container, Entrypoint, method_name="echo")
+
+    with concurrency.Timeout(5):
+        with entrypoint_waiter(container, "echo", timeout=None) as result:
+            concurrency.spawn_after(0.01, container.spawn_worker, echo, ("late",), {})
+    assert result.get() == "late"
+
+
 def test_entrypoint_waiter_refuses_a_method_without_entrypoint(container_factory):
     container = container_factory(make_service())
 
