@@ -38,6 +38,12 @@ class Proxy:
             listener, self.listener = self.listener, None
             connections, self.connections = self.connections, set()
         if listener is not None:
+            # close() alone does not wake a thread blocked in accept(): the kernel
+            # keeps listening until that call returns. shutdown() does wake it.
+            try:
+                listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             listener.close()
         for conn in connections:
             try:
