@@ -71,6 +71,10 @@ class Ours:
         return getattr(self.nameko_echo, method)(*args, **kwargs)
 
     @rpc
+    def call_nameko_with_timeout(self, timeout: float, method: str, *args: Any) -> Any:
+        return getattr(self.nameko_echo, method).with_timeout(timeout)(*args)
+
+    @rpc
     def call_nameko_async(
         self, calls: list[tuple[str, list[Any], dict[str, Any]]]
     ) -> list[Any]:

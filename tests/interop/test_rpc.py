@@ -14,7 +14,12 @@ from typing import Any
 
 import pytest
 
-from framework.exceptions import IncorrectSignature, MethodNotFound, RemoteError
+from framework.exceptions import (
+    IncorrectSignature,
+    MethodNotFound,
+    RemoteError,
+    RpcTimeout,
+)
 from framework.standalone.rpc import ClusterRpcProxy
 from framework.testing.services import entrypoint_hook
 from interop import contract
@@ -262,3 +267,31 @@ def test_calling_nameko_with_a_bad_signature_raises_our_incorrect_signature(
         ours_calls_nameko("greet", "Zoë", "Hi", "one too many")
 
     assert "argument" in str(raised.value)
+
+
+@pytest.fixture(params=["standalone", "in_service"])
+def ours_calls_nameko_with_timeout(
+    request: pytest.FixtureRequest, container_factory: Any, config: dict[str, Any]
+) -> Iterator[Callable[..., Any]]:
+    """``call(timeout, method, *args)`` on nameko's echo service, with our timeout."""
+    if request.param == "standalone":
+        with ClusterRpcProxy(config) as proxy:
+            echo = proxy[contract.NAMEKO_ECHO]
+            yield lambda timeout, method, *args: getattr(echo, method).with_timeout(
+                timeout
+            )(*args)
+    else:
+        container = container_factory(Ours, config)
+        container.start()
+        with entrypoint_hook(container, "call_nameko_with_timeout") as call_nameko:
+            yield call_nameko
+
+
+def test_a_slow_nameko_reply_times_out_and_is_not_taken_for_the_next_reply(
+    ours_calls_nameko_with_timeout: Any,
+) -> None:
+    with pytest.raises(RpcTimeout):
+        ours_calls_nameko_with_timeout(0.2, "slow", 1.0)
+
+    # The late reply to the first call arrives while this one waits: it is dropped.
+    assert ours_calls_nameko_with_timeout(PEER_TIMEOUT, "slow", 1.5) == 1.5

@@ -8,6 +8,8 @@ this process; ``handled(run)`` returns the records of one test run.
 
 from __future__ import annotations
 
+import time
+
 from nameko.events import (
     BROADCAST,
     SERVICE_POOL,
@@ -74,6 +76,11 @@ class EchoService:
     @rpc
     def greet(self, name, greeting="Hello"):
         return f"{greeting}, {name}!"
+
+    @rpc
+    def slow(self, seconds):
+        time.sleep(seconds)  # green: `nameko run` monkey patches
+        return seconds
 
     @rpc
     def raise_plain(self, message):
