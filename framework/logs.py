@@ -99,6 +99,9 @@ def configure_logging(
         root.removeHandler(_installed_handler)
     root.addHandler(handler)
     root.setLevel(level)
+    # Python warnings (deprecations, say) would otherwise go to stderr as bare
+    # text, one more format in a stream a log pipeline parses as JSON lines.
+    logging.captureWarnings(True)
     _installed_handler = handler
     return handler
 
