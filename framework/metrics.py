@@ -209,14 +209,15 @@ def enable() -> None:
 def disable() -> None:
     """Stop recording; what was recorded stays in ``REGISTRY``, except that
     workers still running leave the in-flight gauge (their ends go unobserved)."""
-    for observers, observer in (
-        (containers.worker_observers, _worker_metrics),
-        (publish.publish_observers, _message_metrics.message_published),
-        (consume.consume_observers, _message_metrics.message_consumed),
-    ):
-        while observer in observers:
-            observers.remove(observer)
+    _remove_all(containers.worker_observers, _worker_metrics)
+    _remove_all(publish.publish_observers, _message_metrics.message_published)
+    _remove_all(consume.consume_observers, _message_metrics.message_consumed)
     _worker_metrics.forget_running()
+
+
+def _remove_all(observers: list[Any], observer: Any) -> None:
+    while observer in observers:
+        observers.remove(observer)
 
 
 def is_enabled() -> bool:
