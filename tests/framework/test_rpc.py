@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 
+import kombu
 import pytest
 
 from framework import concurrency
@@ -355,12 +356,7 @@ def test_graceful_stop_finishes_in_flight_calls_and_acks_them(
         assert [r.result() for r in replies] == [0.5, 0.5, 0.5]
     # Every request was acked before the connection closed: none is left to be
     # redelivered (nameko would leave them unacked and process them twice).
-    wait_for(
-        lambda: (
-            "messages"
-            in rabbit_manager.get_queue(rabbit_config["vhost"], "rpc-greeter")
-        ),
-        timeout=15,
-    )
-    queue = rabbit_manager.get_queue(rabbit_config["vhost"], "rpc-greeter")
-    assert queue["messages"] == 0 and queue["consumers"] == 0
+    # Exact counts from the broker itself (the management API's are sampled).
+    with kombu.Connection(rabbit_config["AMQP_URI"]) as connection:
+        _, messages, consumers = connection.channel().queue_declare("rpc-greeter", passive=True)
+    assert (messages, consumers) == (0, 0)
