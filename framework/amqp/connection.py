@@ -122,6 +122,55 @@ def close_quietly(connection: kombu.Connection | None) -> None:
         _close_quietly(connection)
 
 
+class CoalescingWriter:
+    """Sends every frame written during one turn of the hub in a single ``send``.
+
+    py-amqp writes each frame with its own system call; under load a service
+    writes a reply, a publish and an ack per request, and those calls were the
+    largest single cost in our profiles. Writes now only append to a buffer, and a
+    green thread flushes it as soon as the writer yields, which it does at once
+    (it waits for a confirm, a reply, or the next message).
+    """
+
+    def __init__(self, send: Any) -> None:
+        self._send = send
+        self._chunks: list[bytes] = []
+        self._flushing = False
+        self._error: BaseException | None = None
+
+    @classmethod
+    def install(cls, amqp_connection: Any) -> CoalescingWriter | None:
+        # Without monkey patching the hub never runs on its own, so nothing would
+        # ever flush: plain programs keep py-amqp's direct writes.
+        if not concurrency.is_monkey_patched():
+            return None
+        transport = amqp_connection.transport
+        writer = cls(transport._write)
+        transport._write = writer.write
+        return writer
+
+    def write(self, data: Any) -> None:
+        if self._error is not None:
+            raise self._error
+        # py-amqp hands us a view of a buffer it reuses for the next frame.
+        self._chunks.append(bytes(data))
+        if not self._flushing:
+            self._flushing = True
+            concurrency.spawn_n(self._flush)
+
+    def _flush(self) -> None:
+        try:
+            while self._chunks:
+                chunks, self._chunks = self._chunks, []
+                self._send(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        except OSError as exc:
+            # The reader sees the broken connection too; writers get the error.
+            self._error = exc
+            self._chunks = []
+        finally:
+            self._flushing = False
+
+
 class DrainedConnection:
     """A connection read by whichever green thread is waiting on it.
 
@@ -159,6 +208,7 @@ class DrainedConnection:
             close_quietly(self.connection)
             connection = make_connection(self.config, uri=self.uri)
             connect_with_retry(connection, self.config, purpose=self.purpose, max_attempts=max_attempts)
+            CoalescingWriter.install(connection.connection)
             with self.drain_lock:
                 for callback in self._on_connect:
                     callback(connection)

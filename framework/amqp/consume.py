@@ -19,6 +19,7 @@ import kombu.serialization
 from framework import concurrency
 from framework.amqp.connection import (
     CONNECTION_ERRORS,
+    CoalescingWriter,
     close_quietly,
     connect_with_retry,
     heartbeat_interval,
@@ -199,6 +200,7 @@ class ConsumeLoop:
             try:
                 connect_with_retry(connection, self.config, purpose=f"{self.name} consumer")
                 guard = HeartbeatGuard.install(connection.connection, heartbeat)
+                CoalescingWriter.install(connection.connection)
                 self._channel = connection.channel()
                 self.generation += 1
                 self.connected = True
