@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import amqp
+from amqp import spec
 import kombu
 import kombu.compression
 import kombu.serialization
@@ -255,7 +256,13 @@ class Publisher:
                 tag = self._next_tag
                 self._next_tag += 1
                 self._pending[tag] = confirm
-            channel.basic_publish(message, exchange=exchange, routing_key=routing_key, mandatory=mandatory)
+            # Not channel.basic_publish: py-amqp's reads the connection there (to
+            # catch connection.blocked), which would race the green thread that
+            # is draining it and corrupt its read buffer. Blocked notifications
+            # still arrive through the normal drain.
+            channel.send_method(
+                spec.Basic.Publish, "Bssbb", (0, exchange, routing_key, mandatory, False), message
+            )
         if not self.use_confirms:
             return
         deadline = concurrency.Deadline(timeout if timeout is not None else self.confirm_timeout)
