@@ -19,11 +19,11 @@ import kombu.serialization
 from framework import concurrency
 from framework.amqp.connection import (
     CONNECTION_ERRORS,
-    CoalescingWriter,
     close_quietly,
     connect_with_retry,
     heartbeat_interval,
     make_connection,
+    tune_transport,
 )
 from framework.amqp.heartbeat import HeartbeatGuard
 from framework.utils import sanitize_url
@@ -200,7 +200,7 @@ class ConsumeLoop:
             try:
                 connect_with_retry(connection, self.config, purpose=f"{self.name} consumer")
                 guard = HeartbeatGuard.install(connection.connection, heartbeat)
-                CoalescingWriter.install(connection.connection)
+                tune_transport(connection.connection)
                 self._channel = connection.channel()
                 self.generation += 1
                 self.connected = True
