@@ -8,9 +8,11 @@ by it, so an aborted bench leaves nothing running.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -114,6 +116,7 @@ class ProcessRegistry:
             process = subprocess.Popen(
                 list(command),
                 cwd=ROOT,
+                preexec_fn=die_with_parent,
                 stdout=kwargs.pop("stdout", log_file),
                 stderr=log_file,
                 env=child_env(),
@@ -142,6 +145,21 @@ class ProcessRegistry:
     def stop_all(self) -> None:
         for process in list(self._running):
             self.stop(process)
+
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the bench dies.
+
+    A bench killed outright (SIGKILL, a test timeout) runs no cleanup; without
+    this, its services would keep running and consuming forever.
+    """
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: cleanup relies on stop_all
+        pass
 
 
 def child_env() -> dict[str, str]:
@@ -182,6 +200,8 @@ class RunningService:
     process: subprocess.Popen[Any]
     startup_seconds: float
     """From just before the process was spawned to the first answered RPC."""
+    problems: str | None = None
+    """Errors the service logged while it ran; set once it has stopped."""
 
 
 @contextmanager
@@ -208,8 +228,11 @@ def running_service(
         "--config",
         str(config_path),
     ]
+    log_path = registry.log_path(name)
+    log_offset = log_path.stat().st_size if log_path.exists() else 0
     spawned_at = time.perf_counter()
     process = registry.start(command, name)
+    service: RunningService | None = None
     try:
         limit = time.monotonic() + STARTUP_TIMEOUT
         while True:
@@ -227,9 +250,43 @@ def running_service(
                 raise BenchError(
                     f"{framework.label} {service_class} did not answer within {STARTUP_TIMEOUT}s"
                 )
-        yield RunningService(process, answered_at - spawned_at)
+        service = RunningService(process, answered_at - spawned_at)
+        yield service
     finally:
         registry.stop(process)
+        if service is not None:
+            service.problems = logged_problems(log_path, log_offset)
+
+
+# A log record at ERROR or above, and the last line of a traceback.
+ERROR_RECORD = re.compile(r" (ERROR|CRITICAL) ")
+EXCEPTION_LINE = re.compile(
+    r"^[A-Za-z_][\w.]*(Error|Exception|Failed|Timeout|Exit)\b.*"
+)
+
+
+def logged_problems(log_path: Path, offset: int) -> str | None:
+    """A one-line summary of what went wrong in a log since ``offset``, if anything.
+
+    A service that logs errors under load (a lost confirm, a crashed worker) makes
+    its figures suspect, so the report says so instead of printing them silently.
+    """
+    try:
+        with open(log_path, "rb") as log_file:
+            log_file.seek(offset)
+            lines = log_file.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    records = sum(1 for line in lines if ERROR_RECORD.search(line))
+    exceptions = [line for line in lines if EXCEPTION_LINE.match(line)]
+    if not records and not exceptions:
+        return None
+    example = (
+        exceptions[0]
+        if exceptions
+        else next(line for line in lines if ERROR_RECORD.search(line))
+    )
+    return f"{records} error record(s) logged, e.g. `{example[:300]}`"
 
 
 # -- clients ----------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 ``python -m bench --profile`` runs the RPC benchmark at concurrency 10 (tiny
 payload) against each framework, records the service process and the client
-process with py-spy (CPU samples only: a process waiting in epoll is not
-sampled), and writes text summaries to ``bench/profiles/``.
+process with py-spy (in two modes, see ``MODES``), measures the CPU time of
+service, client and broker from /proc, and writes text summaries to
+``bench/profiles/``.
 """
 
 from __future__ import annotations
@@ -11,18 +12,22 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bench.broker import BenchError
 from bench.payloads import TINY
-from bench.processes import CLIENT_TIMEOUT, ROOT
-from bench.scenarios import TARGET_CALL, Bench
+from bench.processes import CLIENT_TIMEOUT, Framework
+from bench.scenarios import TARGET_CALL, Bench, as_options
 
 log = logging.getLogger(__name__)
 
@@ -34,45 +39,35 @@ TOP = 25
 
 FRAME = re.compile(r"^(?P<function>.*) \((?P<file>.*?)(?::(?P<line>\d+))?\)$")
 
-PACKAGES = (
-    ("/eventlet/", "eventlet"),
-    ("/greenlet/", "greenlet"),
-    ("/kombu/", "kombu"),
-    ("/amqp/", "py-amqp"),
-    ("/vine/", "vine"),
-    ("/nameko/", "nameko"),
-    (str(ROOT / "framework") + "/", "framework (ours)"),
-    (str(ROOT / "bench") + "/", "bench"),
-    ("/json/", "json"),
-    ("/logging/", "logging"),
-)
+# py-spy shortens paths to what follows site-packages, the stdlib directory or the
+# working directory, so a frame's package is the first component of its path.
+PACKAGES = {
+    "eventlet": "eventlet",
+    "greenlet": "greenlet",
+    "kombu": "kombu",
+    "amqp": "py-amqp",
+    "vine": "vine",
+    "nameko": "nameko",
+    "framework": "framework (ours)",
+    "bench": "bench",
+}
 
 
 def py_spy() -> str:
-    found = shutil.which(
-        "py-spy", path=str(Path(sys.executable).parent)
-    ) or shutil.which("py-spy")
+    here = str(Path(sys.executable).parent)
+    found = shutil.which("py-spy", path=here) or shutil.which("py-spy")
     if found is None:
-        raise BenchError(
-            f"py-spy is not installed: {Path(sys.executable).parent / 'pip'} install py-spy"
-        )
+        raise BenchError(f"py-spy is not installed: {here}/pip install py-spy")
     return found
 
 
 def package_of(path: str) -> str:
-    for marker, name in PACKAGES:
-        if marker in path:
+    for marker, name in PACKAGES.items():
+        if path.startswith(marker + "/") or f"/site-packages/{marker}/" in path:
             return name
-    if "/lib/python3" in path and "site-packages" not in path:
-        return "stdlib"
-    return "other"
-
-
-def short_path(path: str) -> str:
-    for marker in ("site-packages/", "/lib/python3.11/", str(ROOT) + "/"):
-        if marker in path:
-            return path.split(marker, 1)[1]
-    return path
+    if "site-packages" in path:
+        return "other"
+    return "stdlib"
 
 
 @dataclass
@@ -111,117 +106,241 @@ def describe_frame(frame: str) -> tuple[str, str]:
         return frame.strip(), "other"
     file = match.group("file")
     line = match.group("line")
-    location = f"{short_path(file)}:{line}" if line else short_path(file)
+    location = f"{file}:{line}" if line else file
     return f"{match.group('function')} ({location})", package_of(file)
 
 
-def render_summary(title: str, summary: Summary, context: list[str]) -> str:
-    def pct(count: int) -> str:
-        return f"{100 * count / summary.samples:5.1f}%" if summary.samples else "  -  "
+# py-spy's sampling modes, each recorded in a window of its own (a process can
+# have only one tracer at a time).
+MODES = {
+    "gil": (
+        ["--gil"],
+        "only the thread holding the GIL is sampled: pure Python-level CPU. Time in "
+        "system calls that release the GIL (socket send/recv, epoll) is not counted; "
+        "the system CPU time above shows how much that is.",
+    ),
+    "active": (
+        [],
+        "py-spy's default: every thread it considers running, system calls included. "
+        "Its idle detection is a heuristic: a thread just woken from epoll (or a "
+        "sleeping heartbeat thread) may be counted as busy, so read it next to the "
+        "GIL profile.",
+    ),
+}
 
-    lines = [title, "=" * len(title), *context, f"CPU samples: {summary.samples}", ""]
-    lines += ["Self time by package", "--------------------"]
-    lines += [f"{pct(count)}  {name}" for name, count in summary.packages.most_common()]
+
+@dataclass
+class CpuUsage:
+    """CPU time a process used over a window, in cores (1.0 = one core busy)."""
+
+    user: float
+    system: float
+
+    @property
+    def total(self) -> float:
+        return self.user + self.system
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of ``pid`` so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    # Counting from the state (field 3), utime and stime are fields 14 and 15.
+    return int(fields[11]) / ticks, int(fields[12]) / ticks
+
+
+def broker_pid() -> int | None:
+    """The local RabbitMQ's Erlang VM, to show the broker's share of the CPU."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == "beam.smp":
+                    return int(entry.name)
+            except OSError:
+                continue
+    return None
+
+
+BROKER = "broker (all of RabbitMQ, other users' traffic included)"
+
+
+def measure_cpu(
+    pids: dict[str, int], during: Callable[[], None]
+) -> dict[str, CpuUsage]:
+    """CPU each of ``pids`` (and the broker) used while ``during()`` ran."""
+    watched = dict(pids)
+    broker = broker_pid()
+    if broker is not None:
+        watched[BROKER] = broker
+    before = {role: cpu_times(pid) for role, pid in watched.items()}
+    started = time.monotonic()
+    during()
+    elapsed = time.monotonic() - started
+    usage = {}
+    for role, pid in watched.items():
+        user, system = cpu_times(pid)
+        usage[role] = CpuUsage(
+            (user - before[role][0]) / elapsed, (system - before[role][1]) / elapsed
+        )
+    return usage
+
+
+def record(
+    spy: str,
+    targets: dict[str, int],
+    mode: str,
+    seconds: int,
+    raw_dir: Path,
+    prefix: str,
+) -> dict[str, Path]:
+    """py-spy on every target at once, for ``seconds``; the raw output files."""
+    raw_paths = {
+        role: raw_dir / f"{prefix}-{role}-{mode}.pyspy.txt" for role in targets
+    }
+    spies = [
+        subprocess.Popen(
+            [spy, "record", "--pid", str(pid), "--duration", str(seconds)]
+            + ["--rate", str(SAMPLE_RATE), "--function", "--format", "raw"]
+            + [*MODES[mode][0], "--output", str(raw_paths[role])],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for role, pid in targets.items()
+    ]
+    for spy_process in spies:
+        _, stderr = spy_process.communicate(timeout=seconds + 60)
+        if spy_process.returncode != 0:
+            raise BenchError(
+                f"py-spy failed: {stderr.decode(errors='replace').strip()}"
+            )
+    return raw_paths
+
+
+@dataclass
+class Profile:
+    """One framework under load: its CPU budget and its py-spy samples."""
+
+    rate: float
+    cpu: dict[str, CpuUsage]
+    raw_paths: dict[str, dict[str, Path]]  # mode -> role -> py-spy output
+
+
+def start_load(bench: Bench, fw: Framework, duration: float, name: str) -> Any:
+    options = {
+        "payload": TINY,
+        "concurrency": PROFILE_CONCURRENCY,
+        "duration": duration,
+    }
+    return bench.registry.start(
+        [str(fw.python), "-m", "bench.client", fw.key]
+        + ["--amqp-uri", bench.amqp_uri, "rpc", *as_options(options)],
+        name,
+        stdout=subprocess.PIPE,
+    )
+
+
+def finish_load(bench: Bench, client: Any) -> float:
+    stdout, _ = client.communicate(timeout=CLIENT_TIMEOUT)
+    bench.registry.stop(client)
+    return float(json.loads(stdout.decode().strip().splitlines()[-1])["rate"])
+
+
+def profile_framework(bench: Bench, fw: Framework, spy: str, seconds: int) -> Profile:
+    with bench.service(fw, "BenchTarget", TARGET_CALL, 0) as service:
+        # First without any profiler: what each process costs per call. The client
+        # measures over its whole run, which covers the CPU window.
+        client = start_load(
+            bench, fw, CLIENT_HEAD_START + seconds + 1, f"{fw.key}-load"
+        )
+        time.sleep(CLIENT_HEAD_START)  # connect and warm up before the window
+        targets = {"service": service.process.pid, "client": client.pid}
+        cpu = measure_cpu(targets, lambda: time.sleep(seconds))
+        rate = finish_load(bench, client)
+        # Then the samples, one window per mode, under the same load.
+        duration = CLIENT_HEAD_START + len(MODES) * (seconds + 2) + 5
+        client = start_load(bench, fw, duration, f"{fw.key}-profiled-load")
+        time.sleep(CLIENT_HEAD_START)
+        targets = {"service": service.process.pid, "client": client.pid}
+        log_dir = bench.registry.log_dir
+        raw_paths = {
+            mode: record(spy, targets, mode, seconds, log_dir, fw.key) for mode in MODES
+        }
+        finish_load(bench, client)
+    return Profile(rate, cpu, raw_paths)
+
+
+def render_profile(fw: Framework, role: str, result: Profile, seconds: int) -> str:
+    what = (
+        "service process (`run bench.services_*:BenchTarget`)"
+        if role == "service"
+        else f"client process ({PROFILE_CONCURRENCY} standalone proxies)"
+    )
+    title = (
+        f"{fw.label}: {what}; RPC echo, tiny payload, concurrency {PROFILE_CONCURRENCY}"
+    )
+    lines = [
+        title,
+        "=" * len(title),
+        f"Throughput without profiler: {result.rate:,.0f} calls/s. CPU over a {seconds} s",
+        "window of that run (from /proc; cores = CPU seconds per second):",
+        "",
+        " cores   user    sys   CPU per call  process",
+    ]
+    for name, usage in result.cpu.items():
+        per_call = usage.total / result.rate * 1e6 if result.rate else float("nan")
+        lines.append(
+            f"{usage.total:6.2f} {usage.user:6.2f} {usage.system:6.2f} {per_call:9.0f} us  {name}"
+        )
     lines += [
         "",
-        f"Top {TOP} functions by self time",
-        "-" * 29,
-        " self   total  function",
+        f"py-spy record --rate {SAMPLE_RATE} --function --format raw, one {seconds} s",
+        "window per mode, under the same load (py-spy pauses the process at each",
+        "sample, which slows it down a little).",
+        "",
     ]
+    for mode, raw_paths in result.raw_paths.items():
+        lines += render_summary(mode, MODES[mode][1], summarize(raw_paths[role]))
+    return "\n".join(lines) + "\n"
+
+
+def render_summary(mode: str, meaning: str, summary: Summary) -> list[str]:
+    def pct(count: int) -> str:
+        if not summary.samples:
+            return "  -  "
+        return f"{100 * count / summary.samples:5.1f}%"
+
+    heading = f"py-spy, {mode} mode: {summary.samples} samples"
+    lines = [heading, "-" * len(heading), *textwrap.wrap(meaning, 88), ""]
+    lines += ["Self time by package:"]
+    lines += [f"{pct(count)}  {name}" for name, count in summary.packages.most_common()]
+    lines += ["", f"Top {TOP} functions by self time:", " self   total  function"]
     lines += [
         f"{pct(count)} {pct(summary.total_time[name])}  {name}"
         for name, count in summary.self_time.most_common(TOP)
     ]
     lines += [
         "",
-        f"Top {TOP} functions by total (inclusive) time",
-        "-" * 41,
+        f"Top {TOP} functions by total (inclusive) time:",
         "total    self  function",
     ]
     lines += [
         f"{pct(count)} {pct(summary.self_time[name])}  {name}"
         for name, count in summary.total_time.most_common(TOP)
     ]
-    return "\n".join(lines) + "\n"
+    return lines + ["", ""]
 
 
 def profile(bench: Bench, seconds: float, out_dir: Path = PROFILE_DIR) -> list[Path]:
-    """Profile each framework's service and client at once; returns the summaries."""
+    """Profile each framework's service and client under load; returns the files."""
     spy = py_spy()
+    window = max(1, int(seconds))
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for fw in bench.order(0):
-        with bench.service(fw, "BenchTarget", TARGET_CALL) as service:
-            client_args = [
-                str(fw.python),
-                "-m",
-                "bench.client",
-                fw.key,
-                "--amqp-uri",
-                bench.amqp_uri,
-                "rpc",
-                "--payload",
-                TINY,
-                "--concurrency",
-                str(PROFILE_CONCURRENCY),
-                "--duration",
-                str(seconds + CLIENT_HEAD_START + 2),
-            ]
-            client = bench.registry.start(
-                client_args, f"{fw.key}-profiled-client", stdout=subprocess.PIPE
-            )
-            # The profile must cover steady load only, not connecting and warming up.
-            time.sleep(CLIENT_HEAD_START)
-            targets = {"service": service.process.pid, "client": client.pid}
-            raw_paths = {
-                role: bench.registry.log_dir / f"{fw.key}-{role}.pyspy.txt"
-                for role in targets
-            }
-            spies = [
-                subprocess.Popen(
-                    [
-                        spy,
-                        "record",
-                        "--pid",
-                        str(pid),
-                        "--duration",
-                        str(int(seconds)),
-                        "--rate",
-                        str(SAMPLE_RATE),
-                        "--function",
-                        "--format",
-                        "raw",
-                        "--output",
-                        str(raw_paths[role]),
-                    ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.PIPE,
-                )
-                for role, pid in targets.items()
-            ]
-            for spy_process in spies:
-                _, stderr = spy_process.communicate(timeout=seconds + 60)
-                if spy_process.returncode != 0:
-                    raise BenchError(
-                        f"py-spy failed: {stderr.decode(errors='replace').strip()}"
-                    )
-            stdout, _ = client.communicate(timeout=CLIENT_TIMEOUT)
-            bench.registry.stop(client)
-            rate = float(json.loads(stdout.decode().strip().splitlines()[-1])["rate"])
-        for role, raw_path in raw_paths.items():
-            process = (
-                "service process (`run bench_target`)"
-                if role == "service"
-                else "client process (10 standalone proxies)"
-            )
-            title = f"{fw.label}: {process}, RPC echo, tiny payload, concurrency {PROFILE_CONCURRENCY}"
-            context = [
-                f"py-spy record --rate {SAMPLE_RATE} --function --format raw, {int(seconds)} s window; "
-                "CPU samples only (idle green threads in epoll are not sampled).",
-                f"Throughput while profiled: {rate:,.0f} calls/s (the profiler slows it down).",
-            ]
+        result = profile_framework(bench, fw, spy, window)
+        for role in ("service", "client"):
             path = out_dir / f"{fw.key}-{role}-c{PROFILE_CONCURRENCY}.txt"
-            path.write_text(render_summary(title, summarize(raw_path), context))
+            path.write_text(render_profile(fw, role, result, window))
             written.append(path)
-            log.info("profile written", extra={"path": str(path)})
+            log.info("profile written to %s", path)
     return written

@@ -32,9 +32,14 @@ class Figure:
     at most this when lower is better."""
     section: str = MAIN
     runs: dict[str, list[float]] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=dict)
 
     def add(self, side: str, value: float) -> None:
         self.runs.setdefault(side, []).append(value)
+
+    def fail(self, side: str) -> None:
+        """A run that could not measure this figure (it is left out of the median)."""
+        self.failures[side] = self.failures.get(side, 0) + 1
 
     def median(self, side: str) -> float | None:
         values = self.runs.get(side)
@@ -58,6 +63,8 @@ class Results:
 
     def __init__(self) -> None:
         self.figures: dict[str, Figure] = {}
+        self.problems: list[str] = []
+        """What went wrong while measuring: failed runs, errors services logged."""
 
     def figure(self, key: str, label: str, unit: str, **options: object) -> Figure:
         if key not in self.figures:
@@ -109,6 +116,19 @@ def venv_versions(python: Path, packages: list[str]) -> dict[str, str | None]:
     return json.loads(output)
 
 
+def code_version(root: Path) -> str:
+    """The commit measured, and whether the framework had uncommitted changes."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--", "framework")
+    return f"{commit}, framework/ with uncommitted changes" if dirty else commit
+
+
 def describe_machine(pythons: dict[str, Path], broker: str) -> dict[str, str]:
     """What a reader needs to judge the figures: hardware, broker, interpreters."""
     description = {
@@ -116,6 +136,7 @@ def describe_machine(pythons: dict[str, Path], broker: str) -> dict[str, str]:
         "CPU": f"{cpu_model()}, {os.cpu_count()} cores (shared by broker, services and clients)",
         "OS": f"{platform.system()} {platform.release()}",
         "Broker": broker,
+        "Commit": code_version(Path(__file__).resolve().parent.parent),
     }
     for side, python in pythons.items():
         versions = venv_versions(python, SIDE_PACKAGES[side])
@@ -137,6 +158,17 @@ def format_value(value: float | None, unit: str) -> str:
     if unit in ("ms", "s"):
         return f"{value:,.2f}"
     return f"{value:,.0f}"
+
+
+def format_cell(figure: Figure, side: str) -> str:
+    """The median, and how many runs failed if any did."""
+    failed = figure.failures.get(side, 0)
+    value = format_value(figure.median(side), figure.unit)
+    if not failed:
+        return value
+    if figure.median(side) is None:
+        return "failed"
+    return f"{value} ({failed} of {failed + len(figure.runs[side])} runs failed)"
 
 
 def format_ratio(figure: Figure) -> str:
@@ -185,9 +217,9 @@ def render(
         ]
         for f in main:
             lines.append(
-                f"| {f.label} ({f.unit}) | {format_value(f.median(OURS), f.unit)} | "
-                f"{format_value(f.median(NAMEKO), f.unit)} | {format_ratio(f)} | {format_target(f)} | "
-                f"{format_met(f)} | {format_value(f.median(RAW), f.unit)} |"
+                f"| {f.label} ({f.unit}) | {format_cell(f, OURS)} | "
+                f"{format_cell(f, NAMEKO)} | {format_ratio(f)} | {format_target(f)} | "
+                f"{format_met(f)} | {format_cell(f, RAW)} |"
             )
         lines.append("")
     ceiling = results.section(CEILING)
@@ -198,10 +230,16 @@ def render(
             "| Loop | value |",
             "|---|---:|",
         ]
+        lines += [f"| {f.label} ({f.unit}) | {format_cell(f, RAW)} |" for f in ceiling]
+        lines.append("")
+    if results.problems:
         lines += [
-            f"| {f.label} ({f.unit}) | {format_value(f.median(RAW), f.unit)} |"
-            for f in ceiling
+            "## Problems seen while measuring",
+            "",
+            "Figures measured while these happened are suspect.",
+            "",
         ]
+        lines += [f"- {problem}" for problem in results.problems]
         lines.append("")
     lines += [
         "## Every run",

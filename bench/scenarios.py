@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,7 @@ class Bench:
 
     @contextmanager
     def service(
-        self, framework: Framework, service_class: str, first_call: FirstCall
+        self, framework: Framework, service_class: str, first_call: FirstCall, run: int
     ) -> Iterator[RunningService]:
         with running_service(
             self.registry,
@@ -89,6 +90,26 @@ class Bench:
             first_call,
         ) as service:
             yield service
+        if service.problems:
+            self.problem(run, framework.key, f"{service_class}: {service.problems}")
+
+    def problem(self, run: int, side: str, what: str) -> None:
+        log.warning("run %d/%d  %s  %s", run + 1, self.settings.runs, side, what)
+        self.results.problems.append(f"run {run + 1}, {side}: {what}")
+
+    def attempt(
+        self, keys: list[str], side: str, run: int, measure: Callable[[], Any]
+    ) -> Any:
+        """``measure()``, or ``None`` if it failed: the failure is recorded against
+        ``keys`` and the bench goes on with the next figure."""
+        try:
+            return measure()
+        except BenchError as exc:
+            for key in keys:
+                self.results.figures[key].fail(side)
+            label = self.results.figures[keys[0]].label
+            self.problem(run, side, f"{label}: failed: {str(exc).splitlines()[0]}")
+            return None
 
     def client(self, framework: Framework, scenario: str, *args: Any) -> dict[str, Any]:
         argv = [framework.key, "--amqp-uri", self.amqp_uri, scenario, *map(str, args)]
@@ -240,17 +261,23 @@ def raw_key(confirms: str, payload: str, concurrency: int) -> str:
 def rpc_group(bench: Bench) -> None:
     for run in range(bench.settings.runs):
         for fw in bench.order(run):
-            with bench.service(fw, "BenchTarget", TARGET_CALL):
+            with bench.service(fw, "BenchTarget", TARGET_CALL, run):
                 measure_standalone_rpc(bench, fw, run)
                 # The relay calls bench_target, which keeps running for it.
-                with bench.service(fw, "BenchRelay", RELAY_CALL):
+                with bench.service(fw, "BenchRelay", RELAY_CALL, run):
                     measure_relay(bench, fw, run)
 
 
 def measure_standalone_rpc(bench: Bench, fw: Framework, run: int) -> None:
     for payload in PAYLOAD_NAMES:
         for c in bench.settings.concurrencies:
-            result = bench.rpc_client(fw, TARGET_CALL, payload, c)
+            keys = [f"rpc.{payload}.c{c}"]
+            if c == 1:
+                keys += [f"rpc.{payload}.p50", f"rpc.{payload}.p99"]
+            measure = partial(bench.rpc_client, fw, TARGET_CALL, payload, c)
+            result = bench.attempt(keys, fw.key, run, measure)
+            if result is None:
+                continue
             bench.record(f"rpc.{payload}.c{c}", fw.key, result["rate"], run)
             if c == 1:
                 bench.record(f"rpc.{payload}.p50", fw.key, result["p50_ms"], run)
@@ -259,8 +286,10 @@ def measure_standalone_rpc(bench: Bench, fw: Framework, run: int) -> None:
 
 def measure_relay(bench: Bench, fw: Framework, run: int) -> None:
     for c in bench.settings.relay_concurrencies:
-        result = bench.rpc_client(fw, RELAY_CALL, TINY, c)
-        bench.record(f"relay.c{c}", fw.key, result["rate"], run)
+        measure = partial(bench.rpc_client, fw, RELAY_CALL, TINY, c)
+        result = bench.attempt([f"relay.c{c}"], fw.key, run, measure)
+        if result is not None:
+            bench.record(f"relay.c{c}", fw.key, result["rate"], run)
 
 
 # -- events -----------------------------------------------------------------------------------
@@ -275,19 +304,19 @@ def events_group(bench: Bench) -> None:
             prefill_events(
                 bench.amqp_uri, EVENT_SOURCE, EVENT_TYPE, SINK_QUEUE, s.events
             )
-            with bench.service(fw, "BenchSink", SINK_CALL):
-                state = wait_for_handled(bench.probe, s.events)
+            with bench.service(fw, "BenchSink", SINK_CALL, run):
+                drained = partial(wait_for_handled, bench.probe, s.events)
+                state = bench.attempt(["events.drain"], fw.key, run, drained)
+                if state is None:
+                    continue
                 drain_rate = (s.events - 1) / (state["last"] - state["first"])
                 bench.record("events.drain", fw.key, drain_rate, run)
                 # End to end, on the same handler process.
-                result = bench.client(
-                    fw,
-                    "events",
-                    *as_options(
-                        {"count": s.events, "dispatchers": s.event_dispatchers}
-                    ),
-                )
-                bench.record("events.e2e", fw.key, result["rate"], run)
+                options = {"count": s.events, "dispatchers": s.event_dispatchers}
+                measure = partial(bench.client, fw, "events", *as_options(options))
+                result = bench.attempt(["events.e2e"], fw.key, run, measure)
+                if result is not None:
+                    bench.record("events.e2e", fw.key, result["rate"], run)
 
 
 def wait_for_handled(probe: BrokerProbe, count: int) -> dict[str, Any]:
@@ -310,7 +339,7 @@ def wait_for_handled(probe: BrokerProbe, count: int) -> dict[str, Any]:
 def startup_group(bench: Bench) -> None:
     for run in range(bench.settings.runs):
         for fw in bench.order(run):
-            with bench.service(fw, "BenchTarget", TARGET_CALL) as service:
+            with bench.service(fw, "BenchTarget", TARGET_CALL, run) as service:
                 bench.record("startup", fw.key, service.startup_seconds, run)
 
 
@@ -318,29 +347,36 @@ def startup_group(bench: Bench) -> None:
 
 
 def raw_group(bench: Bench) -> None:
-    python = bench.frameworks[OURS].python
     for run in range(bench.settings.runs):
         for confirms, payload, c in RAW_CASES:
-            with raw_server(bench.registry, bench.amqp_uri, confirms, RAW_PREFETCH):
-                options = {
-                    "amqp-uri": bench.amqp_uri,
-                    "confirms": confirms,
-                    "payload": payload,
-                    "concurrency": c,
-                    "duration": bench.settings.duration,
-                }
-                result = run_client(
-                    bench.registry,
-                    python,
-                    "bench.raw",
-                    ["client", *as_options(options)],
-                    "raw-client",
-                )
             key = raw_key(confirms, payload, c)
+            keys = [key, key + ".p50"] if c == 1 else [key]
+            measure = partial(run_raw_case, bench, confirms, payload, c)
+            result = bench.attempt(keys, RAW, run, measure)
+            if result is None:
+                continue
             bench.record(key, RAW, result["rate"], run)
             if c == 1:
                 bench.record(key + ".p50", RAW, result["p50_ms"], run)
             attach_ceiling(bench.results, confirms, payload, c, result)
+
+
+def run_raw_case(bench: Bench, confirms: str, payload: str, c: int) -> dict[str, Any]:
+    options = {
+        "amqp-uri": bench.amqp_uri,
+        "confirms": confirms,
+        "payload": payload,
+        "concurrency": c,
+        "duration": bench.settings.duration,
+    }
+    with raw_server(bench.registry, bench.amqp_uri, confirms, RAW_PREFETCH):
+        return run_client(
+            bench.registry,
+            bench.frameworks[OURS].python,
+            "bench.raw",
+            ["client", *as_options(options)],
+            "raw-client",
+        )
 
 
 def attach_ceiling(
