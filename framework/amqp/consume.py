@@ -16,7 +16,7 @@ import kombu
 import kombu.exceptions
 import kombu.serialization
 
-from framework import concurrency
+from framework import concurrency, serialization
 from framework.amqp.connection import (
     CONNECTION_ERRORS,
     close_quietly,
@@ -94,9 +94,7 @@ class Delivery:
         return self.raw.properties.get("content_encoding")
 
     def decode(self, accept: list[str] | None) -> Any:
-        return kombu.serialization.loads(
-            self.raw.body, self.content_type, self.content_encoding, accept=accept
-        )
+        return serialization.loads(self.raw.body, self.content_type, self.content_encoding, accept)
 
     def ack(self) -> None:
         self.loop.settle(self, "ack")

@@ -19,7 +19,7 @@ import kombu
 import kombu.compression
 import kombu.serialization
 
-from framework import concurrency
+from framework import concurrency, serialization
 from framework.amqp.connection import CONNECTION_ERRORS, DrainedConnection
 from framework.constants import (
     DEFAULT_PUBLISH_CONFIRM_TIMEOUT,
@@ -154,7 +154,7 @@ class Publisher:
         route, and ``PublishConfirmFailed`` when the broker refuses it or does not
         confirm it in time; a publish is never lost silently.
         """
-        content_type, content_encoding, body = kombu.serialization.dumps(payload, serializer=serializer)
+        content_type, content_encoding, body = serialization.dumps(payload, serializer)
         self.publish_encoded(
             body,
             content_type=content_type,

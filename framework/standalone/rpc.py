@@ -14,7 +14,7 @@ from typing import Any
 import kombu
 import kombu.serialization
 
-from framework import concurrency
+from framework import concurrency, serialization
 from framework.amqp.connection import CONNECTION_ERRORS, DrainedConnection
 from framework.amqp.publish import Publisher
 from framework.constants import (
@@ -93,8 +93,8 @@ class SingleThreadedReplyListener:
             return
         self.waiting.discard(correlation_id)
         try:
-            body = kombu.serialization.loads(
-                raw.body, raw.properties.get("content_type"), raw.properties.get("content_encoding"), accept=self.accept
+            body = serialization.loads(
+                raw.body, raw.properties.get("content_type"), raw.properties.get("content_encoding"), self.accept
             )
         except Exception as exc:  # a broken reply must fail its call, not the proxy
             body = {"result": None, "error": {"exc_type": "MalformedReply", "exc_path": "", "exc_args": [str(exc)], "value": str(exc)}}
