@@ -7,7 +7,6 @@ AMQP_URI_CONFIG_KEY = "AMQP_URI"
 AMQP_SSL_CONFIG_KEY = "AMQP_SSL"
 LOGIN_METHOD_CONFIG_KEY = "LOGIN_METHOD"
 HEARTBEAT_CONFIG_KEY = "HEARTBEAT"
-TRANSPORT_OPTIONS_CONFIG_KEY = "TRANSPORT_OPTIONS"
 PREFETCH_COUNT_CONFIG_KEY = "PREFETCH_COUNT"
 RPC_EXCHANGE_CONFIG_KEY = "rpc_exchange"
 SERIALIZER_CONFIG_KEY = "serializer"
@@ -41,12 +40,13 @@ DEFAULT_DEAD_LETTER_EXCHANGE = "framework-dlx"
 DEFAULT_MAX_REDELIVERIES = 5
 DEFAULT_CONNECT_RETRY_MAX_INTERVAL = 5.0
 DEFAULT_PUBLISH_CONFIRM_TIMEOUT = 30.0
-DEFAULT_RETRY_POLICY = {"max_retries": 3}
-DEFAULT_TRANSPORT_OPTIONS = {
+# How a publish is retried on connection errors (kombu's retry_policy keys): 1 + 3 + 5s
+# of backoff rides out a broker restart; a publish that still fails raises.
+DEFAULT_RETRY_POLICY = {
     "max_retries": 3,
-    "interval_start": 2,
-    "interval_step": 1,
-    "interval_max": 5,
+    "interval_start": 1.0,
+    "interval_step": 2.0,
+    "interval_max": 5.0,
 }
 DEFAULT_WEB_SERVER_ADDRESS = "0.0.0.0:8000"
 

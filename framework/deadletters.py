@@ -7,7 +7,10 @@ Topology: a message a service cannot handle (undecodable, content type not in
 routing key, into the durable queue ``<source queue>.dead-letter``. Its headers keep
 the original ones plus ``x-dead-letter-reason``, ``x-original-exchange``,
 ``x-original-routing-key`` and ``x-original-queue``. Replaying republishes it to its
-original exchange and routing key with the bookkeeping headers removed.
+original routing with the bookkeeping headers removed: RPC requests to their
+exchange and routing key (the service finds the method by routing key), everything
+else straight to its source queue through the default exchange, so an event goes
+back to the one handler that failed it, not to every queue bound to its type.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import amqp
 import amqp.exceptions
 
 from framework.amqp.connection import make_connection
+from framework.constants import RPC_QUEUE_TEMPLATE
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +68,17 @@ def _describe(raw: Any) -> DeadLetter:
         original_routing_key=str(headers.get("x-original-routing-key", "")),
         headers=headers,
     )
+
+
+def replay_destination(letter: DeadLetter, queue_name: str) -> tuple[str, str]:
+    """Where a dead letter goes back to: ``(exchange, routing_key)``."""
+    source_queue = str(
+        letter.headers.get("x-original-queue")
+        or queue_name.removesuffix(DEAD_LETTER_SUFFIX)
+    )
+    if source_queue.startswith(RPC_QUEUE_TEMPLATE.format("")):
+        return letter.original_exchange, letter.original_routing_key
+    return "", source_queue
 
 
 def peek(config: dict[str, Any], queue_name: str, limit: int = 100) -> list[DeadLetter]:
@@ -119,10 +134,11 @@ def replay(config: dict[str, Any], queue_name: str, limit: int | None = None) ->
                 if k not in ("application_headers",)
             }
             message = amqp.Message(raw.body, application_headers=headers, **properties)
+            exchange, routing_key = replay_destination(letter, queue_name)
             publish_channel.basic_publish_confirm(
                 message,
-                exchange=letter.original_exchange,
-                routing_key=letter.original_routing_key,
+                exchange=exchange,
+                routing_key=routing_key,
             )
             channel.basic_ack(raw.delivery_tag)
             replayed += 1

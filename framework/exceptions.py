@@ -34,10 +34,6 @@ class RpcTimeout(Exception):
     """No reply arrived within the RPC timeout. A late reply is dropped."""
 
 
-class ReplyQueueExpiredWithPendingReplies(Exception):
-    pass
-
-
 class ContainerBeingKilled(Exception):
     """Raised by ``spawn_worker`` once the container has started to die."""
 

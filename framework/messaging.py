@@ -23,7 +23,12 @@ from framework.constants import (
 )
 from framework.containers import WorkerContext
 from framework.exceptions import ContainerBeingKilled
-from framework.extensions import DependencyProvider, Entrypoint, ProviderCollector, SharedExtension
+from framework.extensions import (
+    DependencyProvider,
+    Entrypoint,
+    ProviderCollector,
+    SharedExtension,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +38,20 @@ REDELIVERY_COUNT_HEADER = "x-redelivery-count"
 # -- context headers ------------------------------------------------------------------
 
 
-def encode_to_headers(context_data: dict[str, Any], prefix: str = HEADER_PREFIX) -> dict[str, Any]:
+def encode_to_headers(
+    context_data: dict[str, Any], prefix: str = HEADER_PREFIX
+) -> dict[str, Any]:
     """``nameko.<key>`` for every context value that is not ``None``."""
-    return {f"{prefix}.{key}": value for key, value in context_data.items() if value is not None}
+    return {
+        f"{prefix}.{key}": value
+        for key, value in context_data.items()
+        if value is not None
+    }
 
 
-def decode_from_headers(headers: dict[str, Any] | None, prefix: str = HEADER_PREFIX) -> dict[str, Any]:
+def decode_from_headers(
+    headers: dict[str, Any] | None, prefix: str = HEADER_PREFIX
+) -> dict[str, Any]:
     """Context data from message headers.
 
     Unlike nameko, only ``nameko.``-prefixed headers become context: broker
@@ -48,7 +61,11 @@ def decode_from_headers(headers: dict[str, Any] | None, prefix: str = HEADER_PRE
     if not headers:
         return {}
     start = len(prefix) + 1
-    return {key[start:]: value for key, value in headers.items() if key.startswith(prefix + ".")}
+    return {
+        key[start:]: value
+        for key, value in headers.items()
+        if key.startswith(prefix + ".")
+    }
 
 
 class HeaderEncoder:
@@ -140,15 +157,24 @@ class QueueConsumer(SharedExtension, ProviderCollector):
 
     @property
     def dead_letter_exchange(self) -> str | None:
-        return self.container.config.get(DEAD_LETTER_EXCHANGE_CONFIG_KEY, DEFAULT_DEAD_LETTER_EXCHANGE)
+        return self.container.config.get(
+            DEAD_LETTER_EXCHANGE_CONFIG_KEY, DEFAULT_DEAD_LETTER_EXCHANGE
+        )
 
     @property
     def max_redeliveries(self) -> int:
-        return int(self.container.config.get(MAX_REDELIVERIES_CONFIG_KEY, DEFAULT_MAX_REDELIVERIES))
+        return int(
+            self.container.config.get(
+                MAX_REDELIVERIES_CONFIG_KEY, DEFAULT_MAX_REDELIVERIES
+            )
+        )
 
     @property
     def default_prefetch(self) -> int:
-        return int(self.container.config.get(PREFETCH_COUNT_CONFIG_KEY) or self.container.max_workers)
+        return int(
+            self.container.config.get(PREFETCH_COUNT_CONFIG_KEY)
+            or self.container.max_workers
+        )
 
     def start(self) -> None:
         self.loop.start()
@@ -182,7 +208,15 @@ class QueueConsumer(SharedExtension, ProviderCollector):
 
     # -- handing messages to workers without blocking the loop -----------------------
 
-    def spawn_worker(self, entrypoint: Entrypoint, message: Delivery, args: tuple, kwargs: dict, context_data: dict, handle_result: Any) -> None:
+    def spawn_worker(
+        self,
+        entrypoint: Entrypoint,
+        message: Delivery,
+        args: tuple,
+        kwargs: dict,
+        context_data: dict,
+        handle_result: Any,
+    ) -> None:
         """Spawn a worker for ``message``; never blocks the consumer loop.
 
         With the pool full, a green thread waits for a free worker instead of the
@@ -191,17 +225,47 @@ class QueueConsumer(SharedExtension, ProviderCollector):
         if self.container.free_workers > 0:
             self._spawn(entrypoint, message, args, kwargs, context_data, handle_result)
         else:
-            concurrency.spawn_n(self._spawn, entrypoint, message, args, kwargs, context_data, handle_result)
+            concurrency.spawn_n(
+                self._spawn,
+                entrypoint,
+                message,
+                args,
+                kwargs,
+                context_data,
+                handle_result,
+            )
 
-    def _spawn(self, entrypoint: Entrypoint, message: Delivery, args: tuple, kwargs: dict, context_data: dict, handle_result: Any) -> None:
+    def _spawn(
+        self,
+        entrypoint: Entrypoint,
+        message: Delivery,
+        args: tuple,
+        kwargs: dict,
+        context_data: dict,
+        handle_result: Any,
+    ) -> None:
         try:
-            self.container.spawn_worker(entrypoint, args, kwargs, context_data=context_data, handle_result=handle_result)
+            self.container.spawn_worker(
+                entrypoint,
+                args,
+                kwargs,
+                context_data=context_data,
+                handle_result=handle_result,
+            )
         except ContainerBeingKilled:
             message.requeue()
 
     # -- dead letters ---------------------------------------------------------------
 
     def _on_undecodable(self, message: Delivery, exc: BaseException) -> None:
+        if message.subscriber.no_ack:
+            # An RPC reply: already gone from the broker, and its caller will time
+            # out; a dead-letter queue would outlive the reply queue it came from.
+            log.error(
+                "cannot decode a reply; dropped",
+                extra={"service": self.container.service_name, "error": str(exc)},
+            )
+            return
         log.error(
             "cannot decode message: %s",
             exc,
@@ -219,12 +283,21 @@ class QueueConsumer(SharedExtension, ProviderCollector):
         if not self.dead_letter_exchange:
             log.error(
                 "dropping message (no dead-letter exchange configured)",
-                extra={"queue": queue_name, "reason": reason, "body": message.body[:1000]},
+                extra={
+                    "queue": queue_name,
+                    "reason": reason,
+                    "body": message.body[:1000],
+                },
             )
             message.ack()
             return
         exchange = kombu.Exchange(self.dead_letter_exchange, type="topic", durable=True)
-        dlq = kombu.Queue(f"{queue_name}.dead-letter", exchange=exchange, routing_key=queue_name, durable=True)
+        dlq = kombu.Queue(
+            f"{queue_name}.dead-letter",
+            exchange=exchange,
+            routing_key=queue_name,
+            durable=True,
+        )
         headers = dict(message.headers)
         headers.update(
             {
@@ -234,7 +307,18 @@ class QueueConsumer(SharedExtension, ProviderCollector):
                 "x-original-queue": queue_name,
             }
         )
-        props = {k: v for k, v in message.properties.items() if k not in ("application_headers", "content_type", "content_encoding", "delivery_mode", "priority")}
+        props = {
+            k: v
+            for k, v in message.properties.items()
+            if k
+            not in (
+                "application_headers",
+                "content_type",
+                "content_encoding",
+                "delivery_mode",
+                "priority",
+            )
+        }
         try:
             self.publisher.publisher.publish_encoded(
                 message.body,
@@ -248,10 +332,21 @@ class QueueConsumer(SharedExtension, ProviderCollector):
                 **props,
             )
         except Exception:
-            # Not acked: the broker redelivers it and we try again, rather than lose it.
-            log.exception("could not dead-letter a message; leaving it unacked", extra={"queue": queue_name})
+            # Given back to the broker (after a pause, not to spin) rather than lost.
+            log.exception(
+                "could not dead-letter a message; requeueing it",
+                extra={"queue": queue_name},
+            )
+            message.requeue_later()
             return
-        log.warning("message dead-lettered", extra={"queue": queue_name, "reason": reason, "dead_letter_queue": dlq.name})
+        log.warning(
+            "message dead-lettered",
+            extra={
+                "queue": queue_name,
+                "reason": reason,
+                "dead_letter_queue": dlq.name,
+            },
+        )
         message.ack()
 
     def retry_or_dead_letter(self, message: Delivery, reason: str) -> None:
@@ -265,7 +360,18 @@ class QueueConsumer(SharedExtension, ProviderCollector):
             self.dead_letter(message, f"failed {count + 1} times: {reason}")
             return
         headers = {**message.headers, REDELIVERY_COUNT_HEADER: count + 1}
-        props = {k: v for k, v in message.properties.items() if k not in ("application_headers", "content_type", "content_encoding", "delivery_mode", "priority")}
+        props = {
+            k: v
+            for k, v in message.properties.items()
+            if k
+            not in (
+                "application_headers",
+                "content_type",
+                "content_encoding",
+                "delivery_mode",
+                "priority",
+            )
+        }
         try:
             self.publisher.publisher.publish_encoded(
                 message.body,
@@ -292,7 +398,13 @@ class Publisher(DependencyProvider, HeaderEncoder):
 
     container_publisher = ContainerPublisher()
 
-    def __init__(self, exchange: kombu.Exchange | None = None, queue: kombu.Queue | None = None, declare: list[Any] | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        exchange: kombu.Exchange | None = None,
+        queue: kombu.Queue | None = None,
+        declare: list[Any] | None = None,
+        **options: Any,
+    ) -> None:
         self.exchange = exchange
         self.queue = queue
         self.declare = list(declare or [])
@@ -305,16 +417,30 @@ class Publisher(DependencyProvider, HeaderEncoder):
                 self.exchange = queue.exchange
 
     def publish_options(self, call_options: dict[str, Any]) -> dict[str, Any]:
-        options = {"serializer": self.container.serializer, **self.options, **call_options}
+        options = {
+            "serializer": self.container.serializer,
+            **self.options,
+            **call_options,
+        }
         options.pop("use_confirms", None)
         options.pop("uri", None)
         extra = options.pop("extra_headers", None) or {}
-        return {**options, "headers": {**(self.options.get("headers") or {}), **(call_options.get("headers") or {}), **extra}}
+        return {
+            **options,
+            "headers": {
+                **(self.options.get("headers") or {}),
+                **(call_options.get("headers") or {}),
+                **extra,
+            },
+        }
 
     def get_dependency(self, worker_ctx: WorkerContext) -> Any:
         def publish(msg: Any, **kwargs: Any) -> None:
             options = self.publish_options(kwargs)
-            options["headers"] = {**self.get_message_headers(worker_ctx), **options["headers"]}
+            options["headers"] = {
+                **self.get_message_headers(worker_ctx),
+                **options["headers"],
+            }
             options.setdefault("exchange", self.exchange or "")
             options.setdefault("declare", self.declare)
             self.container_publisher.publish(msg, **options)
@@ -331,7 +457,13 @@ class Consumer(Entrypoint, HeaderDecoder):
     queue_consumer = QueueConsumer()
     no_ack = False
 
-    def __init__(self, queue: kombu.Queue, requeue_on_error: bool = False, prefetch_count: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        queue: kombu.Queue,
+        requeue_on_error: bool = False,
+        prefetch_count: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         self.queue = queue
         self.requeue_on_error = requeue_on_error
         self._prefetch_count = prefetch_count
@@ -350,12 +482,21 @@ class Consumer(Entrypoint, HeaderDecoder):
     def handle_message(self, body: Any, message: Delivery) -> None:
         context_data = self.unpack_message_headers(message)
         self.queue_consumer.spawn_worker(
-            self, message, (body,), {}, context_data, partial(self.handle_result, message)
+            self,
+            message,
+            (body,),
+            {},
+            context_data,
+            partial(self.handle_result, message),
         )
 
-    def handle_result(self, message: Delivery, worker_ctx: WorkerContext, result: Any, exc_info: Any) -> tuple[Any, Any]:
+    def handle_result(
+        self, message: Delivery, worker_ctx: WorkerContext, result: Any, exc_info: Any
+    ) -> tuple[Any, Any]:
         if exc_info is not None and self.requeue_on_error:
-            self.queue_consumer.retry_or_dead_letter(message, f"{exc_info[0].__name__}: {exc_info[1]}")
+            self.queue_consumer.retry_or_dead_letter(
+                message, f"{exc_info[0].__name__}: {exc_info[1]}"
+            )
         else:
             message.ack()
         return result, exc_info

@@ -37,8 +37,18 @@ from framework.exceptions import (
     deserialize,
     serialize,
 )
-from framework.extensions import DependencyProvider, Entrypoint, ProviderCollector, SharedExtension
-from framework.messaging import ContainerPublisher, HeaderDecoder, HeaderEncoder, QueueConsumer
+from framework.extensions import (
+    DependencyProvider,
+    Entrypoint,
+    ProviderCollector,
+    SharedExtension,
+)
+from framework.messaging import (
+    ContainerPublisher,
+    HeaderDecoder,
+    HeaderEncoder,
+    QueueConsumer,
+)
 from framework.serialization import content_type_to_serializer
 
 log = logging.getLogger(__name__)
@@ -60,7 +70,9 @@ def get_rpc_timeout(config: dict[str, Any]) -> float | None:
 class Responder:
     """Publishes the reply to one request: ``{"result": ..., "error": ...}``."""
 
-    def __init__(self, config: dict[str, Any], publisher: ContainerPublisher, message: Any) -> None:
+    def __init__(
+        self, config: dict[str, Any], publisher: ContainerPublisher, message: Any
+    ) -> None:
         self.config = config
         self.publisher = publisher
         self.message = message
@@ -85,7 +97,9 @@ class Responder:
             log.warning("unserializable RPC result: %s", exc)
             unserializable = UnserializableValueError(result)
             exc_info = (UnserializableValueError, unserializable, None)
-            self.publisher.publish({"result": None, "error": serialize(unserializable)}, **options)
+            self.publisher.publish(
+                {"result": None, "error": serialize(unserializable)}, **options
+            )
             result = None
         return result, exc_info
 
@@ -130,18 +144,36 @@ class RpcConsumer(SharedExtension, ProviderCollector):
         method_name = routing_key.rsplit(".", 1)[-1]
         try:
             service, _, _ = routing_key.rpartition(".")
-            provider = self._methods.get(method_name) if service == self.container.service_name else None
+            provider = (
+                self._methods.get(method_name)
+                if service == self.container.service_name
+                else None
+            )
             if provider is None:
                 raise MethodNotFound(method_name)
             provider.handle_message(body, message)
         except Exception as exc:
             # Off the consumer loop: the reply waits for a publisher confirm.
-            concurrency.spawn_n(self.reply_and_ack, message, None, (type(exc), exc, exc.__traceback__))
+            concurrency.spawn_n(
+                self.reply_and_ack, message, None, (type(exc), exc, exc.__traceback__)
+            )
 
-    def reply_and_ack(self, message: Any, result: Any, exc_info: Any) -> tuple[Any, Any]:
+    def reply_and_ack(
+        self, message: Any, result: Any, exc_info: Any
+    ) -> tuple[Any, Any]:
         """Reply first, then ack: a request is never acked without its answer sent."""
         responder = Responder(self.container.config, self.publisher, message)
-        result, exc_info = responder.send_response(result, exc_info)
+        try:
+            result, exc_info = responder.send_response(result, exc_info)
+        except Exception:
+            # The publisher already retried. Give the request back to the broker,
+            # after a pause so a broken broker link doesn't spin, rather than
+            # hold it unacked (and a prefetch slot) until the connection drops.
+            log.exception(
+                "could not send an RPC reply; the request will be redelivered"
+            )
+            message.requeue_later()
+            raise
         message.ack()
         return result, exc_info
 
@@ -166,9 +198,13 @@ class Rpc(Entrypoint, HeaderDecoder):
         self.check_signature(args, kwargs)
         context_data = self.unpack_message_headers(message)
         handle_result = partial(self.handle_result, message)
-        self.rpc_consumer.queue_consumer.spawn_worker(self, message, tuple(args), kwargs, context_data, handle_result)
+        self.rpc_consumer.queue_consumer.spawn_worker(
+            self, message, tuple(args), kwargs, context_data, handle_result
+        )
 
-    def handle_result(self, message: Any, worker_ctx: WorkerContext, result: Any, exc_info: Any) -> tuple[Any, Any]:
+    def handle_result(
+        self, message: Any, worker_ctx: WorkerContext, result: Any, exc_info: Any
+    ) -> tuple[Any, Any]:
         return self.rpc_consumer.reply_and_ack(message, result, exc_info)
 
 
@@ -215,7 +251,9 @@ class ReplyListener(SharedExtension):
     def setup(self) -> None:
         self.routing_key = str(uuid.uuid4())
         self.queue = kombu.Queue(
-            RPC_REPLY_QUEUE_TEMPLATE.format(self.container.service_name, self.routing_key),
+            RPC_REPLY_QUEUE_TEMPLATE.format(
+                self.container.service_name, self.routing_key
+            ),
             exchange=get_rpc_exchange(self.container.config),
             routing_key=self.routing_key,
             queue_arguments={"x-expires": RPC_REPLY_QUEUE_TTL},
@@ -237,7 +275,10 @@ class ReplyListener(SharedExtension):
         correlation_id = message.properties.get("correlation_id")
         event = self.pending.pop(correlation_id, None)
         if event is None:
-            log.debug("dropping a reply nobody waits for", extra={"correlation_id": correlation_id})
+            log.debug(
+                "dropping a reply nobody waits for",
+                extra={"correlation_id": correlation_id},
+            )
             return
         event.send(body)
 
@@ -245,7 +286,13 @@ class ReplyListener(SharedExtension):
 class RpcReply:
     """A call in flight. ``result()`` waits for it (once) and returns or raises."""
 
-    def __init__(self, reply_event: Any, correlation_id: str, timeout: float | None, on_timeout: Any) -> None:
+    def __init__(
+        self,
+        reply_event: Any,
+        correlation_id: str,
+        timeout: float | None,
+        on_timeout: Any,
+    ) -> None:
         self.reply_event = reply_event
         self.correlation_id = correlation_id
         self.timeout = timeout
@@ -260,7 +307,9 @@ class RpcReply:
                 self._response = self.reply_event.wait(wait)
             except RpcTimeout:
                 self._on_timeout(self.correlation_id)
-                raise RpcTimeout(f"no reply within {wait}s (correlation id {self.correlation_id})") from None
+                raise RpcTimeout(
+                    f"no reply within {wait}s (correlation id {self.correlation_id})"
+                ) from None
             self._received = True
         return self._response
 
@@ -277,7 +326,13 @@ class RpcReply:
 class MethodProxy(HeaderEncoder):
     """``proxy.service.method(...)``; ``.call_async(...)``; ``.with_timeout(s)``."""
 
-    def __init__(self, client: RpcClient, service_name: str, method_name: str, timeout: float | None) -> None:
+    def __init__(
+        self,
+        client: RpcClient,
+        service_name: str,
+        method_name: str,
+        timeout: float | None,
+    ) -> None:
         self.client = client
         self.service_name = service_name
         self.method_name = method_name
@@ -290,14 +345,18 @@ class MethodProxy(HeaderEncoder):
         return self.call_async(*args, **kwargs).result()
 
     def call_async(self, *args: Any, **kwargs: Any) -> RpcReply:
-        return self.client.call(self.service_name, self.method_name, args, kwargs, self.timeout)
+        return self.client.call(
+            self.service_name, self.method_name, args, kwargs, self.timeout
+        )
 
     def __repr__(self) -> str:
         return f"<MethodProxy {self.service_name}.{self.method_name}>"
 
 
 class ServiceProxy:
-    def __init__(self, client: RpcClient, service_name: str, timeout: float | None) -> None:
+    def __init__(
+        self, client: RpcClient, service_name: str, timeout: float | None
+    ) -> None:
         self._client = client
         self.service_name = service_name
         self.timeout = timeout
@@ -324,6 +383,11 @@ class ClusterProxy:
             raise AttributeError(name)
         return self[name]
 
+    def with_timeout(self, timeout: float | None) -> ClusterProxy:
+        """The same proxy with another timeout (so no service may be named
+        ``with_timeout``; reach one with ``proxy["with_timeout"]``)."""
+        return ClusterProxy(self._client, timeout)
+
     def __getitem__(self, name: str) -> ServiceProxy:
         proxy = self._proxies.get(name)
         if proxy is None:
@@ -335,7 +399,15 @@ class RpcClient:
     """Publishes requests and waits for replies; shared by in-service and standalone
     proxies, which differ only in how they publish, listen and wait."""
 
-    def __init__(self, config: dict[str, Any], publish: Any, reply_listener: Any, context_headers: Any, serializer: str, options: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        publish: Any,
+        reply_listener: Any,
+        context_headers: Any,
+        serializer: str,
+        options: dict[str, Any],
+    ) -> None:
         self.config = config
         self.exchange = get_rpc_exchange(config)
         self._publish = publish
@@ -344,10 +416,21 @@ class RpcClient:
         self._serializer = serializer
         self._options = options
 
-    def call(self, service_name: str, method_name: str, args: tuple, kwargs: dict, timeout: float | None) -> RpcReply:
+    def call(
+        self,
+        service_name: str,
+        method_name: str,
+        args: tuple,
+        kwargs: dict,
+        timeout: float | None,
+    ) -> RpcReply:
         correlation_id = str(uuid.uuid4())
         reply_event = self._reply_listener.get_reply_event(correlation_id)
-        options = {k: v for k, v in self._options.items() if k not in RESTRICTED_PUBLISHER_OPTIONS}
+        options = {
+            k: v
+            for k, v in self._options.items()
+            if k not in RESTRICTED_PUBLISHER_OPTIONS
+        }
         headers = {**(options.pop("headers", None) or {}), **self._context_headers()}
         options.setdefault("serializer", self._serializer)
         try:
@@ -368,10 +451,21 @@ class RpcClient:
         except BaseException:
             self._reply_listener.forget(correlation_id)
             raise
-        return RpcReply(reply_event, correlation_id, timeout, self._reply_listener.forget)
+        return RpcReply(
+            reply_event, correlation_id, timeout, self._reply_listener.forget
+        )
 
 
-RESTRICTED_PUBLISHER_OPTIONS = ("exchange", "routing_key", "mandatory", "reply_to", "correlation_id", "timeout", "use_confirms", "uri")
+RESTRICTED_PUBLISHER_OPTIONS = (
+    "exchange",
+    "routing_key",
+    "mandatory",
+    "reply_to",
+    "correlation_id",
+    "timeout",
+    "use_confirms",
+    "uri",
+)
 
 
 class ClusterRpc(DependencyProvider, HeaderEncoder):
@@ -395,7 +489,11 @@ class ClusterRpc(DependencyProvider, HeaderEncoder):
         )
 
     def _timeout(self) -> float | None:
-        return self.timeout if self.timeout is not None else get_rpc_timeout(self.container.config)
+        return (
+            self.timeout
+            if self.timeout is not None
+            else get_rpc_timeout(self.container.config)
+        )
 
     def get_dependency(self, worker_ctx: WorkerContext) -> Any:
         return ClusterProxy(self._client(worker_ctx), self._timeout())
@@ -404,12 +502,19 @@ class ClusterRpc(DependencyProvider, HeaderEncoder):
 class RpcProxy(ClusterRpc):
     """Injects a proxy to one service: ``self.greeter.hello(...)``."""
 
-    def __init__(self, target_service: str, timeout: float | None = None, **publisher_options: Any) -> None:
+    def __init__(
+        self,
+        target_service: str,
+        timeout: float | None = None,
+        **publisher_options: Any,
+    ) -> None:
         self.target_service = target_service
         super().__init__(timeout=timeout, **publisher_options)
 
     def get_dependency(self, worker_ctx: WorkerContext) -> Any:
-        return ServiceProxy(self._client(worker_ctx), self.target_service, self._timeout())
+        return ServiceProxy(
+            self._client(worker_ctx), self.target_service, self._timeout()
+        )
 
 
 ServiceRpc = RpcProxy

@@ -8,7 +8,12 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from framework import concurrency
-from framework.containers import ServiceContainer, get_container_cls, get_service_name, run_all
+from framework.containers import (
+    ServiceContainer,
+    get_container_cls,
+    get_service_name,
+    run_all,
+)
 
 if TYPE_CHECKING:
     from framework.health import HealthServer

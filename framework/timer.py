@@ -18,8 +18,7 @@ class Timer(Entrypoint):
 
     A run that overruns makes the next tick fire at once; as in nameko, missed
     ticks are not skipped but fired back to back until the grid is caught up.
-    Fires in every instance of the service; for once per cluster see
-    ``framework.schedule`` (cron with a broker lock).
+    Fires in every instance of the service.
     """
 
     def __init__(self, interval: float, eager: bool = False, **kwargs: Any) -> None:
@@ -30,16 +29,16 @@ class Timer(Entrypoint):
         super().__init__(**kwargs)
 
     def start(self) -> None:
-        self._thread = self.container.spawn_managed_thread(self._run, identifier=f"timer[{self.method_name}]")
+        self._thread = self.container.spawn_managed_thread(
+            self._run, identifier=f"timer[{self.method_name}]"
+        )
 
     def stop(self) -> None:
+        # Only stop scheduling: a tick in progress is an in-flight worker, which the
+        # container waits for within its drain deadline (nameko waited here, with
+        # no deadline at all).
         if not self._stopping.ready():
             self._stopping.send(True)
-        if self._thread is not None:
-            try:
-                self._thread.wait()
-            except concurrency.GreenletExit:
-                pass
 
     def kill(self) -> None:
         if self._thread is not None:
@@ -55,7 +54,14 @@ class Timer(Entrypoint):
             if self._stopping.ready():
                 return
             done = concurrency.Event()
-            self.container.spawn_worker(self, (), {}, handle_result=lambda ctx, result, exc_info: self._finished(done, result, exc_info))
+            self.container.spawn_worker(
+                self,
+                (),
+                {},
+                handle_result=lambda ctx, result, exc_info: self._finished(
+                    done, result, exc_info
+                ),
+            )
             done.wait()
             tick += 1
 

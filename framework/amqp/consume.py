@@ -58,7 +58,9 @@ class Delivery:
 
     __slots__ = ("raw", "loop", "generation", "settled", "subscriber")
 
-    def __init__(self, raw: Any, loop: ConsumeLoop, generation: int, subscriber: Any) -> None:
+    def __init__(
+        self, raw: Any, loop: ConsumeLoop, generation: int, subscriber: Any
+    ) -> None:
         self.raw = raw
         self.loop = loop
         self.generation = generation
@@ -94,7 +96,9 @@ class Delivery:
         return self.raw.properties.get("content_encoding")
 
     def decode(self, accept: list[str] | None) -> Any:
-        return serialization.loads(self.raw.body, self.content_type, self.content_encoding, accept)
+        return serialization.loads(
+            self.raw.body, self.content_type, self.content_encoding, accept
+        )
 
     def ack(self) -> None:
         self.loop.settle(self, "ack")
@@ -104,6 +108,10 @@ class Delivery:
 
     def reject(self) -> None:
         self.loop.settle(self, "reject")
+
+    def requeue_later(self, delay: float = 1.0) -> None:
+        """Requeue after ``delay`` seconds: for failures that would otherwise loop hot."""
+        concurrency.spawn_after(delay, self.requeue)
 
 
 class ConsumeLoop:
@@ -176,15 +184,22 @@ class ConsumeLoop:
         delivery.settled = True
         if delivery.generation != self.generation or not self.connected:
             # The channel it came on is gone; the broker has already requeued it.
-            log.debug("not settling a delivery from a closed connection", extra={"loop": self.name})
+            log.debug(
+                "not settling a delivery from a closed connection",
+                extra={"loop": self.name},
+            )
             return
         try:
             if how == "ack":
                 self._channel.basic_ack(delivery.delivery_tag)
             else:
-                self._channel.basic_reject(delivery.delivery_tag, requeue=(how == "requeue"))
+                self._channel.basic_reject(
+                    delivery.delivery_tag, requeue=(how == "requeue")
+                )
         except CONNECTION_ERRORS as exc:
-            log.warning("could not %s a delivery: %s", how, exc, extra={"loop": self.name})
+            log.warning(
+                "could not %s a delivery: %s", how, exc, extra={"loop": self.name}
+            )
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -196,7 +211,9 @@ class ConsumeLoop:
             self._connection = connection
             guard: HeartbeatGuard | None = None
             try:
-                connect_with_retry(connection, self.config, purpose=f"{self.name} consumer")
+                connect_with_retry(
+                    connection, self.config, purpose=f"{self.name} consumer"
+                )
                 guard = HeartbeatGuard.install(connection.connection, heartbeat)
                 tune_transport(connection.connection)
                 self._channel = connection.channel()
@@ -206,7 +223,13 @@ class ConsumeLoop:
                     self._consume(subscriber)
                 if not self.ready.ready():
                     self.ready.send(None)
-                log.info("consuming", extra={"loop": self.name, "queues": [s.queue.name for s in self._subscribers]})
+                log.info(
+                    "consuming",
+                    extra={
+                        "loop": self.name,
+                        "queues": [s.queue.name for s in self._subscribers],
+                    },
+                )
                 while not self._stopping:
                     try:
                         connection.drain_events(timeout=tick)
@@ -244,13 +267,17 @@ class ConsumeLoop:
             return
         channel = self._channel
         subscriber.queue.bind(channel).declare()
-        channel.basic_qos(prefetch_size=0, prefetch_count=subscriber.prefetch_count, a_global=False)
+        channel.basic_qos(
+            prefetch_size=0, prefetch_count=subscriber.prefetch_count, a_global=False
+        )
         generation = self.generation
 
         def on_message(raw: Any) -> None:
             self._on_message(subscriber, raw, generation)
 
-        tag = channel.basic_consume(subscriber.queue.name, callback=on_message, no_ack=subscriber.no_ack)
+        tag = channel.basic_consume(
+            subscriber.queue.name, callback=on_message, no_ack=subscriber.no_ack
+        )
         self._subscribers[subscriber] = tag
 
     def _on_message(self, subscriber: Any, raw: Any, generation: int) -> None:

@@ -14,15 +14,16 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import amqp
-from amqp import spec
 import kombu
 import kombu.compression
 import kombu.serialization
+from amqp import spec
 
 from framework import concurrency, serialization
 from framework.amqp.connection import CONNECTION_ERRORS, DrainedConnection
 from framework.constants import (
     DEFAULT_PUBLISH_CONFIRM_TIMEOUT,
+    DEFAULT_RETRY_POLICY,
     PERSISTENT,
     PUBLISH_CONFIRM_TIMEOUT_CONFIG_KEY,
 )
@@ -30,12 +31,6 @@ from framework.exceptions import PublishConfirmFailed, UndeliverableMessage
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RETRY_POLICY: dict[str, Any] = {
-    "max_retries": 3,
-    "interval_start": 1.0,
-    "interval_step": 2.0,
-    "interval_max": 5.0,
-}
 
 
 #: Called once per message the broker took: ``observer(publisher, exchange_name)``.

@@ -1,1 +1,2 @@
-"""The ``framework`` command line: ``run``, ``shell``, ``show-config`` (see ``main``)."""
+"""The ``framework`` command line: ``run``, ``shell``, ``show-config``, ``db`` and
+``dead-letters`` (see ``main``)."""

@@ -69,6 +69,9 @@ def init_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
 
 def main(args: argparse.Namespace) -> int:
     config = setup_config(args.config, args.define, args.broker)
+    # As ``run`` does: scripts piped in may import the project's own modules.
+    if "." not in sys.path:
+        sys.path.insert(0, ".")
     helper = make_helper(config)
     namespace: dict[str, Any] = {
         "__name__": "__console__",

@@ -6,7 +6,11 @@ import uuid
 from typing import Any
 
 from framework.amqp.publish import Publisher
-from framework.constants import CALL_ID_STACK_CONTEXT_KEY, DEFAULT_SERIALIZER, SERIALIZER_CONFIG_KEY
+from framework.constants import (
+    CALL_ID_STACK_CONTEXT_KEY,
+    DEFAULT_SERIALIZER,
+    SERIALIZER_CONFIG_KEY,
+)
 from framework.events import get_event_exchange
 from framework.messaging import encode_to_headers
 

@@ -27,7 +27,13 @@ from framework.constants import (
 )
 from framework.exceptions import RpcTimeout
 from framework.messaging import encode_to_headers
-from framework.rpc import ClusterProxy, RpcClient, ServiceProxy, get_rpc_exchange, get_rpc_timeout
+from framework.rpc import (
+    ClusterProxy,
+    RpcClient,
+    ServiceProxy,
+    get_rpc_exchange,
+    get_rpc_timeout,
+)
 
 log = logging.getLogger(__name__)
 

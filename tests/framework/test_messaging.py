@@ -226,3 +226,27 @@ def test_dead_letters_cli_lists_and_replays(rabbit_config, runner_factory):
     assert "replayed 1 message(s)" in replayed.stdout
     wait_for(lambda: len(attempts) == 2)
     dispatch.close()
+
+
+def test_replaying_an_event_reaches_only_the_handler_that_failed_it(
+    rabbit_config, runner_factory
+):
+    class Bystander:
+        name = "bystander"
+
+        @event_handler("source", "boom")
+        def on_boom(self, payload):
+            received.append(payload)
+
+    config = {**rabbit_config, "MAX_REDELIVERIES": 0}
+    runner_factory(config, Poisoned, Bystander).start()
+    dispatch = event_dispatcher(rabbit_config)
+    dispatch("source", "boom", {"id": "once"})
+    source_queue = "evt-source-boom--poisoned.on_boom"
+    wait_for(lambda: len(deadletters.peek(rabbit_config, source_queue)) == 1)
+    wait_for(lambda: received == [{"id": "once"}])
+    assert deadletters.replay(rabbit_config, source_queue) == 1
+    wait_for(lambda: len(attempts) == 2)
+    wait_for(lambda: len(deadletters.peek(rabbit_config, source_queue)) == 1)
+    assert received == [{"id": "once"}]  # the bystander did not get it twice
+    dispatch.close()

@@ -358,5 +358,13 @@ def test_graceful_stop_finishes_in_flight_calls_and_acks_them(
     # redelivered (nameko would leave them unacked and process them twice).
     # Exact counts from the broker itself (the management API's are sampled).
     with kombu.Connection(rabbit_config["AMQP_URI"]) as connection:
-        _, messages, consumers = connection.channel().queue_declare("rpc-greeter", passive=True)
+        _, messages, consumers = connection.channel().queue_declare(
+            "rpc-greeter", passive=True
+        )
     assert (messages, consumers) == (0, 0)
+
+
+def test_a_cluster_proxy_can_take_another_timeout(proxy):
+    with pytest.raises(RpcTimeout):
+        proxy.with_timeout(0.2).greeter.sleep(0.6)
+    assert proxy.with_timeout(5).greeter.hello("x") == "Hello, x!"

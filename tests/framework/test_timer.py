@@ -77,3 +77,15 @@ def test_stop_waits_for_the_running_tick_then_no_more_fire(container_factory):
     count = len(ticks)
     concurrency.sleep(0.1)
     assert len(ticks) == count
+
+
+def test_the_drain_deadline_bounds_a_running_tick(container_factory):
+    container = container_factory(
+        make_service(0.01, eager=True, duration=30), {"DRAIN_TIMEOUT": 0.2}
+    )
+    container.start()
+    wait_for(lambda: len(ticks) == 1, timeout=2)
+    started = time.monotonic()
+    with concurrency.Timeout(10):
+        container.stop()
+    assert time.monotonic() - started < 10
