@@ -32,7 +32,9 @@ class EventHandlerConfigurationError(Exception):
     pass
 
 
-def get_event_exchange(service_name: str, config: dict[str, Any] | None = None) -> kombu.Exchange:
+def get_event_exchange(
+    service_name: str, config: dict[str, Any] | None = None
+) -> kombu.Exchange:
     config = config or {}
     auto_delete = bool(config.get(AUTO_DELETE_EVENT_EXCHANGES_CONFIG_KEY))
     no_declare = config.get(DECLARE_EVENT_EXCHANGES_CONFIG_KEY) is False
@@ -50,7 +52,9 @@ class EventDispatcher(Publisher):
     """Injects ``dispatch(event_type, event_data)``: publish to ``<service>.events``."""
 
     def setup(self) -> None:
-        self.exchange = get_event_exchange(self.container.service_name, self.container.config)
+        self.exchange = get_event_exchange(
+            self.container.service_name, self.container.config
+        )
         if not self.exchange.no_declare:
             self.declare.append(self.exchange)
 
@@ -79,7 +83,9 @@ class EventHandler(Consumer):
         **kwargs: Any,
     ) -> None:
         if handler_type not in HANDLER_TYPES:
-            raise EventHandlerConfigurationError(f"unknown handler type {handler_type!r}; use one of {HANDLER_TYPES}")
+            raise EventHandlerConfigurationError(
+                f"unknown handler type {handler_type!r}; use one of {HANDLER_TYPES}"
+            )
         self.source_service = source_service
         self.event_type = event_type
         self.handler_type = handler_type
@@ -89,7 +95,7 @@ class EventHandler(Consumer):
     def bind(self, container: Any, method_name: str) -> Any:
         instance = super().bind(container, method_name)
         if instance.handler_type == BROADCAST:
-            instance.broadcast_identifier  # fail at construction, as nameko does
+            _ = instance.broadcast_identifier  # fail at construction, as nameko does
         return instance
 
     @property
@@ -116,7 +122,9 @@ class EventHandler(Consumer):
         if self.handler_type == SERVICE_POOL:
             queue_name += f"--{service_name}.{self.method_name}"
         elif self.handler_type == BROADCAST:
-            queue_name += f"--{service_name}.{self.method_name}-{self.broadcast_identifier}"
+            queue_name += (
+                f"--{service_name}.{self.method_name}-{self.broadcast_identifier}"
+            )
             exclusive = not self.reliable_delivery
         self.queue = kombu.Queue(
             queue_name,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from typing import Any
 
 from framework import concurrency
@@ -55,18 +56,15 @@ class Timer(Entrypoint):
                 return
             done = concurrency.Event()
             self.container.spawn_worker(
-                self,
-                (),
-                {},
-                handle_result=lambda ctx, result, exc_info: self._finished(
-                    done, result, exc_info
-                ),
+                self, (), {}, handle_result=partial(self._finished, done)
             )
             done.wait()
             tick += 1
 
     @staticmethod
-    def _finished(done: Any, result: Any, exc_info: Any) -> tuple[Any, Any]:
+    def _finished(
+        done: Any, worker_ctx: WorkerContext, result: Any, exc_info: Any
+    ) -> tuple[Any, Any]:
         done.send(None)
         return result, exc_info
 
