@@ -35,7 +35,9 @@ log = logging.getLogger(__name__)
 worker_log = logging.getLogger("framework.workers")
 
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
-HandleResult = Callable[["WorkerContext", Any, ExcInfo | None], tuple[Any, ExcInfo | None]]
+HandleResult = Callable[
+    ["WorkerContext", Any, ExcInfo | None], tuple[Any, ExcInfo | None]
+]
 
 
 class WorkerObserver(Protocol):
@@ -49,7 +51,9 @@ class WorkerObserver(Protocol):
 
     def worker_started(self, worker_ctx: WorkerContext) -> None: ...
 
-    def worker_finished(self, worker_ctx: WorkerContext, outcome: str, duration: float) -> None: ...
+    def worker_finished(
+        self, worker_ctx: WorkerContext, outcome: str, duration: float
+    ) -> None: ...
 
 
 #: Observers of every container's workers in this process.
@@ -110,7 +114,9 @@ class WorkerContext:
     @property
     def call_id(self) -> str:
         if self._call_id is None:
-            self._call_id = f"{self.service_name}.{self.entrypoint.method_name}.{new_call_id()}"
+            self._call_id = (
+                f"{self.service_name}.{self.entrypoint.method_name}.{new_call_id()}"
+            )
         return self._call_id
 
     @property
@@ -177,7 +183,9 @@ class ServiceContainer:
         self.service_name = get_service_name(service_cls)
         self.shared_extensions: dict[Any, Extension] = {}
         self.max_workers = config.get(MAX_WORKERS_CONFIG_KEY) or DEFAULT_MAX_WORKERS
-        self.drain_timeout = float(config.get(DRAIN_TIMEOUT_CONFIG_KEY, DEFAULT_DRAIN_TIMEOUT))
+        self.drain_timeout = float(
+            config.get(DRAIN_TIMEOUT_CONFIG_KEY, DEFAULT_DRAIN_TIMEOUT)
+        )
         self.serializer, self.accept = serialization.setup(config)
 
         self.dependencies: set[DependencyProvider] = set()
@@ -319,16 +327,22 @@ class ServiceContainer:
             log.info("Worker spawn prevented due to being killed")
             raise ContainerBeingKilled()
         service = self.service_cls()
-        worker_ctx = WorkerContext(self, service, entrypoint, args, kwargs, data=context_data)
+        worker_ctx = WorkerContext(
+            self, service, entrypoint, args, kwargs, data=context_data
+        )
         thread = self._worker_pool.spawn(self._run_worker, worker_ctx, handle_result)
         self._worker_threads[worker_ctx] = thread
         thread.link(self._worker_thread_exited, worker_ctx)
         return worker_ctx
 
-    def _worker_thread_exited(self, thread: concurrency.GreenThread, worker_ctx: WorkerContext) -> None:
+    def _worker_thread_exited(
+        self, thread: concurrency.GreenThread, worker_ctx: WorkerContext
+    ) -> None:
         self._worker_threads.pop(worker_ctx, None)
 
-    def _run_worker(self, worker_ctx: WorkerContext, handle_result: HandleResult | None) -> None:
+    def _run_worker(
+        self, worker_ctx: WorkerContext, handle_result: HandleResult | None
+    ) -> None:
         started = time.perf_counter()
         for observer in worker_observers:
             observer.worker_started(worker_ctx)
@@ -338,11 +352,15 @@ class ServiceContainer:
             # Killed mid-call (GreenletExit): observers still hear of the end, so
             # e.g. an in-flight gauge cannot leak.
             for observer in worker_observers:
-                observer.worker_finished(worker_ctx, "killed", time.perf_counter() - started)
+                observer.worker_finished(
+                    worker_ctx, "killed", time.perf_counter() - started
+                )
             raise
         self._log_worker(worker_ctx, started, exc_info)
 
-    def _call_worker(self, worker_ctx: WorkerContext, handle_result: HandleResult | None) -> ExcInfo | None:
+    def _call_worker(
+        self, worker_ctx: WorkerContext, handle_result: HandleResult | None
+    ) -> ExcInfo | None:
         result: Any = None
         exc_info: ExcInfo | None = None
         try:
@@ -352,14 +370,18 @@ class ServiceContainer:
             exc_info = sys.exc_info()  # type: ignore[assignment]
             log.exception("dependency setup failed for worker %s", worker_ctx)
         else:
-            method = getattr(worker_ctx.service, worker_ctx.entrypoint.method_name)
+            method = getattr(
+                worker_ctx.service, worker_ctx.entrypoint.method_name or ""
+            )
             try:
                 result = method(*worker_ctx.args, **worker_ctx.kwargs)
             except Exception as exc:
                 exc_info = sys.exc_info()  # type: ignore[assignment]
                 expected = worker_ctx.entrypoint.expected_exceptions
                 if expected and isinstance(exc, expected):
-                    log.warning("(expected) error handling worker %s: %s", worker_ctx, exc)
+                    log.warning(
+                        "(expected) error handling worker %s: %s", worker_ctx, exc
+                    )
                 else:
                     log.exception("error handling worker %s: %s", worker_ctx, exc)
 
@@ -375,11 +397,17 @@ class ServiceContainer:
 
     def _inject_dependencies(self, worker_ctx: WorkerContext) -> None:
         for provider in self.dependencies:
-            setattr(worker_ctx.service, provider.attr_name, provider.get_dependency(worker_ctx))  # type: ignore[arg-type]
+            setattr(
+                worker_ctx.service,
+                provider.attr_name or "",
+                provider.get_dependency(worker_ctx),
+            )
         for provider in self.dependencies:
             provider.worker_setup(worker_ctx)
 
-    def _worker_result(self, worker_ctx: WorkerContext, result: Any, exc_info: ExcInfo | None) -> None:
+    def _worker_result(
+        self, worker_ctx: WorkerContext, result: Any, exc_info: ExcInfo | None
+    ) -> None:
         for provider in self.dependencies:
             try:
                 provider.worker_result(worker_ctx, result, exc_info)
@@ -393,12 +421,18 @@ class ServiceContainer:
             except Exception:
                 log.exception("%r.worker_teardown failed for %s", provider, worker_ctx)
 
-    def _log_worker(self, worker_ctx: WorkerContext, started: float, exc_info: ExcInfo | None) -> None:
+    def _log_worker(
+        self, worker_ctx: WorkerContext, started: float, exc_info: ExcInfo | None
+    ) -> None:
         duration = time.perf_counter() - started
         outcome = "success"
         if exc_info is not None:
             expected = worker_ctx.entrypoint.expected_exceptions
-            outcome = "expected_error" if expected and isinstance(exc_info[1], expected) else "error"
+            outcome = (
+                "expected_error"
+                if expected and isinstance(exc_info[1], expected)
+                else "error"
+            )
         # Observers before the log line: a handler may yield, and a worker killed
         # there would otherwise never report its end.
         for observer in worker_observers:
@@ -432,14 +466,18 @@ class ServiceContainer:
         thread.link(self._managed_thread_exited, identifier)
         return thread
 
-    def _managed_thread_exited(self, thread: concurrency.GreenThread, identifier: str | None) -> None:
+    def _managed_thread_exited(
+        self, thread: concurrency.GreenThread, identifier: str | None
+    ) -> None:
         self._managed_threads.pop(thread, None)
         try:
             thread.wait()
         except concurrency.GreenletExit:
             pass
         except Exception:
-            log.critical("%s thread %s exited with error", self, identifier, exc_info=True)
+            log.critical(
+                "%s thread %s exited with error", self, identifier, exc_info=True
+            )
             concurrency.spawn_n(self.kill, sys.exc_info())
 
     def __repr__(self) -> str:

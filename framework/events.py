@@ -92,8 +92,8 @@ class EventHandler(Consumer):
         self.reliable_delivery = reliable_delivery
         super().__init__(queue=None, requeue_on_error=requeue_on_error, **kwargs)  # type: ignore[arg-type]
 
-    def bind(self, container: Any, method_name: str) -> Any:
-        instance = super().bind(container, method_name)
+    def bind(self, container: Any, method_name: str) -> EventHandler:  # type: ignore[override]
+        instance: EventHandler = super().bind(container, method_name)  # type: ignore[assignment]
         if instance.handler_type == BROADCAST:
             _ = instance.broadcast_identifier  # fail at construction, as nameko does
         return instance

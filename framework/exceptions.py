@@ -160,7 +160,11 @@ def deserialize(data: dict[str, Any]) -> BaseException:
 def _register_nameko_spellings() -> None:
     # A nameko peer sends "nameko.exceptions.MethodNotFound"; rebuild it as ours.
     for name, obj in list(globals().items()):
-        if inspect.isclass(obj) and get_module_path(obj) in registry:
+        if (
+            inspect.isclass(obj)
+            and issubclass(obj, BaseException)
+            and get_module_path(obj) in registry
+        ):
             registry[f"nameko.exceptions.{name}"] = obj
 
 

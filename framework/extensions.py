@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -189,7 +189,7 @@ class Entrypoint(Extension):
         instance.method_name = method_name  # type: ignore[attr-defined]
         return instance
 
-    def check_signature(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def check_signature(self, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
         """Raise ``IncorrectSignature`` unless the method accepts these arguments."""
         method = getattr(self.container.service_cls, self.method_name)  # type: ignore[arg-type]
         try:
@@ -205,7 +205,9 @@ class Entrypoint(Extension):
         plainly callable (which is what ``worker_factory`` relies on).
         """
 
-        def registering_decorator(fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        def registering_decorator(
+            fn: Callable[..., Any], args: tuple, kwargs: dict
+        ) -> Any:
             register_entrypoint(fn, cls(*args, **kwargs))
             return fn
 

@@ -99,7 +99,9 @@ class ServiceRunner:
 
 
 @contextmanager
-def run_services(config: dict[str, Any], *services: type, kill_on_exit: bool = False) -> Iterator[ServiceRunner]:
+def run_services(
+    config: dict[str, Any], *services: type, kill_on_exit: bool = False
+) -> Iterator[ServiceRunner]:
     """Run ``services`` for the duration of the block; always stops (or kills) them."""
     runner = ServiceRunner(config)
     for service in services:

@@ -38,7 +38,9 @@ def setup(config: dict[str, Any]) -> SerializationConfig:
         try:
             kombu.serialization.registry.name_to_type[name]
         except KeyError:
-            raise ConfigurationError(f'Please register a serializer for "{name}" format') from None
+            raise ConfigurationError(
+                f'Please register a serializer for "{name}" format'
+            ) from None
     return SerializationConfig(serializer, list(accept))
 
 
@@ -71,10 +73,19 @@ def dumps(payload: Any, serializer: str) -> tuple[str, str, bytes | str]:
     return kombu.serialization.dumps(payload, serializer=serializer)
 
 
-def loads(body: bytes | str, content_type: str | None, content_encoding: str | None, accept: Any) -> Any:
+def loads(
+    body: bytes | str,
+    content_type: str | None,
+    content_encoding: str | None,
+    accept: Any,
+) -> Any:
     """Decode a message body, refusing content types outside ``accept``."""
-    if content_type == _JSON_CONTENT_TYPE and (accept is None or _JSON_CONTENT_TYPE in accept):
+    if content_type == _JSON_CONTENT_TYPE and (
+        accept is None or _JSON_CONTENT_TYPE in accept
+    ):
         raw = body.encode() if isinstance(body, str) else body
         if _TYPE_MARKER not in raw:
             return _json_loads(raw)
-    return kombu.serialization.loads(body, content_type, content_encoding, accept=accept)
+    return kombu.serialization.loads(
+        body, content_type, content_encoding, accept=accept
+    )

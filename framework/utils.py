@@ -48,7 +48,10 @@ def get_redacted_args(entrypoint: Any, *args: Any, **kwargs: Any) -> dict[str, A
     if isinstance(sensitive, str):
         sensitive = (sensitive,)
     for path in sensitive:
-        tokens = [key if key is not None else int(idx) for key, idx in _PATH_TOKEN.findall(path)]
+        tokens = [
+            key if key is not None else int(idx)
+            for key, idx in _PATH_TOKEN.findall(path)
+        ]
         _redact(callargs, tokens)
     return callargs
 

@@ -38,9 +38,19 @@ def nameko_python() -> Path:
     if python.exists() and stamp_file.exists() and stamp_file.read_text() == _stamp():
         return python
     CACHE_DIR.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "venv", "--clear", str(CACHE_DIR)], check=True)
     subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *REQUIREMENTS],
+        [sys.executable, "-m", "venv", "--clear", str(CACHE_DIR)], check=True
+    )
+    subprocess.run(
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            *REQUIREMENTS,
+        ],
         check=True,
     )
     stamp_file.write_text(_stamp())

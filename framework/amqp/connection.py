@@ -71,7 +71,9 @@ def connect_with_retry(
     Logs once per attempt so an operator sees a service waiting for its broker
     rather than a silent hang. ``max_attempts=None`` retries forever.
     """
-    max_interval = float(config.get(CONNECT_RETRY_MAX_CONFIG_KEY, DEFAULT_CONNECT_RETRY_MAX_INTERVAL))
+    max_interval = float(
+        config.get(CONNECT_RETRY_MAX_CONFIG_KEY, DEFAULT_CONNECT_RETRY_MAX_INTERVAL)
+    )
     interval = 0.2
     attempt = 0
     while True:
@@ -80,12 +82,19 @@ def connect_with_retry(
             # One attempt, no sleep inside kombu: the backoff and its logging are ours
             # (kombu's connect() would quietly sleep 2s and try again).
             connection.ensure_connection(
-                max_retries=1, interval_start=0, interval_step=0, interval_max=0, reraise_as_library_errors=False
+                max_retries=1,
+                interval_start=0,
+                interval_step=0,
+                interval_max=0,
+                reraise_as_library_errors=False,
             )
             if attempt > 1:
                 log.info(
                     "connected to broker",
-                    extra={"broker": sanitize_url(connection.as_uri()), "purpose": purpose},
+                    extra={
+                        "broker": sanitize_url(connection.as_uri()),
+                        "purpose": purpose,
+                    },
                 )
             return
         except CONNECTION_ERRORS as exc:
@@ -206,7 +215,9 @@ class DrainedConnection:
     already there. This also works in a plain, unpatched single-threaded program.
     """
 
-    def __init__(self, config: dict[str, Any], *, uri: str | None = None, purpose: str) -> None:
+    def __init__(
+        self, config: dict[str, Any], *, uri: str | None = None, purpose: str
+    ) -> None:
         self.config = config
         self.uri = uri
         self.purpose = purpose
@@ -232,7 +243,9 @@ class DrainedConnection:
                 return self.connection  # type: ignore[return-value]
             close_quietly(self.connection)
             connection = make_connection(self.config, uri=self.uri)
-            connect_with_retry(connection, self.config, purpose=self.purpose, max_attempts=max_attempts)
+            connect_with_retry(
+                connection, self.config, purpose=self.purpose, max_attempts=max_attempts
+            )
             tune_transport(connection.connection)
             with self.drain_lock:
                 for callback in self._on_connect:
@@ -256,7 +269,11 @@ class DrainedConnection:
             remaining = deadline.remaining()
             if remaining is not None and remaining <= 0:
                 return done()
-            acquired = self.drain_lock.acquire(timeout=remaining) if remaining is not None else self.drain_lock.acquire()
+            acquired = (
+                self.drain_lock.acquire(timeout=remaining)
+                if remaining is not None
+                else self.drain_lock.acquire()
+            )
             if not acquired:
                 return done()
             try:

@@ -32,7 +32,6 @@ from framework.exceptions import PublishConfirmFailed, UndeliverableMessage
 log = logging.getLogger(__name__)
 
 
-
 #: Called once per message the broker took: ``observer(publisher, exchange_name)``.
 #: ``framework.metrics`` counts messages here; observers must be cheap and not raise.
 publish_observers: list[Callable[[Publisher, str], None]] = []
@@ -65,9 +64,13 @@ class Publisher:
         self.service = service  # the publishing service, for metrics; None outside one
         self.use_confirms = use_confirms
         self.confirm_timeout = float(
-            config.get(PUBLISH_CONFIRM_TIMEOUT_CONFIG_KEY, DEFAULT_PUBLISH_CONFIRM_TIMEOUT)
+            config.get(
+                PUBLISH_CONFIRM_TIMEOUT_CONFIG_KEY, DEFAULT_PUBLISH_CONFIRM_TIMEOUT
+            )
         )
-        self.connection = connection or DrainedConnection(config, uri=uri, purpose=purpose)
+        self.connection = connection or DrainedConnection(
+            config, uri=uri, purpose=purpose
+        )
         self.connection.on_connect(self._open_channel)
         self._channel: Any = None
         self._declared: set[Any] = set()
@@ -81,7 +84,9 @@ class Publisher:
         for confirm in self._pending.values():
             if not confirm.done:
                 confirm.done = True
-                confirm.error = ConnectionResetError("connection lost before the confirm")
+                confirm.error = ConnectionResetError(
+                    "connection lost before the confirm"
+                )
         self._pending = {}
         self._declared = set()
         channel = connection.channel()
@@ -97,10 +102,20 @@ class Publisher:
         self._resolve(delivery_tag, multiple, None)
 
     def _on_nack(self, delivery_tag: int, multiple: bool) -> None:
-        self._resolve(delivery_tag, multiple, PublishConfirmFailed("the broker nacked the message"))
+        self._resolve(
+            delivery_tag,
+            multiple,
+            PublishConfirmFailed("the broker nacked the message"),
+        )
 
-    def _resolve(self, delivery_tag: int, multiple: bool, error: BaseException | None) -> None:
-        tags = [t for t in self._pending if t <= delivery_tag] if multiple else [delivery_tag]
+    def _resolve(
+        self, delivery_tag: int, multiple: bool, error: BaseException | None
+    ) -> None:
+        tags = (
+            [t for t in self._pending if t <= delivery_tag]
+            if multiple
+            else [delivery_tag]
+        )
         for tag in tags:
             confirm = self._pending.pop(tag, None)
             if confirm is not None and not confirm.done:
@@ -108,13 +123,24 @@ class Publisher:
                 if confirm.error is None:
                     confirm.error = error
 
-    def _on_return(self, exc: Exception, exchange: str, routing_key: str, message: Any) -> None:
+    def _on_return(
+        self, exc: Exception, exchange: str, routing_key: str, message: Any
+    ) -> None:
         # RabbitMQ sends basic.return before the basic.ack of the same message, so
         # marking the pending confirm here makes the ack resolve it as undeliverable.
         correlation_id = message.properties.get("correlation_id")
-        error = UndeliverableMessage(f"no queue is bound to {exchange!r} for {routing_key!r}")
+        error = UndeliverableMessage(
+            f"no queue is bound to {exchange!r} for {routing_key!r}"
+        )
         candidates = [c for c in self._pending.values() if c.mandatory and not c.done]
-        match = next((c for c in candidates if correlation_id and c.correlation_id == correlation_id), None)
+        match = next(
+            (
+                c
+                for c in candidates
+                if correlation_id and c.correlation_id == correlation_id
+            ),
+            None,
+        )
         if match is None and candidates:
             match = candidates[0]
         if match is not None:
@@ -193,7 +219,9 @@ class Publisher:
         if compression:
             body, compressed_type = kombu.compression.compress(body, compression)
             headers = {**(headers or {}), "compression": compressed_type}
-        exchange_name = exchange.name if isinstance(exchange, kombu.Exchange) else exchange
+        exchange_name = (
+            exchange.name if isinstance(exchange, kombu.Exchange) else exchange
+        )
         message_properties = {
             "content_type": content_type,
             "content_encoding": content_encoding,
@@ -204,7 +232,9 @@ class Publisher:
         if expiration is not None:
             # kombu's convention, which nameko inherits: seconds, sent as ms.
             message_properties["expiration"] = str(int(float(expiration) * 1000))
-        message_properties.update({k: v for k, v in properties.items() if v is not None})
+        message_properties.update(
+            {k: v for k, v in properties.items() if v is not None}
+        )
         policy = {**DEFAULT_RETRY_POLICY, **(retry_policy or {})}
         attempts = 1 + (int(policy["max_retries"]) if retry else 0)
         interval = float(policy["interval_start"])
@@ -212,7 +242,13 @@ class Publisher:
             generation = self.connection.generation
             try:
                 self._publish_once(
-                    body, message_properties, exchange_name, routing_key, mandatory, declare, timeout
+                    body,
+                    message_properties,
+                    exchange_name,
+                    routing_key,
+                    mandatory,
+                    declare,
+                    timeout,
                 )
             except CONNECTION_ERRORS as exc:
                 self.connection.reset(generation)
@@ -222,10 +258,17 @@ class Publisher:
                     "publish failed (%s); retrying in %.1fs",
                     exc,
                     interval,
-                    extra={"exchange": exchange_name, "routing_key": routing_key, "attempt": attempt},
+                    extra={
+                        "exchange": exchange_name,
+                        "routing_key": routing_key,
+                        "attempt": attempt,
+                    },
                 )
                 concurrency.sleep(interval)
-                interval = min(interval + float(policy["interval_step"]), float(policy["interval_max"]))
+                interval = min(
+                    interval + float(policy["interval_step"]),
+                    float(policy["interval_max"]),
+                )
             else:
                 for observer in publish_observers:
                     observer(self, exchange_name)
@@ -256,11 +299,16 @@ class Publisher:
             # is draining it and corrupt its read buffer. Blocked notifications
             # still arrive through the normal drain.
             channel.send_method(
-                spec.Basic.Publish, "Bssbb", (0, exchange, routing_key, mandatory, False), message
+                spec.Basic.Publish,
+                "Bssbb",
+                (0, exchange, routing_key, mandatory, False),
+                message,
             )
         if not self.use_confirms:
             return
-        deadline = concurrency.Deadline(timeout if timeout is not None else self.confirm_timeout)
+        deadline = concurrency.Deadline(
+            timeout if timeout is not None else self.confirm_timeout
+        )
         if not self.connection.wait_until(lambda: confirm.done, deadline):
             self._pending.pop(tag, None)
             raise PublishConfirmFailed(
@@ -285,5 +333,10 @@ class Publisher:
 
 def _entity_key(entity: Any) -> Any:
     if isinstance(entity, kombu.Queue):
-        return ("queue", entity.name, entity.routing_key, entity.exchange.name if entity.exchange else None)
+        return (
+            "queue",
+            entity.name,
+            entity.routing_key,
+            entity.exchange.name if entity.exchange else None,
+        )
     return ("exchange", entity.name)

@@ -17,21 +17,33 @@ from framework.messaging import encode_to_headers
 STANDALONE_DISPATCHER_NAME = "standalone_event_dispatcher"
 
 
-def event_dispatcher(config: dict[str, Any], context_data: dict[str, Any] | None = None, **publisher_options: Any) -> Any:
+def event_dispatcher(
+    config: dict[str, Any],
+    context_data: dict[str, Any] | None = None,
+    **publisher_options: Any,
+) -> Any:
     """``dispatch = event_dispatcher(config); dispatch("orders", "order_created", {...})``.
 
     Unlike nameko's, events carry context headers (a fresh call-id stack per
     dispatch, plus ``context_data``), so handlers can trace where they came from.
     ``dispatch.close()`` releases the connection.
     """
-    publisher = Publisher(config, use_confirms=publisher_options.pop("use_confirms", True), purpose="standalone event dispatcher")
-    serializer = publisher_options.pop("serializer", config.get(SERIALIZER_CONFIG_KEY, DEFAULT_SERIALIZER))
+    publisher = Publisher(
+        config,
+        use_confirms=publisher_options.pop("use_confirms", True),
+        purpose="standalone event dispatcher",
+    )
+    serializer = publisher_options.pop(
+        "serializer", config.get(SERIALIZER_CONFIG_KEY, DEFAULT_SERIALIZER)
+    )
     base_context = dict(context_data or {})
 
     def dispatch(service_name: str, event_type: str, event_data: Any) -> None:
         exchange = get_event_exchange(service_name, config)
         call_id = f"{STANDALONE_DISPATCHER_NAME}.dispatch.{uuid.uuid4()}"
-        headers = encode_to_headers({**base_context, CALL_ID_STACK_CONTEXT_KEY: [call_id]})
+        headers = encode_to_headers(
+            {**base_context, CALL_ID_STACK_CONTEXT_KEY: [call_id]}
+        )
         publisher.publish(
             event_data,
             exchange=exchange,

@@ -41,7 +41,9 @@ STANDALONE_SERVICE_NAME = "standalone_rpc_proxy"
 
 
 class StandaloneReplyEvent:
-    def __init__(self, listener: SingleThreadedReplyListener, correlation_id: str) -> None:
+    def __init__(
+        self, listener: SingleThreadedReplyListener, correlation_id: str
+    ) -> None:
         self.listener = listener
         self.correlation_id = correlation_id
 
@@ -60,7 +62,9 @@ class StandaloneReplyEvent:
             except CONNECTION_ERRORS as exc:
                 # The reply queue is durable and redeclared on reconnect, so a
                 # reply published meanwhile is still waiting for us there.
-                log.warning("connection lost while waiting for a reply (%s); reconnecting", exc)
+                log.warning(
+                    "connection lost while waiting for a reply (%s); reconnecting", exc
+                )
                 connection.reset(generation)
                 if deadline.expired():
                     raise
@@ -74,7 +78,8 @@ class SingleThreadedReplyListener:
     def __init__(self, connection: DrainedConnection, config: dict[str, Any]) -> None:
         self.connection = connection
         self.accept = kombu.serialization.prepare_accept_content(
-            config.get(ACCEPT_CONFIG_KEY) or [config.get(SERIALIZER_CONFIG_KEY, DEFAULT_SERIALIZER)]
+            config.get(ACCEPT_CONFIG_KEY)
+            or [config.get(SERIALIZER_CONFIG_KEY, DEFAULT_SERIALIZER)]
         )
         self.routing_key = str(uuid.uuid4())
         self.queue = kombu.Queue(
@@ -95,15 +100,29 @@ class SingleThreadedReplyListener:
     def _on_message(self, raw: Any) -> None:
         correlation_id = raw.properties.get("correlation_id")
         if correlation_id not in self.waiting:
-            log.debug("dropping a reply nobody waits for", extra={"correlation_id": correlation_id})
+            log.debug(
+                "dropping a reply nobody waits for",
+                extra={"correlation_id": correlation_id},
+            )
             return
         self.waiting.discard(correlation_id)
         try:
             body = serialization.loads(
-                raw.body, raw.properties.get("content_type"), raw.properties.get("content_encoding"), self.accept
+                raw.body,
+                raw.properties.get("content_type"),
+                raw.properties.get("content_encoding"),
+                self.accept,
             )
         except Exception as exc:  # a broken reply must fail its call, not the proxy
-            body = {"result": None, "error": {"exc_type": "MalformedReply", "exc_path": "", "exc_args": [str(exc)], "value": str(exc)}}
+            body = {
+                "result": None,
+                "error": {
+                    "exc_type": "MalformedReply",
+                    "exc_path": "",
+                    "exc_args": [str(exc)],
+                    "value": str(exc),
+                },
+            }
         self.replies[correlation_id] = body
 
     def get_reply_event(self, correlation_id: str) -> StandaloneReplyEvent:
@@ -116,12 +135,22 @@ class SingleThreadedReplyListener:
 
 
 class StandaloneProxyBase:
-    def __init__(self, config: dict[str, Any], context_data: dict[str, Any] | None = None, timeout: float | None = None, **publisher_options: Any) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        context_data: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        **publisher_options: Any,
+    ) -> None:
         self.config = config
         self.context_data = dict(context_data or {})
         self.timeout = timeout if timeout is not None else get_rpc_timeout(config)
         self.connection = DrainedConnection(config, purpose="standalone rpc proxy")
-        self.publisher = Publisher(config, connection=self.connection, use_confirms=publisher_options.pop("use_confirms", True))
+        self.publisher = Publisher(
+            config,
+            connection=self.connection,
+            use_confirms=publisher_options.pop("use_confirms", True),
+        )
         self.reply_listener = SingleThreadedReplyListener(self.connection, config)
         self.client = RpcClient(
             config,
@@ -134,7 +163,9 @@ class StandaloneProxyBase:
 
     def _context_headers(self) -> dict[str, Any]:
         call_id = f"{STANDALONE_SERVICE_NAME}.call.{uuid.uuid4()}"
-        return encode_to_headers({**self.context_data, CALL_ID_STACK_CONTEXT_KEY: [call_id]})
+        return encode_to_headers(
+            {**self.context_data, CALL_ID_STACK_CONTEXT_KEY: [call_id]}
+        )
 
     def _connect(self) -> None:
         self.connection.ensure_connected()
@@ -160,7 +191,14 @@ class ClusterRpcProxy(StandaloneProxyBase):
 class ServiceRpcProxy(StandaloneProxyBase):
     """``with ServiceRpcProxy("greeter", config) as greeter: greeter.hello("Matt")``."""
 
-    def __init__(self, service_name: str, config: dict[str, Any], context_data: dict[str, Any] | None = None, timeout: float | None = None, **publisher_options: Any) -> None:
+    def __init__(
+        self,
+        service_name: str,
+        config: dict[str, Any],
+        context_data: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        **publisher_options: Any,
+    ) -> None:
         self.service_name = service_name
         super().__init__(config, context_data, timeout, **publisher_options)
 

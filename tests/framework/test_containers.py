@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from framework import concurrency
-from framework.containers import ServiceContainer, WorkerContext, get_service_name
+from framework.containers import WorkerContext, get_service_name
 from framework.exceptions import ConfigurationError, ContainerBeingKilled
 from framework.extensions import DependencyProvider, Entrypoint
 from framework.testing.services import entrypoint_hook

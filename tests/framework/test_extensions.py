@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from framework import concurrency
 from framework.containers import ServiceContainer
 from framework.exceptions import IncorrectSignature
 from framework.extensions import (
@@ -15,7 +16,6 @@ from framework.extensions import (
     SharedExtension,
     iter_extensions,
 )
-from framework import concurrency
 
 entrypoint = Entrypoint.decorator
 

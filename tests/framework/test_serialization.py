@@ -55,12 +55,20 @@ def test_fast_json_path_writes_what_kombu_writes():
 
     from framework.serialization import dumps, loads
 
-    for payload in ({"a": [1, 2.5, None, True, "ü"]}, [], "x", {"when": datetime.datetime(2026, 1, 2, 3, 4, 5)}, {"d": decimal.Decimal("1.5"), "u": uuid.UUID(int=1)}):
+    for payload in (
+        {"a": [1, 2.5, None, True, "ü"]},
+        [],
+        "x",
+        {"when": datetime.datetime(2026, 1, 2, 3, 4, 5)},
+        {"d": decimal.Decimal("1.5"), "u": uuid.UUID(int=1)},
+    ):
         ours = dumps(payload, "json")
         theirs = kombu.serialization.dumps(payload, serializer="json")
         assert ours == theirs
         accept = {"application/json"}
-        assert loads(ours[2].encode(), ours[0], ours[1], accept) == kombu.serialization.loads(theirs[2], theirs[0], theirs[1], accept=accept)
+        assert loads(
+            ours[2].encode(), ours[0], ours[1], accept
+        ) == kombu.serialization.loads(theirs[2], theirs[0], theirs[1], accept=accept)
 
 
 def test_decoding_refuses_content_types_not_accepted():
