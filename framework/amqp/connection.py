@@ -10,6 +10,7 @@ import kombu
 import kombu.exceptions
 
 from framework import concurrency
+from framework.amqp import channels
 from framework.constants import (
     AMQP_SSL_CONFIG_KEY,
     AMQP_URI_CONFIG_KEY,
@@ -35,6 +36,9 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+MEMORY_POLLING_INTERVAL = 0.005  # seconds
+
+
 def amqp_uri(config: dict[str, Any]) -> str:
     return config.get(AMQP_URI_CONFIG_KEY) or DEFAULT_AMQP_URI
 
@@ -43,13 +47,21 @@ def make_connection(
     config: dict[str, Any], *, uri: str | None = None, heartbeat: float | None = None
 ) -> kombu.Connection:
     """An unconnected kombu connection configured from the service config."""
+    uri = uri or amqp_uri(config)
+    # kombu's in-memory transport polls its queues; its default of once a second
+    # would make every call in the dev mode take a second.
+    options = (
+        {"polling_interval": MEMORY_POLLING_INTERVAL}
+        if uri.startswith("memory:")
+        else {}
+    )
     return kombu.Connection(
-        uri or amqp_uri(config),
+        uri,
         ssl=config.get(AMQP_SSL_CONFIG_KEY),
         login_method=config.get(LOGIN_METHOD_CONFIG_KEY),
         heartbeat=heartbeat if heartbeat is not None else 0,
         connect_timeout=5,
-        transport_options={"confirm_publish": False},
+        transport_options={"confirm_publish": False, **options},
     )
 
 
@@ -246,7 +258,8 @@ class DrainedConnection:
             connect_with_retry(
                 connection, self.config, purpose=self.purpose, max_attempts=max_attempts
             )
-            tune_transport(connection.connection)
+            if channels.is_amqp(connection):
+                tune_transport(connection.connection)
             with self.drain_lock:
                 for callback in self._on_connect:
                     callback(connection)

@@ -17,6 +17,7 @@ import kombu.exceptions
 import kombu.serialization
 
 from framework import concurrency, serialization
+from framework.amqp import channels
 from framework.amqp.connection import (
     CONNECTION_ERRORS,
     close_quietly,
@@ -56,48 +57,45 @@ class Subscriber(Protocol):
 class Delivery:
     """One received message; kombu ``Message``-like for handler code."""
 
-    __slots__ = ("raw", "loop", "generation", "settled", "subscriber")
+    __slots__ = (
+        "body",
+        "properties",
+        "delivery_info",
+        "delivery_tag",
+        "loop",
+        "generation",
+        "settled",
+        "subscriber",
+    )
 
     def __init__(
         self, raw: Any, loop: ConsumeLoop, generation: int, subscriber: Any
     ) -> None:
-        self.raw = raw
+        received = channels.parts(raw)
+        self.body = received.body
+        self.properties = received.properties
+        self.delivery_info = received.delivery_info
+        self.delivery_tag = received.delivery_tag
         self.loop = loop
         self.generation = generation
         self.settled = False
         self.subscriber = subscriber
 
     @property
-    def body(self) -> bytes:
-        return self.raw.body
-
-    @property
-    def properties(self) -> dict[str, Any]:
-        return self.raw.properties
-
-    @property
     def headers(self) -> dict[str, Any]:
-        return self.raw.properties.get("application_headers") or {}
-
-    @property
-    def delivery_info(self) -> dict[str, Any]:
-        return self.raw.delivery_info
-
-    @property
-    def delivery_tag(self) -> int:
-        return self.raw.delivery_info["delivery_tag"]
+        return self.properties.get("application_headers") or {}
 
     @property
     def content_type(self) -> str | None:
-        return self.raw.properties.get("content_type")
+        return self.properties.get("content_type")
 
     @property
     def content_encoding(self) -> str | None:
-        return self.raw.properties.get("content_encoding")
+        return self.properties.get("content_encoding")
 
     def decode(self, accept: list[str] | None) -> Any:
         return serialization.loads(
-            self.raw.body, self.content_type, self.content_encoding, accept
+            self.body, self.content_type, self.content_encoding, accept
         )
 
     def ack(self) -> None:
@@ -139,6 +137,7 @@ class ConsumeLoop:
         self.generation = 0
         self._thread: Any = None
         self._stopping = False
+        self._amqp = True
         self.ready = concurrency.Event()
         self.connected = False
 
@@ -172,7 +171,7 @@ class ConsumeLoop:
         channel = self._channel
         if tag is not None and channel is not None and self.connected:
             try:
-                channel.basic_cancel(tag, nowait=True)
+                channels.cancel(channel, tag, amqp=self._amqp)
             except CONNECTION_ERRORS:
                 pass
 
@@ -214,8 +213,10 @@ class ConsumeLoop:
                 connect_with_retry(
                     connection, self.config, purpose=f"{self.name} consumer"
                 )
-                guard = HeartbeatGuard.install(connection.connection, heartbeat)
-                tune_transport(connection.connection)
+                self._amqp = channels.is_amqp(connection)
+                if self._amqp:
+                    guard = HeartbeatGuard.install(connection.connection, heartbeat)
+                    tune_transport(connection.connection)
                 self._channel = connection.channel()
                 self.generation += 1
                 self.connected = True
@@ -267,16 +268,14 @@ class ConsumeLoop:
             return
         channel = self._channel
         subscriber.queue.bind(channel).declare()
-        channel.basic_qos(
-            prefetch_size=0, prefetch_count=subscriber.prefetch_count, a_global=False
-        )
+        channels.qos(channel, subscriber.prefetch_count)
         generation = self.generation
 
         def on_message(raw: Any) -> None:
             self._on_message(subscriber, raw, generation)
 
-        tag = channel.basic_consume(
-            subscriber.queue.name, callback=on_message, no_ack=subscriber.no_ack
+        tag = channels.consume(
+            channel, subscriber.queue.name, on_message, subscriber.no_ack
         )
         self._subscribers[subscriber] = tag
 

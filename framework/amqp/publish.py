@@ -20,6 +20,7 @@ import kombu.serialization
 from amqp import spec
 
 from framework import concurrency, serialization
+from framework.amqp import channels
 from framework.amqp.connection import CONNECTION_ERRORS, DrainedConnection
 from framework.constants import (
     DEFAULT_PUBLISH_CONFIRM_TIMEOUT,
@@ -77,6 +78,7 @@ class Publisher:
         self._publish_lock = concurrency.Semaphore(1)
         self._next_tag = 1
         self._pending: dict[int, _Confirm] = {}
+        self._emulated = False
 
     # -- connection --------------------------------------------------------------
 
@@ -90,6 +92,11 @@ class Publisher:
         self._pending = {}
         self._declared = set()
         channel = connection.channel()
+        self._emulated = not channels.is_amqp(connection)
+        if self._emulated:
+            # An in-memory broker delivers (or refuses) at once: nothing to confirm.
+            self._channel = channel
+            return
         if self.use_confirms:
             channel.confirm_select()
             channel.events["basic_ack"].add(self._on_ack)
@@ -286,6 +293,17 @@ class Publisher:
     ) -> None:
         self.connection.ensure_connected()
         self._declare(declare)
+        if self._emulated:
+            with self._publish_lock:
+                channels.publish_emulated(
+                    self._channel,
+                    body,
+                    message_properties,
+                    exchange,
+                    routing_key,
+                    mandatory,
+                )
+            return
         message = amqp.Message(body, **message_properties)
         confirm = _Confirm(message_properties.get("correlation_id"), mandatory)
         with self._publish_lock:

@@ -15,6 +15,7 @@ import kombu
 import kombu.serialization
 
 from framework import concurrency, serialization
+from framework.amqp import channels
 from framework.amqp.connection import CONNECTION_ERRORS, DrainedConnection
 from framework.amqp.publish import Publisher
 from framework.constants import (
@@ -95,10 +96,11 @@ class SingleThreadedReplyListener:
     def _consume(self, connection: kombu.Connection) -> None:
         channel = connection.channel()
         self.queue.bind(channel).declare()
-        channel.basic_consume(self.queue.name, callback=self._on_message, no_ack=True)
+        channels.consume(channel, self.queue.name, self._on_message, no_ack=True)
 
     def _on_message(self, raw: Any) -> None:
-        correlation_id = raw.properties.get("correlation_id")
+        received = channels.parts(raw)
+        correlation_id = received.properties.get("correlation_id")
         if correlation_id not in self.waiting:
             log.debug(
                 "dropping a reply nobody waits for",
@@ -108,9 +110,9 @@ class SingleThreadedReplyListener:
         self.waiting.discard(correlation_id)
         try:
             body = serialization.loads(
-                raw.body,
-                raw.properties.get("content_type"),
-                raw.properties.get("content_encoding"),
+                received.body,
+                received.properties.get("content_type"),
+                received.properties.get("content_encoding"),
                 self.accept,
             )
         except Exception as exc:  # a broken reply must fail its call, not the proxy

@@ -428,3 +428,23 @@ def websocket(web_config_port: int) -> Iterator[Callable[[], Any]]:
         except Exception:
             log.debug("closing websocket failed", exc_info=True)
         concurrency.kill(thread)
+
+
+# -- the in-memory broker -------------------------------------------------------------
+
+
+def reset_memory_broker() -> None:
+    """Forget every queue, exchange and binding of kombu's in-process broker."""
+    from kombu.transport import memory
+
+    memory.Channel.queues.clear()
+    memory.Transport.global_state.clear()
+
+
+@pytest.fixture
+def memory_config() -> Iterator[dict[str, Any]]:
+    """``{'AMQP_URI': 'memory://'}``: services and proxies on kombu's in-process
+    broker, for unit tests that need no RabbitMQ. The broker starts empty."""
+    reset_memory_broker()
+    yield {"AMQP_URI": "memory://"}
+    reset_memory_broker()
