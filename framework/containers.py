@@ -6,7 +6,6 @@ import inspect
 import logging
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, Protocol
@@ -30,6 +29,7 @@ from framework.extensions import (
     Extension,
     iter_extensions,
 )
+from framework.utils import uuid4_str
 
 log = logging.getLogger(__name__)
 worker_log = logging.getLogger("framework.workers")
@@ -82,7 +82,7 @@ def get_container_cls(config: dict[str, Any]) -> type[ServiceContainer]:
 
 
 def new_call_id() -> str:
-    return str(uuid.uuid4())
+    return uuid4_str()
 
 
 class WorkerContext:

@@ -8,6 +8,7 @@ key. Unlike nameko, every call can time out, in services too.
 
 from __future__ import annotations
 
+import functools
 import logging
 import uuid
 from functools import partial
@@ -50,12 +51,18 @@ from framework.messaging import (
     QueueConsumer,
 )
 from framework.serialization import content_type_to_serializer
+from framework.utils import uuid4_str
 
 log = logging.getLogger(__name__)
 
 
 def get_rpc_exchange(config: dict[str, Any]) -> kombu.Exchange:
-    name = config.get(RPC_EXCHANGE_CONFIG_KEY, DEFAULT_RPC_EXCHANGE)
+    return _rpc_exchange(config.get(RPC_EXCHANGE_CONFIG_KEY, DEFAULT_RPC_EXCHANGE))
+
+
+@functools.cache
+def _rpc_exchange(name: str) -> kombu.Exchange:
+    # One object per name: built per reply and per client, it showed in profiles.
     return kombu.Exchange(name, type="topic", durable=True, auto_delete=False)
 
 
@@ -424,7 +431,7 @@ class RpcClient:
         kwargs: dict,
         timeout: float | None,
     ) -> RpcReply:
-        correlation_id = str(uuid.uuid4())
+        correlation_id = uuid4_str()
         reply_event = self._reply_listener.get_reply_event(correlation_id)
         options = {
             k: v

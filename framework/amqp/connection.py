@@ -282,7 +282,8 @@ class DrainedConnection:
             remaining = deadline.remaining()
             if remaining is not None and remaining <= 0:
                 return done()
-            acquired = (
+            # Uncontended, the lock is free: take it without arming a timer.
+            acquired = self.drain_lock.acquire(blocking=False) or (
                 self.drain_lock.acquire(timeout=remaining)
                 if remaining is not None
                 else self.drain_lock.acquire()
@@ -295,9 +296,12 @@ class DrainedConnection:
                 connection = self.connection
                 if connection is None:
                     raise ConnectionResetError("connection lost")
-                slice_ = 1.0 if remaining is None else min(remaining, 1.0)
+                # Returns at the first frame, whoever it is for; waiters with an
+                # earlier deadline give up on the lock at their own deadline.
                 try:
-                    connection.drain_events(timeout=max(slice_, 0.001))
+                    connection.drain_events(
+                        timeout=None if remaining is None else max(remaining, 0.001)
+                    )
                 except TimeoutError:
                     pass
             finally:

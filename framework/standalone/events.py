@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 from framework.amqp.publish import Publisher
@@ -13,6 +12,7 @@ from framework.constants import (
 )
 from framework.events import get_event_exchange
 from framework.messaging import encode_to_headers
+from framework.utils import uuid4_str
 
 STANDALONE_DISPATCHER_NAME = "standalone_event_dispatcher"
 
@@ -40,7 +40,7 @@ def event_dispatcher(
 
     def dispatch(service_name: str, event_type: str, event_data: Any) -> None:
         exchange = get_event_exchange(service_name, config)
-        call_id = f"{STANDALONE_DISPATCHER_NAME}.dispatch.{uuid.uuid4()}"
+        call_id = f"{STANDALONE_DISPATCHER_NAME}.dispatch.{uuid4_str()}"
         headers = encode_to_headers(
             {**base_context, CALL_ID_STACK_CONTEXT_KEY: [call_id]}
         )

@@ -35,6 +35,7 @@ from framework.rpc import (
     get_rpc_exchange,
     get_rpc_timeout,
 )
+from framework.utils import uuid4_str
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ class StandaloneProxyBase:
         )
 
     def _context_headers(self) -> dict[str, Any]:
-        call_id = f"{STANDALONE_SERVICE_NAME}.call.{uuid.uuid4()}"
+        call_id = f"{STANDALONE_SERVICE_NAME}.call.{uuid4_str()}"
         return encode_to_headers(
             {**self.context_data, CALL_ID_STACK_CONTEXT_KEY: [call_id]}
         )
