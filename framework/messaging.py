@@ -19,6 +19,7 @@ from framework.constants import (
     DEFAULT_MAX_REDELIVERIES,
     HEADER_PREFIX,
     MAX_REDELIVERIES_CONFIG_KEY,
+    PERSISTENT,
     PREFETCH_COUNT_CONFIG_KEY,
 )
 from framework.containers import WorkerContext
@@ -33,6 +34,14 @@ from framework.extensions import (
 log = logging.getLogger(__name__)
 
 REDELIVERY_COUNT_HEADER = "x-redelivery-count"
+# Properties a republished message gets anew rather than copied.
+_REPLACED_PROPERTIES = (
+    "application_headers",
+    "content_type",
+    "content_encoding",
+    "delivery_mode",
+    "priority",
+)
 
 
 # -- context headers ------------------------------------------------------------------
@@ -298,38 +307,21 @@ class QueueConsumer(SharedExtension, ProviderCollector):
             routing_key=queue_name,
             durable=True,
         )
-        headers = dict(message.headers)
-        headers.update(
-            {
-                "x-dead-letter-reason": reason[:1000],
-                "x-original-exchange": message.delivery_info.get("exchange", ""),
-                "x-original-routing-key": message.delivery_info.get("routing_key", ""),
-                "x-original-queue": queue_name,
-            }
-        )
-        props = {
-            k: v
-            for k, v in message.properties.items()
-            if k
-            not in (
-                "application_headers",
-                "content_type",
-                "content_encoding",
-                "delivery_mode",
-                "priority",
-            )
+        headers = {
+            **message.headers,
+            "x-dead-letter-reason": reason[:1000],
+            "x-original-exchange": message.delivery_info.get("exchange", ""),
+            "x-original-routing-key": message.delivery_info.get("routing_key", ""),
+            "x-original-queue": queue_name,
         }
         try:
-            self.publisher.publisher.publish_encoded(
-                message.body,
-                content_type=message.content_type,
-                content_encoding=message.content_encoding,
-                exchange=exchange,
-                routing_key=queue_name,
-                headers=headers,
+            self._republish(
+                message,
+                exchange,
+                queue_name,
+                headers,
                 declare=[exchange, dlq],
                 mandatory=True,
-                **props,
             )
         except Exception:
             # Given back to the broker (after a pause, not to spin) rather than lost.
@@ -349,6 +341,30 @@ class QueueConsumer(SharedExtension, ProviderCollector):
         )
         message.ack()
 
+    def _republish(
+        self,
+        message: Delivery,
+        exchange: Any,
+        routing_key: str,
+        headers: dict[str, Any],
+        **options: Any,
+    ) -> None:
+        """Publish ``message`` as received (body, properties), with new headers."""
+        properties = {
+            k: v for k, v in message.properties.items() if k not in _REPLACED_PROPERTIES
+        }
+        self.publisher.publisher.publish_encoded(
+            message.body,
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            exchange=exchange,
+            routing_key=routing_key,
+            headers=headers,
+            delivery_mode=message.properties.get("delivery_mode", PERSISTENT),
+            **options,
+            **properties,
+        )
+
     def retry_or_dead_letter(self, message: Delivery, reason: str) -> None:
         """Redeliver a failed message, at most ``MAX_REDELIVERIES`` times.
 
@@ -360,29 +376,8 @@ class QueueConsumer(SharedExtension, ProviderCollector):
             self.dead_letter(message, f"failed {count + 1} times: {reason}")
             return
         headers = {**message.headers, REDELIVERY_COUNT_HEADER: count + 1}
-        props = {
-            k: v
-            for k, v in message.properties.items()
-            if k
-            not in (
-                "application_headers",
-                "content_type",
-                "content_encoding",
-                "delivery_mode",
-                "priority",
-            )
-        }
         try:
-            self.publisher.publisher.publish_encoded(
-                message.body,
-                content_type=message.content_type,
-                content_encoding=message.content_encoding,
-                exchange="",
-                routing_key=message.subscriber.queue.name,
-                headers=headers,
-                delivery_mode=message.properties.get("delivery_mode", 2),
-                **props,
-            )
+            self._republish(message, "", message.subscriber.queue.name, headers)
         except Exception:
             log.exception("could not re-publish a failed message; requeueing it")
             message.requeue()

@@ -158,48 +158,21 @@ class Publisher:
     # -- publishing ----------------------------------------------------------------
 
     def publish(
-        self,
-        payload: Any,
-        *,
-        exchange: str | kombu.Exchange = "",
-        routing_key: str = "",
-        serializer: str = "json",
-        mandatory: bool = False,
-        delivery_mode: int = PERSISTENT,
-        priority: int = 0,
-        expiration: float | None = None,
-        headers: dict[str, Any] | None = None,
-        declare: Iterable[Any] = (),
-        retry: bool = True,
-        retry_policy: dict[str, Any] | None = None,
-        timeout: float | None = None,
-        compression: str | None = None,
-        **properties: Any,
+        self, payload: Any, *, serializer: str = "json", **options: Any
     ) -> None:
-        """Publish and, with confirms, return once the broker has taken the message.
+        """Serialize ``payload`` and publish it; options as for ``publish_encoded``.
 
-        Raises ``UndeliverableMessage`` for a mandatory message nothing is bound to
-        route, and ``PublishConfirmFailed`` when the broker refuses it or does not
-        confirm it in time; a publish is never lost silently.
+        With confirms, returns once the broker has taken the message. Raises
+        ``UndeliverableMessage`` for a mandatory message nothing is bound to route,
+        and ``PublishConfirmFailed`` when the broker refuses it or does not confirm
+        it in time; a publish is never lost silently.
         """
         content_type, content_encoding, body = serialization.dumps(payload, serializer)
         self.publish_encoded(
             body,
             content_type=content_type,
             content_encoding=content_encoding,
-            exchange=exchange,
-            routing_key=routing_key,
-            mandatory=mandatory,
-            delivery_mode=delivery_mode,
-            priority=priority,
-            expiration=expiration,
-            headers=headers,
-            declare=declare,
-            retry=retry,
-            retry_policy=retry_policy,
-            timeout=timeout,
-            compression=compression,
-            **properties,
+            **options,
         )
 
     def publish_encoded(
