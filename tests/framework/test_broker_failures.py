@@ -313,3 +313,46 @@ def test_heartbeats_keep_the_connection_alive_through_cpu_bound_workers(
         assert cluster.cruncher.crunch(0) == 0
     assert loop.generation == generation, "the consumer connection was lost and re-made"
     assert "lost connection" not in caplog.text
+
+
+def restart_rabbitmq() -> None:
+    """Stop and start the real broker application (its data stays on disk)."""
+    subprocess.run(["rabbitmqctl", "-q", "stop_app"], check=True, timeout=120)
+    subprocess.run(["rabbitmqctl", "-q", "start_app"], check=True, timeout=120)
+    subprocess.run(["rabbitmqctl", "-q", "await_startup"], check=True, timeout=120)
+
+
+def test_a_real_broker_restart_keeps_reliable_events_and_services_reconnect(
+    rabbit_config, runner_factory
+):
+    """The real thing once: RabbitMQ itself restarts. Persistent events in durable
+    queues survive it, and a running service reconnects without a restart."""
+
+    class Ledger:
+        name = "ledger"
+
+        @event_handler("source", "entry")
+        def on_entry(self, payload):
+            handled.append(payload)
+
+    # Declare the durable queue, then stop the handler: events wait in the queue.
+    first = runner_factory(rabbit_config, Ledger)
+    first.start()
+    first.stop()
+    dispatch = event_dispatcher(rabbit_config)
+    for i in range(5):
+        dispatch("source", "entry", i)
+    dispatch.close()
+
+    echo = runner_factory(rabbit_config, Echo)
+    echo.start()
+    loop = consumer_of(echo.containers[0]).loop
+    generation = loop.generation
+
+    restart_rabbitmq()
+
+    wait_for(lambda: loop.connected and loop.generation > generation, timeout=60)
+    runner_factory(rabbit_config, Ledger).start()
+    wait_for(lambda: sorted(handled) == [0, 1, 2, 3, 4], timeout=30)
+    with ClusterRpcProxy(rabbit_config, timeout=10) as cluster:
+        assert cluster.echo.echo("after restart") == "after restart"
