@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import kombu
 
 from framework import concurrency
+from framework.testing.utils import find_free_port
+
+PROXY_SCRIPT = Path(__file__).resolve().parent / "tcp_proxy.py"
 
 
 class Spy:
@@ -43,3 +51,38 @@ def wait_for(predicate: Any, timeout: float = 10, interval: float = 0.02) -> Non
         if deadline.expired():
             raise AssertionError(f"condition not met within {timeout}s: {predicate}")
         concurrency.sleep(interval)
+
+
+class TcpProxy:
+    """``tests/tcp_proxy.py`` in its own process, in front of a local server: ``cut()``
+    makes the server look down to everyone connected through ``port``, ``restore()``
+    brings it back."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.port = find_free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(PROXY_SCRIPT), str(self.port), str(upstream_port)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline().strip() == "ready"
+
+    def _reachable(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+            return True
+        except OSError:
+            return False
+
+    def cut(self) -> None:
+        self.proc.send_signal(signal.SIGUSR1)
+        wait_for(lambda: not self._reachable(), timeout=5)
+
+    def restore(self) -> None:
+        self.proc.send_signal(signal.SIGUSR2)
+        wait_for(self._reachable, timeout=5)
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()

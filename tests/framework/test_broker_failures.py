@@ -2,19 +2,15 @@
 RPCs in flight, and heartbeats under CPU-bound workers.
 
 The broker "goes away" by pulling the plug on a TCP proxy we run in front of the
-real RabbitMQ (``tests/broker_proxy.py``): to the service it is indistinguishable
+real RabbitMQ (``tests/tcp_proxy.py``): to the service it is indistinguishable
 from a broker that stopped, and other tests on the same broker are unaffected.
 """
 
 from __future__ import annotations
 
 import logging
-import signal
-import socket
 import subprocess
-import sys
 import time
-from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import kombu
@@ -27,49 +23,21 @@ from framework.messaging import QueueConsumer, consume
 from framework.rpc import RpcProxy, rpc
 from framework.standalone.events import event_dispatcher
 from framework.standalone.rpc import ClusterRpcProxy
-from framework.testing.utils import find_free_port, get_extension
-from tests.helpers import wait_for
-
-PROXY_SCRIPT = Path(__file__).resolve().parents[1] / "broker_proxy.py"
+from framework.testing.utils import get_extension
+from tests.helpers import TcpProxy, wait_for
 
 
-class BrokerProxy:
+class BrokerProxy(TcpProxy):
+    """A proxy in front of RabbitMQ, and the config that goes through it."""
+
     def __init__(self, rabbit_config: dict) -> None:
-        self.port = find_free_port()
-        self.proc = subprocess.Popen(
-            [sys.executable, str(PROXY_SCRIPT), str(self.port)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert (
-            self.proc.stdout is not None
-            and self.proc.stdout.readline().strip() == "ready"
-        )
+        super().__init__(upstream_port=5672)
         parts = urlsplit(rabbit_config["AMQP_URI"])
         netloc = f"{parts.username}:{parts.password}@127.0.0.1:{self.port}"
         self.config = {
             **rabbit_config,
             "AMQP_URI": urlunsplit(parts._replace(netloc=netloc)),
         }
-
-    def _reachable(self) -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-            return True
-        except OSError:
-            return False
-
-    def cut(self) -> None:
-        self.proc.send_signal(signal.SIGUSR1)
-        wait_for(lambda: not self._reachable(), timeout=5)
-
-    def restore(self) -> None:
-        self.proc.send_signal(signal.SIGUSR2)
-        wait_for(self._reachable, timeout=5)
-
-    def close(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
 
 
 @pytest.fixture

@@ -1,8 +1,10 @@
-"""A TCP proxy in front of RabbitMQ whose plug a test can pull.
+"""A TCP proxy in front of a local server (RabbitMQ, PostgreSQL) whose plug a test
+can pull.
 
-Run as its own process (plain threads, no eventlet): ``python broker_proxy.py PORT``.
-SIGUSR1 cuts every connection and stops listening (to clients the broker is down);
-SIGUSR2 listens again (the broker is back). Prints ``ready`` once listening.
+Run as its own process (plain threads, no eventlet):
+``python tcp_proxy.py PORT [UPSTREAM_PORT]`` (upstream default 5672, RabbitMQ).
+SIGUSR1 cuts every connection and stops listening (to clients the server is down);
+SIGUSR2 listens again (the server is back). Prints ``ready`` once listening.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ import socket
 import sys
 import threading
 
-UPSTREAM = ("127.0.0.1", 5672)
+UPSTREAM_HOST = "127.0.0.1"
 
 
 class Proxy:
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, upstream_port: int) -> None:
         self.port = port
+        self.upstream = (UPSTREAM_HOST, upstream_port)
         self.listener: socket.socket | None = None
         self.connections: set[socket.socket] = set()
         self.lock = threading.Lock()
@@ -59,7 +62,7 @@ class Proxy:
             except OSError:
                 return
             try:
-                upstream = socket.create_connection(UPSTREAM)
+                upstream = socket.create_connection(self.upstream)
             except OSError:
                 client.close()
                 continue
@@ -86,7 +89,8 @@ class Proxy:
 
 
 def main() -> None:
-    proxy = Proxy(int(sys.argv[1]))
+    upstream_port = int(sys.argv[2]) if len(sys.argv) > 2 else 5672
+    proxy = Proxy(int(sys.argv[1]), upstream_port)
     signal.signal(signal.SIGUSR1, lambda *_: proxy.cut())
     signal.signal(signal.SIGUSR2, lambda *_: proxy.listen())
     proxy.listen()
