@@ -26,6 +26,7 @@ from bench.broker import (  # noqa: E402
     BrokerProbe,
     Vhost,
     broker_version,
+    vhost_prefix,
 )
 from bench.processes import (  # noqa: E402
     NAMEKO,
@@ -36,7 +37,14 @@ from bench.processes import (  # noqa: E402
     write_service_config,
 )
 from bench.report import Results, describe_machine, render  # noqa: E402
-from bench.scenarios import GROUP_RUNNERS, GROUPS, Bench, Settings, define_figures  # noqa: E402
+from bench.scenarios import (  # noqa: E402
+    GROUP_RUNNERS,
+    GROUPS,
+    SIDES,
+    Bench,
+    Settings,
+    define_figures,
+)
 
 log = logging.getLogger("bench")
 
@@ -151,29 +159,38 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from(args)
-    groups = args.only or list(GROUPS)
+    groups = tuple(g for g in GROUPS if g in (args.only or GROUPS))
     check_identical_services()
     frameworks = load_frameworks()
     load_before = os.getloadavg()[0]
-    vhost = Vhost.create(args.broker)
-    log.info("vhost %s created", vhost.name)
     results = Results()
+    vhosts: dict[str, Vhost] = {}
+    probes: dict[str, BrokerProbe] = {}
     try:
+        prefix = vhost_prefix()
+        for side in SIDES:
+            vhosts[side] = Vhost.create(f"{prefix}_{side}", args.broker)
+            log.info("vhost %s created", vhosts[side].name)
         with tempfile.TemporaryDirectory(prefix="bench-") as workdir:
             log_dir = args.log_dir or Path(workdir)
             log_dir.mkdir(parents=True, exist_ok=True)
             registry = ProcessRegistry(log_dir)
-            probe = BrokerProbe(vhost.uri)
+            configs = {
+                key: write_service_config(
+                    Path(workdir) / f"{key}.yaml", vhosts[key].uri
+                )
+                for key in frameworks
+            }
+            probes.update({key: BrokerProbe(vhosts[key].uri) for key in frameworks})
             bench = Bench(
                 frameworks=frameworks,
                 registry=registry,
-                amqp_uri=vhost.uri,
-                config_path=write_service_config(
-                    Path(workdir) / "config.yaml", vhost.uri
-                ),
-                probe=probe,
+                uris={side: vhost.uri for side, vhost in vhosts.items()},
+                configs=configs,
+                probes=probes,
                 settings=settings,
                 results=results,
+                groups=groups,
             )
             try:
                 if args.profile:
@@ -183,19 +200,20 @@ def run(args: argparse.Namespace) -> int:
                         sys.stdout.write(f"{path.relative_to(ROOT)}\n")
                     return 0
                 define_figures(results, settings, groups)
-                for group in GROUPS:
-                    if group in groups:
-                        GROUP_RUNNERS[group](bench)
+                for group in groups:
+                    GROUP_RUNNERS[group](bench)
                 machine = describe_machine(
                     {OURS: frameworks[OURS].python, NAMEKO: frameworks[NAMEKO].python},
-                    broker_version(vhost.uri),
+                    broker_version(vhosts[OURS].uri),
                 )
             finally:
                 registry.stop_all()
-                probe.close()
     finally:
-        vhost.delete()
-        log.info("vhost %s deleted", vhost.name)
+        for probe in probes.values():
+            probe.close()
+        for vhost in vhosts.values():
+            vhost.delete()
+            log.info("vhost %s deleted", vhost.name)
     machine["Load average (1 min)"] = (
         f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after"
     )

@@ -38,6 +38,11 @@ class NoReply(BenchError):
 # -- the vhost ------------------------------------------------------------------------
 
 
+def vhost_prefix() -> str:
+    """``bench_<random>``: the bench's vhosts are this plus the side they serve."""
+    return f"bench_{secrets.token_hex(4)}"
+
+
 def _rabbitmqctl(*args: str) -> str:
     # /usr/sbin is not on every user's PATH, and that is where the Debian package puts it.
     executable = shutil.which("rabbitmqctl") or shutil.which(
@@ -65,8 +70,7 @@ class Vhost:
     uri: str
 
     @classmethod
-    def create(cls, broker_uri: str = DEFAULT_BROKER_URI) -> Vhost:
-        name = f"bench_{secrets.token_hex(4)}"
+    def create(cls, name: str, broker_uri: str = DEFAULT_BROKER_URI) -> Vhost:
         _rabbitmqctl("add_vhost", name)
         user = unquote(urlsplit(broker_uri).username or "guest")
         _rabbitmqctl("set_permissions", "-p", name, user, ".*", ".*", ".*")

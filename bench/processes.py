@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 OURS = "ours"
 NAMEKO = "nameko"
 
-STARTUP_TIMEOUT = 90.0  # seconds for a service process to answer its first call
-STOP_TIMEOUT = 30.0  # seconds a graceful stop may take before we kill
+STARTUP_TIMEOUT = 30.0  # seconds for a service process to answer its first call
+STOP_TIMEOUT = 10.0  # seconds a graceful stop may take before we kill
 CLIENT_TIMEOUT = 600.0  # seconds for one measuring client to finish
 
 

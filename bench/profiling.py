@@ -233,7 +233,7 @@ def start_load(bench: Bench, fw: Framework, duration: float, name: str) -> Any:
     }
     return bench.registry.start(
         [str(fw.python), "-m", "bench.client", fw.key]
-        + ["--amqp-uri", bench.amqp_uri, "rpc", *as_options(options)],
+        + ["--amqp-uri", bench.uris[fw.key], "rpc", *as_options(options)],
         name,
         stdout=subprocess.PIPE,
     )

@@ -1,9 +1,11 @@
 """What the bench measures, group by group (``--only rpc|events|startup|raw``).
 
-In every run both frameworks are measured one after the other, on the same vhost,
-with their services started fresh; which one goes first alternates from run to
-run, so a slow drift of the machine (or of other people's load on the shared
-broker) does not always favour the same side.
+Each side (ours, nameko, the raw loop) has a vhost of its own, so both frameworks'
+services can run at the same time under the same names. That is what lets every
+figure be measured for both sides back to back, seconds apart, with the order
+alternating from one measurement to the next: the load other people put on this
+shared machine and broker comes and goes by the minute, and measuring one
+framework's whole series and then the other's would hand that noise to one side.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -35,6 +37,7 @@ from bench.report import CEILING, RAW, Results
 log = logging.getLogger(__name__)
 
 GROUPS = ("rpc", "events", "startup", "raw")
+SIDES = (OURS, NAMEKO, RAW)
 
 TARGET_CALL = FirstCall("bench_target", "echo", ("ping",))
 RELAY_CALL = FirstCall("bench_relay", "relay", ("ping",))
@@ -63,18 +66,20 @@ class Settings:
 
 @dataclass
 class Bench:
-    """Everything a group needs: where to run, what to run, where results go."""
+    """Everything a group needs: where each side runs, and where results go."""
 
     frameworks: dict[str, Framework]
     registry: ProcessRegistry
-    amqp_uri: str
-    config_path: Path
-    probe: BrokerProbe
+    uris: dict[str, str]  # side -> AMQP URI of its vhost
+    configs: dict[str, Path]  # framework -> its services' config file
+    probes: dict[str, BrokerProbe]  # framework -> a plain caller on its vhost
     settings: Settings
     results: Results
+    groups: tuple[str, ...] = GROUPS
 
-    def order(self, run: int) -> list[Framework]:
-        keys = [OURS, NAMEKO] if run % 2 == 0 else [NAMEKO, OURS]
+    def order(self, turn: int) -> list[Framework]:
+        """Both frameworks, the first one alternating with ``turn``."""
+        keys = [OURS, NAMEKO] if turn % 2 == 0 else [NAMEKO, OURS]
         return [self.frameworks[k] for k in keys]
 
     @contextmanager
@@ -85,13 +90,34 @@ class Bench:
             self.registry,
             framework,
             service_class,
-            self.config_path,
-            self.probe,
+            self.configs[framework.key],
+            self.probes[framework.key],
             first_call,
         ) as service:
             yield service
         if service.problems:
             self.problem(run, framework.key, f"{service_class}: {service.problems}")
+
+    @contextmanager
+    def services(
+        self, service_class: str, first_call: FirstCall, run: int, keys: list[str]
+    ) -> Iterator[list[Framework]]:
+        """``service_class`` under both frameworks, each on its vhost; yields those
+        that started. One that does not start fails ``keys`` for this run."""
+        with ExitStack() as stack:
+            started = []
+            for fw in self.order(run):
+                service = self.service(fw, service_class, first_call, run)
+                try:
+                    stack.enter_context(service)
+                except BenchError as exc:
+                    for key in keys:
+                        self.results.figures[key].fail(fw.key)
+                    first_line = str(exc).splitlines()[0]
+                    self.problem(run, fw.key, f"{service_class}: {first_line}")
+                    continue
+                started.append(fw)
+            yield started
 
     def problem(self, run: int, side: str, what: str) -> None:
         log.warning("run %d/%d  %s  %s", run + 1, self.settings.runs, side, what)
@@ -112,14 +138,10 @@ class Bench:
             return None
 
     def client(self, framework: Framework, scenario: str, *args: Any) -> dict[str, Any]:
-        argv = [framework.key, "--amqp-uri", self.amqp_uri, scenario, *map(str, args)]
-        return run_client(
-            self.registry,
-            framework.python,
-            "bench.client",
-            argv,
-            f"{framework.key}-client",
-        )
+        uri = self.uris[framework.key]
+        argv = [framework.key, "--amqp-uri", uri, scenario, *map(str, args)]
+        name = f"{framework.key}-client"
+        return run_client(self.registry, framework.python, "bench.client", argv, name)
 
     def rpc_client(
         self, framework: Framework, call: FirstCall, payload: str, concurrency: int
@@ -133,6 +155,21 @@ class Bench:
             "warmup-calls": self.settings.warmup_calls,
         }
         return self.client(framework, "rpc", *as_options(options))
+
+    def raw_client(self, confirms: str, payload: str, c: int) -> dict[str, Any]:
+        """The raw py-amqp loop (server and client), with ``c`` requests in flight."""
+        uri = self.uris[RAW]
+        options = {
+            "amqp-uri": uri,
+            "confirms": confirms,
+            "payload": payload,
+            "concurrency": c,
+            "duration": self.settings.duration,
+        }
+        python = self.frameworks[OURS].python
+        with raw_server(self.registry, uri, confirms, RAW_PREFETCH):
+            argv = ["client", *as_options(options)]
+            return run_client(self.registry, python, "bench.raw", argv, "raw-client")
 
     def record(self, key: str, side: str, value: float, run: int) -> None:
         figure = self.results.figures[key]
@@ -160,10 +197,7 @@ def payload_label(payload: str) -> str:
 
 # -- the figures, in table order ------------------------------------------------------------
 
-# (confirm mode, payload, in flight). At concurrency 1 each call waits for its
-# confirm before its reply (``turn``), as both frameworks' proxies do; with more
-# in flight, confirms overlap (``async``). Those give the ceiling column of the
-# main table; the others are for scale.
+# (confirm mode, payload, in flight). See bench/raw.py for the modes.
 RAW_CASES = (
     ("turn", TINY, 1),
     ("turn", LARGE, 1),
@@ -184,7 +218,18 @@ CONFIRM_LABELS = {
 }
 
 
-def define_figures(results: Results, settings: Settings, groups: list[str]) -> None:
+def ceiling_mode(concurrency: int) -> str:
+    """The raw loop that does what the frameworks' RPC does at ``concurrency``.
+
+    Alone, a caller waits for its request's confirm before its reply (``turn``);
+    with several callers in flight, their confirms overlap (``async``).
+    """
+    return "turn" if concurrency == 1 else "async"
+
+
+def define_figures(
+    results: Results, settings: Settings, groups: tuple[str, ...]
+) -> None:
     """Every figure the chosen groups measure, with the lead's target ratios."""
     if "rpc" in groups:
         for payload in PAYLOAD_NAMES:
@@ -238,12 +283,11 @@ def define_figures(results: Results, settings: Settings, groups: list[str]) -> N
                 f"raw, {CONFIRM_LABELS[confirms]}, {payload_label(payload)}, "
                 f"{c} in flight"
             )
-            results.figure(
-                raw_key(confirms, payload, c), label, "calls/s", section=CEILING
-            )
+            key = raw_key(confirms, payload, c)
+            results.figure(key, label, "calls/s", section=CEILING)
             if c == 1:
                 results.figure(
-                    raw_key(confirms, payload, c) + ".p50",
+                    key + ".p50",
                     f"{label}, latency p50",
                     "ms",
                     higher_is_better=False,
@@ -259,37 +303,76 @@ def raw_key(confirms: str, payload: str, concurrency: int) -> str:
 
 
 def rpc_group(bench: Bench) -> None:
-    for run in range(bench.settings.runs):
-        for fw in bench.order(run):
-            with bench.service(fw, "BenchTarget", TARGET_CALL, run):
-                measure_standalone_rpc(bench, fw, run)
-                # The relay calls bench_target, which keeps running for it.
-                with bench.service(fw, "BenchRelay", RELAY_CALL, run):
-                    measure_relay(bench, fw, run)
+    s = bench.settings
+    cases = [(payload, c) for payload in PAYLOAD_NAMES for c in s.concurrencies]
+    target_keys = [key for payload, c in cases for key in rpc_keys(payload, c)]
+    relay_keys = [f"relay.c{c}" for c in s.relay_concurrencies]
+    for run in range(s.runs):
+        turn = run
+        with bench.services(
+            "BenchTarget", TARGET_CALL, run, target_keys + relay_keys
+        ) as targets:
+            for payload, c in cases:
+                for fw in bench.order(turn):
+                    if fw in targets:
+                        measure_standalone_rpc(bench, fw, payload, c, run)
+                measure_ceiling(bench, payload, c, run)
+                turn += 1
+            # The relay calls bench_target, which keeps running for it.
+            relays_keys = relay_keys if len(targets) == 2 else []
+            with bench.services("BenchRelay", RELAY_CALL, run, relays_keys) as relays:
+                for c in s.relay_concurrencies:
+                    for fw in bench.order(turn):
+                        if fw in relays and fw in targets:
+                            measure_relay(bench, fw, c, run)
+                    turn += 1
 
 
-def measure_standalone_rpc(bench: Bench, fw: Framework, run: int) -> None:
-    for payload in PAYLOAD_NAMES:
-        for c in bench.settings.concurrencies:
-            keys = [f"rpc.{payload}.c{c}"]
-            if c == 1:
-                keys += [f"rpc.{payload}.p50", f"rpc.{payload}.p99"]
-            measure = partial(bench.rpc_client, fw, TARGET_CALL, payload, c)
-            result = bench.attempt(keys, fw.key, run, measure)
-            if result is None:
-                continue
-            bench.record(f"rpc.{payload}.c{c}", fw.key, result["rate"], run)
-            if c == 1:
-                bench.record(f"rpc.{payload}.p50", fw.key, result["p50_ms"], run)
-                bench.record(f"rpc.{payload}.p99", fw.key, result["p99_ms"], run)
+def rpc_keys(payload: str, c: int) -> list[str]:
+    """The figures one standalone RPC measurement gives."""
+    keys = [f"rpc.{payload}.c{c}"]
+    if c == 1:
+        keys += [f"rpc.{payload}.p50", f"rpc.{payload}.p99"]
+    return keys
 
 
-def measure_relay(bench: Bench, fw: Framework, run: int) -> None:
-    for c in bench.settings.relay_concurrencies:
-        measure = partial(bench.rpc_client, fw, RELAY_CALL, TINY, c)
-        result = bench.attempt([f"relay.c{c}"], fw.key, run, measure)
-        if result is not None:
-            bench.record(f"relay.c{c}", fw.key, result["rate"], run)
+def measure_standalone_rpc(
+    bench: Bench, fw: Framework, payload: str, c: int, run: int
+) -> None:
+    measure = partial(bench.rpc_client, fw, TARGET_CALL, payload, c)
+    result = bench.attempt(rpc_keys(payload, c), fw.key, run, measure)
+    if result is None:
+        return
+    bench.record(f"rpc.{payload}.c{c}", fw.key, result["rate"], run)
+    if c == 1:
+        bench.record(f"rpc.{payload}.p50", fw.key, result["p50_ms"], run)
+        bench.record(f"rpc.{payload}.p99", fw.key, result["p99_ms"], run)
+
+
+def measure_ceiling(bench: Bench, payload: str, c: int, run: int) -> None:
+    """The raw loop for the same case, right after the frameworks measured it."""
+    confirms = ceiling_mode(c)
+    measure = partial(bench.raw_client, confirms, payload, c)
+    result = bench.attempt(rpc_keys(payload, c), RAW, run, measure)
+    if result is None:
+        return
+    bench.record(f"rpc.{payload}.c{c}", RAW, result["rate"], run)
+    if c == 1:
+        bench.record(f"rpc.{payload}.p50", RAW, result["p50_ms"], run)
+        bench.record(f"rpc.{payload}.p99", RAW, result["p99_ms"], run)
+    # The same measurement belongs in the ceiling table, when it is shown.
+    key = raw_key(confirms, payload, c)
+    if key in bench.results.figures:
+        bench.results.figures[key].add(RAW, result["rate"])
+        if c == 1:
+            bench.results.figures[key + ".p50"].add(RAW, result["p50_ms"])
+
+
+def measure_relay(bench: Bench, fw: Framework, c: int, run: int) -> None:
+    measure = partial(bench.rpc_client, fw, RELAY_CALL, TINY, c)
+    result = bench.attempt([f"relay.c{c}"], fw.key, run, measure)
+    if result is not None:
+        bench.record(f"relay.c{c}", fw.key, result["rate"], run)
 
 
 # -- events -----------------------------------------------------------------------------------
@@ -298,20 +381,30 @@ def measure_relay(bench: Bench, fw: Framework, run: int) -> None:
 def events_group(bench: Bench) -> None:
     s = bench.settings
     for run in range(s.runs):
-        for fw in bench.order(run):
+        with ExitStack() as sinks:
             # The handler alone: its queue is filled before it starts, and it is
-            # timed from the first event it handles to the last.
-            prefill_events(
-                bench.amqp_uri, EVENT_SOURCE, EVENT_TYPE, SINK_QUEUE, s.events
-            )
-            with bench.service(fw, "BenchSink", SINK_CALL, run):
-                drained = partial(wait_for_handled, bench.probe, s.events)
-                state = bench.attempt(["events.drain"], fw.key, run, drained)
-                if state is None:
+            # timed from the first event it handles to the last. One framework at
+            # a time, so the two drains never compete for the CPU.
+            started = []
+            for fw in bench.order(run):
+                uri = bench.uris[fw.key]
+                prefill_events(uri, EVENT_SOURCE, EVENT_TYPE, SINK_QUEUE, s.events)
+                sink = bench.service(fw, "BenchSink", SINK_CALL, run)
+                keys = ["events.drain", "events.e2e"]
+                if not bench.attempt(
+                    keys, fw.key, run, partial(sinks.enter_context, sink)
+                ):
                     continue
-                drain_rate = (s.events - 1) / (state["last"] - state["first"])
-                bench.record("events.drain", fw.key, drain_rate, run)
-                # End to end, on the same handler process.
+                started.append(fw)
+                drained = partial(wait_for_handled, bench.probes[fw.key], s.events)
+                state = bench.attempt(["events.drain"], fw.key, run, drained)
+                if state is not None:
+                    rate = (s.events - 1) / (state["last"] - state["first"])
+                    bench.record("events.drain", fw.key, rate, run)
+            # End to end, on the same handler processes.
+            for fw in bench.order(run + 1):
+                if fw not in started:
+                    continue
                 options = {"count": s.events, "dispatchers": s.event_dispatchers}
                 measure = partial(bench.client, fw, "events", *as_options(options))
                 result = bench.attempt(["events.e2e"], fw.key, run, measure)
@@ -337,60 +430,51 @@ def wait_for_handled(probe: BrokerProbe, count: int) -> dict[str, Any]:
 
 
 def startup_group(bench: Bench) -> None:
+    """One framework at a time: nothing else of ours runs while a service starts."""
     for run in range(bench.settings.runs):
         for fw in bench.order(run):
-            with bench.service(fw, "BenchTarget", TARGET_CALL, run) as service:
-                bench.record("startup", fw.key, service.startup_seconds, run)
+            service = partial(bench.service, fw, "BenchTarget", TARGET_CALL, run)
+            bench.attempt(
+                ["startup"],
+                fw.key,
+                run,
+                partial(measure_startup, bench, service, fw, run),
+            )
+
+
+def measure_startup(
+    bench: Bench, service: Callable[[], Any], fw: Framework, run: int
+) -> None:
+    with service() as running:
+        bench.record("startup", fw.key, running.startup_seconds, run)
 
 
 # -- raw ceiling ------------------------------------------------------------------------------
 
 
 def raw_group(bench: Bench) -> None:
+    """The raw loop's modes, for scale; the ones the RPC group already measured as
+    its ceiling (same mode, payload and concurrency) are not measured twice."""
+    measured = set()
+    if "rpc" in bench.groups:
+        measured = {
+            (ceiling_mode(c), payload, c)
+            for payload in PAYLOAD_NAMES
+            for c in bench.settings.concurrencies
+        }
     for run in range(bench.settings.runs):
         for confirms, payload, c in RAW_CASES:
+            if (confirms, payload, c) in measured:
+                continue
             key = raw_key(confirms, payload, c)
             keys = [key, key + ".p50"] if c == 1 else [key]
-            measure = partial(run_raw_case, bench, confirms, payload, c)
+            measure = partial(bench.raw_client, confirms, payload, c)
             result = bench.attempt(keys, RAW, run, measure)
             if result is None:
                 continue
             bench.record(key, RAW, result["rate"], run)
             if c == 1:
                 bench.record(key + ".p50", RAW, result["p50_ms"], run)
-            attach_ceiling(bench.results, confirms, payload, c, result)
-
-
-def run_raw_case(bench: Bench, confirms: str, payload: str, c: int) -> dict[str, Any]:
-    options = {
-        "amqp-uri": bench.amqp_uri,
-        "confirms": confirms,
-        "payload": payload,
-        "concurrency": c,
-        "duration": bench.settings.duration,
-    }
-    with raw_server(bench.registry, bench.amqp_uri, confirms, RAW_PREFETCH):
-        return run_client(
-            bench.registry,
-            bench.frameworks[OURS].python,
-            "bench.raw",
-            ["client", *as_options(options)],
-            "raw-client",
-        )
-
-
-def attach_ceiling(
-    results: Results, confirms: str, payload: str, c: int, result: dict[str, Any]
-) -> None:
-    """The raw loop with the frameworks' confirm behaviour is the main table's ceiling."""
-    if confirms != ("turn" if c == 1 else "async"):
-        return
-    figures = results.figures
-    if f"rpc.{payload}.c{c}" in figures:
-        figures[f"rpc.{payload}.c{c}"].add(RAW, result["rate"])
-    if c == 1 and f"rpc.{payload}.p50" in figures:
-        figures[f"rpc.{payload}.p50"].add(RAW, result["p50_ms"])
-        figures[f"rpc.{payload}.p99"].add(RAW, result["p99_ms"])
 
 
 GROUP_RUNNERS: dict[str, Callable[[Bench], None]] = {
