@@ -202,6 +202,13 @@ def run(args: argparse.Namespace) -> int:
                 define_figures(results, settings, groups)
                 for group in groups:
                     GROUP_RUNNERS[group](bench)
+                reconnects = sum(probe.reconnects for probe in probes.values())
+                if reconnects:
+                    results.problems.append(
+                        f"the broker dropped the bench's own connections {reconnects} "
+                        "time(s) (restarted by someone's test?); figures measured "
+                        "then are off"
+                    )
                 machine = describe_machine(
                     {OURS: frameworks[OURS].python, NAMEKO: frameworks[NAMEKO].python},
                     broker_version(vhosts[OURS].uri),

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
@@ -25,6 +26,10 @@ log = logging.getLogger(__name__)
 DEFAULT_BROKER_URI = "amqp://guest:guest@127.0.0.1:5672/"
 RPC_EXCHANGE = "nameko-rpc"  # nameko's default, which both frameworks use
 RABBITMQCTL_TIMEOUT = 60.0  # seconds; rabbitmqctl boots an Erlang VM per call
+# Other people's tests on this broker restart it (``rabbitmqctl stop_app``), which
+# drops every connection; the bench waits for it to come back rather than fail.
+CONNECTION_ERRORS = (OSError, amqp.exceptions.ConnectionError)
+RECONNECT_PATIENCE = 60.0  # seconds to wait for the broker to accept us again
 
 
 class BenchError(Exception):
@@ -80,24 +85,41 @@ class Vhost:
             base = base[: -len(parts.path)]
         return cls(name, f"{base}/{quote(name, safe='')}")
 
-    def delete(self) -> None:
-        _rabbitmqctl("delete_vhost", self.name)
+    def delete(self, patience: float = RECONNECT_PATIENCE) -> None:
+        """Delete it, waiting out a broker restart (its app is down meanwhile)."""
+        limit = time.monotonic() + patience
+        while True:
+            try:
+                _rabbitmqctl("delete_vhost", self.name)
+                return
+            except BenchError:
+                if time.monotonic() > limit:
+                    raise
+                time.sleep(2.0)
 
 
 # -- plain py-amqp connections -----------------------------------------------------------
 
 
-def connect(uri: str) -> amqp.Connection:
+def connect(uri: str, patience: float = RECONNECT_PATIENCE) -> amqp.Connection:
     parts = urlsplit(uri)
     vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
-    connection = amqp.Connection(
-        host=f"{parts.hostname or 'localhost'}:{parts.port or 5672}",
-        userid=unquote(parts.username or "guest"),
-        password=unquote(parts.password or "guest"),
-        virtual_host=vhost,
-    )
-    connection.connect()
-    return connection
+    limit = time.monotonic() + patience
+    while True:
+        connection = amqp.Connection(
+            host=f"{parts.hostname or 'localhost'}:{parts.port or 5672}",
+            userid=unquote(parts.username or "guest"),
+            password=unquote(parts.password or "guest"),
+            virtual_host=vhost,
+        )
+        try:
+            connection.connect()
+            return connection
+        except CONNECTION_ERRORS as exc:
+            if time.monotonic() > limit:
+                raise BenchError(f"cannot connect to {vhost!r}: {exc}") from None
+            log.warning("cannot connect to the broker (%s); retrying", exc)
+            time.sleep(1.0)
 
 
 def broker_version(uri: str) -> str:
@@ -121,15 +143,24 @@ class BrokerProbe:
     A request can be sent before its service runs: the service's durable queue is
     declared here with the arguments both frameworks declare it with, so the request
     waits there and is answered as soon as the service consumes.
+
+    A lost connection is re-established (with the same reply routing key, so
+    replies to calls already sent still reach us) and the operation retried once.
     """
 
     def __init__(self, uri: str) -> None:
-        self.connection = connect(uri)
+        self.uri = uri
+        self.routing_key = str(uuid.uuid4())
+        self.replies: dict[str, tuple[Any, float]] = {}
+        self.reconnects = 0
+        self._connect()
+
+    def _connect(self) -> None:
+        self.connection = connect(self.uri)
         self.channel = self.connection.channel()
         self.channel.exchange_declare(
             RPC_EXCHANGE, "topic", durable=True, auto_delete=False
         )
-        self.routing_key = str(uuid.uuid4())
         self.reply_queue, _, _ = self.channel.queue_declare(
             "", exclusive=True, auto_delete=True
         )
@@ -139,7 +170,18 @@ class BrokerProbe:
         self.channel.basic_consume(
             self.reply_queue, callback=self._on_reply, no_ack=True
         )
-        self.replies: dict[str, tuple[Any, float]] = {}
+
+    def _retrying(self, operation: Callable[[], Any]) -> Any:
+        try:
+            return operation()
+        except TimeoutError:
+            raise  # an OSError too, but only "nothing arrived yet"
+        except CONNECTION_ERRORS as exc:
+            log.warning("lost the probe's connection (%s); reconnecting", exc)
+            self.close()
+            self.reconnects += 1
+            self._connect()
+            return operation()
 
     def _on_reply(self, message: amqp.Message) -> None:
         self.replies[message.properties.get("correlation_id")] = (
@@ -149,11 +191,15 @@ class BrokerProbe:
 
     def declare_service_queue(self, service: str, purge: bool = True) -> None:
         queue = f"rpc-{service}"
-        self.channel.queue_declare(queue, durable=True, auto_delete=False)
-        self.channel.queue_bind(queue, RPC_EXCHANGE, routing_key=f"{service}.*")
-        if purge:
-            # A request left by an aborted run would be answered first and fool us.
-            self.channel.queue_purge(queue)
+
+        def declare() -> None:
+            self.channel.queue_declare(queue, durable=True, auto_delete=False)
+            self.channel.queue_bind(queue, RPC_EXCHANGE, routing_key=f"{service}.*")
+            if purge:
+                # A request left by an aborted run would be answered first.
+                self.channel.queue_purge(queue)
+
+        self._retrying(declare)
 
     def send(self, service: str, method: str, *args: Any) -> str:
         correlation_id = str(uuid.uuid4())
@@ -165,8 +211,11 @@ class BrokerProbe:
             reply_to=self.routing_key,
             correlation_id=correlation_id,
         )
-        self.channel.basic_publish(
-            message, exchange=RPC_EXCHANGE, routing_key=f"{service}.{method}"
+        # Lambdas, not bound methods: a retry must use the new channel.
+        self._retrying(
+            lambda: self.channel.basic_publish(
+                message, exchange=RPC_EXCHANGE, routing_key=f"{service}.{method}"
+            )
         )
         return correlation_id
 
@@ -178,7 +227,9 @@ class BrokerProbe:
             if remaining <= 0:
                 raise NoReply(f"no reply to {correlation_id} within {timeout}s")
             try:
-                self.connection.drain_events(timeout=min(remaining, 1.0))
+                self._retrying(
+                    lambda: self.connection.drain_events(timeout=min(remaining, 1.0))  # noqa: B023
+                )
             except TimeoutError:
                 pass
         body, received_at = self.replies.pop(correlation_id)
@@ -207,36 +258,47 @@ def prefill_events(
     """
     connection = connect(uri)
     try:
-        channel = connection.channel()
-        exchange = f"{source}.events"
-        channel.exchange_declare(exchange, "topic", durable=True, auto_delete=False)
-        channel.queue_declare(queue, durable=True, auto_delete=False)
-        channel.queue_bind(queue, exchange, routing_key=event_type)
-        channel.queue_purge(queue)
-        confirmed = [0]
-
-        def on_ack(delivery_tag: int, multiple: bool) -> None:
-            confirmed[0] = delivery_tag
-
-        channel.confirm_select()
-        channel.events["basic_ack"].add(on_ack)
-        for seq in range(count):
-            message = amqp.Message(
-                json.dumps({"seq": seq}),
-                content_type="application/json",
-                content_encoding="utf-8",
-                delivery_mode=2,
-            )
-            channel.basic_publish(message, exchange=exchange, routing_key=event_type)
-        limit = time.monotonic() + 60
-        while confirmed[0] < count:
-            if time.monotonic() > limit:
-                raise BenchError(
-                    f"the broker confirmed {confirmed[0]} of {count} prefilled events"
-                )
-            try:
-                connection.drain_events(timeout=1.0)
-            except TimeoutError:
-                pass
+        _publish_events(connection, source, event_type, queue, count)
+    except CONNECTION_ERRORS as exc:
+        raise BenchError(f"lost the broker while prefilling events: {exc}") from None
     finally:
-        connection.close()
+        try:
+            connection.close()
+        except CONNECTION_ERRORS:
+            pass
+
+
+def _publish_events(
+    connection: amqp.Connection, source: str, event_type: str, queue: str, count: int
+) -> None:
+    channel = connection.channel()
+    exchange = f"{source}.events"
+    channel.exchange_declare(exchange, "topic", durable=True, auto_delete=False)
+    channel.queue_declare(queue, durable=True, auto_delete=False)
+    channel.queue_bind(queue, exchange, routing_key=event_type)
+    channel.queue_purge(queue)
+    confirmed = [0]
+
+    def on_ack(delivery_tag: int, multiple: bool) -> None:
+        confirmed[0] = delivery_tag
+
+    channel.confirm_select()
+    channel.events["basic_ack"].add(on_ack)
+    for seq in range(count):
+        message = amqp.Message(
+            json.dumps({"seq": seq}),
+            content_type="application/json",
+            content_encoding="utf-8",
+            delivery_mode=2,
+        )
+        channel.basic_publish(message, exchange=exchange, routing_key=event_type)
+    limit = time.monotonic() + 60
+    while confirmed[0] < count:
+        if time.monotonic() > limit:
+            raise BenchError(
+                f"the broker confirmed {confirmed[0]} of {count} prefilled events"
+            )
+        try:
+            connection.drain_events(timeout=1.0)
+        except TimeoutError:
+            pass

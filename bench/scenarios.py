@@ -387,13 +387,9 @@ def events_group(bench: Bench) -> None:
             # a time, so the two drains never compete for the CPU.
             started = []
             for fw in bench.order(run):
-                uri = bench.uris[fw.key]
-                prefill_events(uri, EVENT_SOURCE, EVENT_TYPE, SINK_QUEUE, s.events)
-                sink = bench.service(fw, "BenchSink", SINK_CALL, run)
                 keys = ["events.drain", "events.e2e"]
-                if not bench.attempt(
-                    keys, fw.key, run, partial(sinks.enter_context, sink)
-                ):
+                start = partial(start_prefilled_sink, bench, fw, run, sinks)
+                if not bench.attempt(keys, fw.key, run, start):
                     continue
                 started.append(fw)
                 drained = partial(wait_for_handled, bench.probes[fw.key], s.events)
@@ -410,6 +406,15 @@ def events_group(bench: Bench) -> None:
                 result = bench.attempt(["events.e2e"], fw.key, run, measure)
                 if result is not None:
                     bench.record("events.e2e", fw.key, result["rate"], run)
+
+
+def start_prefilled_sink(
+    bench: Bench, fw: Framework, run: int, stack: ExitStack
+) -> RunningService:
+    """Fill the handler's queue, then start it (running until ``stack`` closes)."""
+    uri = bench.uris[fw.key]
+    prefill_events(uri, EVENT_SOURCE, EVENT_TYPE, SINK_QUEUE, bench.settings.events)
+    return stack.enter_context(bench.service(fw, "BenchSink", SINK_CALL, run))
 
 
 def wait_for_handled(probe: BrokerProbe, count: int) -> dict[str, Any]:
