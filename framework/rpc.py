@@ -18,6 +18,7 @@ import kombu
 import kombu.exceptions
 
 from framework import concurrency
+from framework.amqp.connection import ConnectionLost
 from framework.constants import (
     DEFAULT_RPC_EXCHANGE,
     DEFAULT_RPC_TIMEOUT,
@@ -233,6 +234,14 @@ class ReplyEvent:
         if not self._event.ready():
             self._event.send(body)
 
+    def fail(self, error: BaseException) -> None:
+        """The request never made it (see ``RpcClient``): the wait raises ``error``."""
+        if not self._event.ready():
+            self._event.send_exception(error)
+
+    def rearm(self) -> None:
+        self._event = concurrency.Event()
+
     def ready(self) -> bool:
         return self._event.ready()
 
@@ -290,6 +299,10 @@ class ReplyListener(SharedExtension):
         event.send(body)
 
 
+class RequestUnconfirmed(Exception):
+    """The connection went before the broker confirmed a request: send it again."""
+
+
 class RpcReply:
     """A call in flight. ``result()`` waits for it (once) and returns or raises."""
 
@@ -299,24 +312,38 @@ class RpcReply:
         correlation_id: str,
         timeout: float | None,
         on_timeout: Any,
+        resend: Any = None,
     ) -> None:
         self.reply_event = reply_event
         self.correlation_id = correlation_id
         self.timeout = timeout
         self._on_timeout = on_timeout
+        self._resend = resend
         self._response: Any = None
         self._received = False
 
     def get_response(self, timeout: Any = "default") -> Any:
         if not self._received:
             wait = self.timeout if timeout == "default" else timeout
-            try:
-                self._response = self.reply_event.wait(wait)
-            except RpcTimeout:
-                self._on_timeout(self.correlation_id)
-                raise RpcTimeout(
-                    f"no reply within {wait}s (correlation id {self.correlation_id})"
-                ) from None
+            deadline = concurrency.Deadline(wait)
+            while True:
+                try:
+                    self._response = self.reply_event.wait(deadline.remaining())
+                    break
+                except RequestUnconfirmed:
+                    # At least once, as a publish retry would be: the callee may
+                    # see the request twice; we take the first reply.
+                    log.warning(
+                        "resending a request lost with its connection",
+                        extra={"correlation_id": self.correlation_id},
+                    )
+                    self.reply_event.rearm()
+                    self._resend()
+                except RpcTimeout:
+                    self._on_timeout(self.correlation_id)
+                    raise RpcTimeout(
+                        f"no reply within {wait}s (correlation id {self.correlation_id})"
+                    ) from None
             self._received = True
         return self._response
 
@@ -440,27 +467,66 @@ class RpcClient:
         }
         headers = {**(options.pop("headers", None) or {}), **self._context_headers()}
         options.setdefault("serializer", self._serializer)
+        send = partial(
+            self._send,
+            {"args": list(args), "kwargs": kwargs},
+            service_name,
+            f"{service_name}.{method_name}",
+            correlation_id,
+            reply_event,
+            headers,
+            options,
+        )
+        try:
+            send()
+        except BaseException:
+            self._reply_listener.forget(correlation_id)
+            raise
+        return RpcReply(
+            reply_event, correlation_id, timeout, self._reply_listener.forget, send
+        )
+
+    def _send(
+        self,
+        request: dict[str, Any],
+        service_name: str,
+        routing_key: str,
+        correlation_id: str,
+        reply_event: Any,
+        headers: dict[str, Any],
+        options: dict[str, Any],
+    ) -> None:
+        # Not waiting for the confirm: the reply proves the request arrived, and
+        # the confirm of a persistent request only comes once the callee acked it,
+        # after its reply. A request the broker returns (no such service), refuses
+        # or loses with the connection fails or resends through ``on_failure``.
         try:
             self._publish(
-                {"args": list(args), "kwargs": kwargs},
+                request,
                 exchange=self.exchange,
-                routing_key=f"{service_name}.{method_name}",
+                routing_key=routing_key,
                 mandatory=True,
                 reply_to=self._reply_listener.routing_key,
                 correlation_id=correlation_id,
                 headers=headers,
                 declare=[self.exchange],
+                on_failure=partial(self._request_failed, reply_event, service_name),
                 **options,
             )
         except UndeliverableMessage:
-            self._reply_listener.forget(correlation_id)
             raise UnknownService(service_name) from None
-        except BaseException:
-            self._reply_listener.forget(correlation_id)
-            raise
-        return RpcReply(
-            reply_event, correlation_id, timeout, self._reply_listener.forget
-        )
+
+    @staticmethod
+    def _request_failed(
+        reply_event: Any, service_name: str, error: BaseException
+    ) -> None:
+        if isinstance(error, ConnectionLost):
+            # Wake the caller, who resends (from its own thread: in a plain,
+            # unpatched program nothing else would run).
+            error = RequestUnconfirmed(str(error))
+        elif isinstance(error, UndeliverableMessage):
+            error = UnknownService(service_name)
+        reply_event.fail(error)
 
 
 RESTRICTED_PUBLISHER_OPTIONS = (

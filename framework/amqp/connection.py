@@ -217,14 +217,51 @@ def tune_transport(amqp_connection: Any) -> None:
     read_ahead(amqp_connection)
 
 
-class DrainedConnection:
-    """A connection read by whichever green thread is waiting on it.
+class Waiter:
+    """One result a caller waits for on a connection: a confirm, a reply."""
 
-    Used where no dedicated reader thread exists (publishers, standalone
-    proxies): a caller waiting for a publisher confirm or an RPC reply takes the
-    drain lock and reads frames until its own result arrives, handling everyone
-    else's frames on the way. Others block on the lock, then find their result
-    already there. This also works in a plain, unpatched single-threaded program.
+    __slots__ = ("_event", "value", "error", "lost")
+
+    def __init__(self) -> None:
+        self._event = concurrency.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.lost: BaseException | None = None
+
+    def ready(self) -> bool:
+        return self._event.ready()
+
+    def set(self, value: Any = None, error: BaseException | None = None) -> None:
+        if not self._event.ready():
+            self.value, self.error = value, error
+            self._event.send(None)
+
+    def interrupt(self, error: BaseException) -> None:
+        """Wake the caller because the connection went away (it may wait again)."""
+        if not self._event.ready():
+            self.lost = error
+            self._event.send(None)
+
+    def wait(self, timeout: float | None) -> bool:
+        if not self._event.ready():
+            with concurrency.Timeout(timeout, False):
+                self._event.wait()
+        return self._event.ready()
+
+
+class ConnectionLost(ConnectionResetError):
+    """The connection went away while a caller waited on it."""
+
+
+class DrainedConnection:
+    """A connection shared by many callers, each waiting for its own results.
+
+    Under eventlet (services, patched programs) a reader green thread drains it and
+    hands each frame's result to its ``Waiter``: one wake-up per result. In a plain,
+    unpatched program there is no hub to run that thread, so a caller waiting for a
+    publisher confirm or an RPC reply takes the drain lock and reads frames until its
+    own result arrives, handling everyone else's on the way; the others block on the
+    lock, then find their result already there.
     """
 
     def __init__(
@@ -238,14 +275,26 @@ class DrainedConnection:
         self.drain_lock = concurrency.Semaphore(1)
         self._connect_lock = concurrency.Semaphore(1)
         self._on_connect: list[Any] = []
+        self._reader: Any = None
+        self._waiting: set[Waiter] = set()
+        self._on_lost: list[Any] = []
 
     def on_connect(self, callback: Any) -> None:
-        """Run ``callback(connection)`` after every (re)connect, under the drain lock."""
+        """Run ``callback(connection)`` after every (re)connect, before any reading."""
         self._on_connect.append(callback)
+
+    def on_lost(self, callback: Any) -> None:
+        """Run ``callback(error)`` when the reader thread finds the connection gone."""
+        self._on_lost.append(callback)
 
     @property
     def connected(self) -> bool:
         return self.connection is not None and self.connection.connected
+
+    @property
+    def has_reader(self) -> bool:
+        """Whether a reader thread drains the connection (then nobody else may read)."""
+        return self._reader is not None
 
     def ensure_connected(self, max_attempts: int | None = 3) -> kombu.Connection:
         if self.connected:
@@ -253,6 +302,7 @@ class DrainedConnection:
         with self._connect_lock:
             if self.connected:
                 return self.connection  # type: ignore[return-value]
+            self._stop_reader()
             close_quietly(self.connection)
             connection = make_connection(self.config, uri=self.uri)
             connect_with_retry(
@@ -265,7 +315,32 @@ class DrainedConnection:
                     callback(connection)
             self.connection = connection
             self.generation += 1
+            if concurrency.is_monkey_patched():
+                self._reader = concurrency.spawn(
+                    self._read_forever, connection, self.generation
+                )
             return connection
+
+    def _read_forever(self, connection: kombu.Connection, generation: int) -> None:
+        error: BaseException = ConnectionLost("connection closed")
+        try:
+            while True:
+                connection.drain_events()
+        except CONNECTION_ERRORS as exc:
+            error = ConnectionLost(f"connection lost: {exc}")
+        finally:
+            if generation == self.generation:
+                self._reader = None
+                self.reset(generation)
+            for callback in self._on_lost:
+                callback(error)
+            for waiter in list(self._waiting):
+                waiter.interrupt(error)
+
+    def _stop_reader(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            concurrency.kill(reader)
 
     def reset(self, generation: int) -> None:
         """Drop the connection of ``generation`` after an error (once, however many saw it)."""
@@ -273,15 +348,31 @@ class DrainedConnection:
             connection, self.connection = self.connection, None
             close_quietly(connection)
 
-    def wait_until(self, done: Any, deadline: concurrency.Deadline) -> bool:
-        """Drain frames until ``done()`` is true or the deadline passes.
+    def wait_for(self, waiter: Waiter, deadline: concurrency.Deadline) -> bool:
+        """Wait until ``waiter`` is set or the deadline passes; whether it was set.
 
-        Returns ``done()``. Connection errors propagate to the caller.
+        A waiter failed by a lost connection raises ``ConnectionLost`` (a
+        ``ConnectionResetError``); other connection errors propagate too.
         """
-        while not done():
+        if self._reader is not None:
+            self._waiting.add(waiter)
+            try:
+                waiter.wait(deadline.remaining())
+            finally:
+                self._waiting.discard(waiter)
+            if waiter.lost is not None:
+                error, waiter.lost = waiter.lost, None
+                waiter._event.reset()
+                raise error
+        else:
+            self._drain_until(waiter, deadline)
+        return waiter.ready()
+
+    def _drain_until(self, waiter: Waiter, deadline: concurrency.Deadline) -> None:
+        while not waiter.ready():
             remaining = deadline.remaining()
             if remaining is not None and remaining <= 0:
-                return done()
+                return
             # Uncontended, the lock is free: take it without arming a timer.
             acquired = self.drain_lock.acquire(blocking=False) or (
                 self.drain_lock.acquire(timeout=remaining)
@@ -289,13 +380,13 @@ class DrainedConnection:
                 else self.drain_lock.acquire()
             )
             if not acquired:
-                return done()
+                return
             try:
-                if done():
-                    break
+                if waiter.ready():
+                    return
                 connection = self.connection
                 if connection is None:
-                    raise ConnectionResetError("connection lost")
+                    raise ConnectionLost("connection lost")
                 # Returns at the first frame, whoever it is for; waiters with an
                 # earlier deadline give up on the lock at their own deadline.
                 try:
@@ -306,8 +397,8 @@ class DrainedConnection:
                     pass
             finally:
                 self.drain_lock.release()
-        return True
 
     def close(self) -> None:
+        self._stop_reader()
         connection, self.connection = self.connection, None
         close_quietly(connection)

@@ -21,7 +21,12 @@ from amqp import spec
 
 from framework import concurrency, serialization
 from framework.amqp import channels
-from framework.amqp.connection import CONNECTION_ERRORS, DrainedConnection
+from framework.amqp.connection import (
+    CONNECTION_ERRORS,
+    ConnectionLost,
+    DrainedConnection,
+    Waiter,
+)
 from framework.constants import (
     DEFAULT_PUBLISH_CONFIRM_TIMEOUT,
     DEFAULT_RETRY_POLICY,
@@ -38,14 +43,29 @@ log = logging.getLogger(__name__)
 publish_observers: list[Callable[[Publisher, str], None]] = []
 
 
-class _Confirm:
-    __slots__ = ("done", "error", "correlation_id", "mandatory")
+class _Confirm(Waiter):
+    """A publish waiting for the broker's ack (or nack, or return)."""
 
-    def __init__(self, correlation_id: str | None, mandatory: bool) -> None:
-        self.done = False
-        self.error: BaseException | None = None
+    __slots__ = ("correlation_id", "mandatory", "returned", "on_failure")
+
+    def __init__(
+        self,
+        correlation_id: str | None,
+        mandatory: bool,
+        on_failure: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        super().__init__()
         self.correlation_id = correlation_id
         self.mandatory = mandatory
+        self.returned: BaseException | None = None
+        self.on_failure = on_failure
+
+    def settle(self, error: BaseException | None) -> None:
+        if self.ready():
+            return
+        self.set(error=error)
+        if error is not None and self.on_failure is not None:
+            self.on_failure(error)
 
 
 class Publisher:
@@ -73,6 +93,7 @@ class Publisher:
             config, uri=uri, purpose=purpose
         )
         self.connection.on_connect(self._open_channel)
+        self.connection.on_lost(self._fail_pending)
         self._channel: Any = None
         self._declared: set[Any] = set()
         self._publish_lock = concurrency.Semaphore(1)
@@ -83,13 +104,7 @@ class Publisher:
     # -- connection --------------------------------------------------------------
 
     def _open_channel(self, connection: kombu.Connection) -> None:
-        for confirm in self._pending.values():
-            if not confirm.done:
-                confirm.done = True
-                confirm.error = ConnectionResetError(
-                    "connection lost before the confirm"
-                )
-        self._pending = {}
+        self._fail_pending(ConnectionLost("connection lost before the confirm"))
         self._declared = set()
         channel = connection.channel()
         self._emulated = not channels.is_amqp(connection)
@@ -104,6 +119,11 @@ class Publisher:
         channel.events["basic_return"].add(self._on_return)
         self._channel = channel
         self._next_tag = 1
+
+    def _fail_pending(self, error: BaseException) -> None:
+        pending, self._pending = self._pending, {}
+        for confirm in pending.values():
+            confirm.settle(error)
 
     def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
         self._resolve(delivery_tag, multiple, None)
@@ -125,10 +145,8 @@ class Publisher:
         )
         for tag in tags:
             confirm = self._pending.pop(tag, None)
-            if confirm is not None and not confirm.done:
-                confirm.done = True
-                if confirm.error is None:
-                    confirm.error = error
+            if confirm is not None:
+                confirm.settle(confirm.returned or error)
 
     def _on_return(
         self, exc: Exception, exchange: str, routing_key: str, message: Any
@@ -139,7 +157,9 @@ class Publisher:
         error = UndeliverableMessage(
             f"no queue is bound to {exchange!r} for {routing_key!r}"
         )
-        candidates = [c for c in self._pending.values() if c.mandatory and not c.done]
+        candidates = [
+            c for c in self._pending.values() if c.mandatory and c.returned is None
+        ]
         match = next(
             (
                 c
@@ -151,9 +171,7 @@ class Publisher:
         if match is None and candidates:
             match = candidates[0]
         if match is not None:
-            match.error = error
-        if not self.use_confirms and match is not None:
-            match.done = True
+            match.returned = error
 
     # -- publishing ----------------------------------------------------------------
 
@@ -193,9 +211,16 @@ class Publisher:
         retry_policy: dict[str, Any] | None = None,
         timeout: float | None = None,
         compression: str | None = None,
+        on_failure: Callable[[BaseException], None] | None = None,
         **properties: Any,
     ) -> None:
-        """Publish an already serialized body (e.g. when dead-lettering as received)."""
+        """Publish an already serialized body (e.g. when dead-lettering as received).
+
+        With ``on_failure``, return once the message is written, without waiting
+        for its confirm; should the broker refuse it, return it (``mandatory``) or
+        the connection fail before it confirms, ``on_failure(error)`` is called.
+        RPC requests use it: their reply is a better confirm than the confirm.
+        """
         if compression:
             body, compressed_type = kombu.compression.compress(body, compression)
             headers = {**(headers or {}), "compression": compressed_type}
@@ -229,6 +254,7 @@ class Publisher:
                     mandatory,
                     declare,
                     timeout,
+                    on_failure,
                 )
             except CONNECTION_ERRORS as exc:
                 self.connection.reset(generation)
@@ -263,6 +289,7 @@ class Publisher:
         mandatory: bool,
         declare: Iterable[Any],
         timeout: float | None,
+        on_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.connection.ensure_connected()
         self._declare(declare)
@@ -278,7 +305,9 @@ class Publisher:
                 )
             return
         message = amqp.Message(body, **message_properties)
-        confirm = _Confirm(message_properties.get("correlation_id"), mandatory)
+        confirm = _Confirm(
+            message_properties.get("correlation_id"), mandatory, on_failure
+        )
         with self._publish_lock:
             channel = self._channel
             if self.use_confirms:
@@ -295,12 +324,12 @@ class Publisher:
                 (0, exchange, routing_key, mandatory, False),
                 message,
             )
-        if not self.use_confirms:
+        if not self.use_confirms or on_failure is not None:
             return
         deadline = concurrency.Deadline(
             timeout if timeout is not None else self.confirm_timeout
         )
-        if not self.connection.wait_until(lambda: confirm.done, deadline):
+        if not self.connection.wait_for(confirm, deadline):
             self._pending.pop(tag, None)
             raise PublishConfirmFailed(
                 f"the broker did not confirm a message to {exchange!r}/{routing_key!r} "
@@ -314,8 +343,14 @@ class Publisher:
             key = _entity_key(entity)
             if key in self._declared:
                 continue
-            with self.connection.drain_lock:
-                entity.bind(self._channel).declare()
+            if self.connection.has_reader:
+                # The reader thread owns every read: declare without waiting for
+                # the broker's reply (a refusal closes the channel, which surfaces
+                # as a failed publish).
+                entity.bind(self._channel).declare(nowait=True)
+            else:
+                with self.connection.drain_lock:
+                    entity.bind(self._channel).declare()
             self._declared.add(key)
 
     def close(self) -> None:

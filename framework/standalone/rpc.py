@@ -16,7 +16,7 @@ import kombu.serialization
 
 from framework import concurrency, serialization
 from framework.amqp import channels
-from framework.amqp.connection import CONNECTION_ERRORS, DrainedConnection
+from framework.amqp.connection import CONNECTION_ERRORS, DrainedConnection, Waiter
 from framework.amqp.publish import Publisher
 from framework.constants import (
     ACCEPT_CONFIG_KEY,
@@ -48,9 +48,16 @@ class StandaloneReplyEvent:
     ) -> None:
         self.listener = listener
         self.correlation_id = correlation_id
+        self.waiter = Waiter()
 
     def ready(self) -> bool:
-        return self.correlation_id in self.listener.replies
+        return self.waiter.ready()
+
+    def fail(self, error: BaseException) -> None:
+        self.waiter.set(error=error)
+
+    def rearm(self) -> None:
+        self.waiter = Waiter()
 
     def wait(self, timeout: float | None) -> Any:
         deadline = concurrency.Deadline(timeout)
@@ -59,8 +66,10 @@ class StandaloneReplyEvent:
             generation = connection.generation
             try:
                 connection.ensure_connected()
-                if connection.wait_until(self.ready, deadline):
-                    return self.listener.replies.pop(self.correlation_id)
+                if connection.wait_for(self.waiter, deadline):
+                    if self.waiter.error is not None:
+                        raise self.waiter.error
+                    return self.waiter.value
             except CONNECTION_ERRORS as exc:
                 # The reply queue is durable and redeclared on reconnect, so a
                 # reply published meanwhile is still waiting for us there.
@@ -71,6 +80,7 @@ class StandaloneReplyEvent:
                 if deadline.expired():
                     raise
                 continue
+            self.listener.forget(self.correlation_id)
             raise RpcTimeout(timeout)
 
 
@@ -90,8 +100,7 @@ class SingleThreadedReplyListener:
             routing_key=self.routing_key,
             queue_arguments={"x-expires": RPC_REPLY_QUEUE_TTL},
         )
-        self.waiting: set[str] = set()
-        self.replies: dict[str, Any] = {}
+        self.waiting: dict[str, StandaloneReplyEvent] = {}
         connection.on_connect(self._consume)
 
     def _consume(self, connection: kombu.Connection) -> None:
@@ -101,14 +110,14 @@ class SingleThreadedReplyListener:
 
     def _on_message(self, raw: Any) -> None:
         received = channels.parts(raw)
-        correlation_id = received.properties.get("correlation_id")
-        if correlation_id not in self.waiting:
+        correlation_id = str(received.properties.get("correlation_id"))
+        event = self.waiting.pop(correlation_id, None)
+        if event is None:
             log.debug(
                 "dropping a reply nobody waits for",
                 extra={"correlation_id": correlation_id},
             )
             return
-        self.waiting.discard(correlation_id)
         try:
             body = serialization.loads(
                 received.body,
@@ -126,15 +135,16 @@ class SingleThreadedReplyListener:
                     "value": str(exc),
                 },
             }
-        self.replies[correlation_id] = body
+        event.waiter.set(body)
 
     def get_reply_event(self, correlation_id: str) -> StandaloneReplyEvent:
-        self.waiting.add(correlation_id)
-        return StandaloneReplyEvent(self, correlation_id)
+        event = self.waiting[correlation_id] = StandaloneReplyEvent(
+            self, correlation_id
+        )
+        return event
 
     def forget(self, correlation_id: str) -> None:
-        self.waiting.discard(correlation_id)
-        self.replies.pop(correlation_id, None)
+        self.waiting.pop(correlation_id, None)
 
 
 class StandaloneProxyBase:
