@@ -286,7 +286,10 @@ def logged_problems(log_path: Path, offset: int) -> str | None:
         if exceptions
         else next(line for line in lines if ERROR_RECORD.search(line))
     )
-    return f"{records} error record(s) logged, e.g. `{example[:300]}`"
+    return (
+        f"{records} error record(s) and {len(exceptions)} traceback(s) logged, "
+        f"e.g. `{example[:300]}`"
+    )
 
 
 # -- clients ----------------------------------------------------------------------------
@@ -316,7 +319,7 @@ def run_client(
 @contextmanager
 def raw_server(
     registry: ProcessRegistry, amqp_uri: str, confirms: str, prefetch: int
-) -> Iterator[None]:
+) -> Iterator[subprocess.Popen[Any]]:
     command = [
         sys.executable,
         "-m",
@@ -337,7 +340,7 @@ def raw_server(
             raise BenchError(
                 f"the raw server did not start:\n{tail(registry.log_path('raw-server'))}"
             )
-        yield
+        yield process
     finally:
         registry.stop(process)
 

@@ -26,8 +26,16 @@ from typing import Any
 
 from bench.broker import BenchError
 from bench.payloads import TINY
-from bench.processes import CLIENT_TIMEOUT, Framework
-from bench.scenarios import TARGET_CALL, Bench, as_options
+from bench.processes import CLIENT_TIMEOUT, OURS, Framework, raw_server
+from bench.report import RAW
+from bench.scenarios import (
+    CONFIRM_LABELS,
+    RAW_PREFETCH,
+    TARGET_CALL,
+    Bench,
+    as_options,
+    ceiling_mode,
+)
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +277,44 @@ def profile_framework(bench: Bench, fw: Framework, spy: str, seconds: int) -> Pr
     return Profile(rate, cpu, raw_paths)
 
 
+def profile_raw(bench: Bench, seconds: int) -> tuple[float, dict[str, CpuUsage]]:
+    """The CPU budget of the raw loop at the same concurrency, for comparison:
+    what the broker costs per call with nothing in the way."""
+    uri = bench.uris[RAW]
+    confirms = ceiling_mode(PROFILE_CONCURRENCY)
+    with raw_server(bench.registry, uri, confirms, RAW_PREFETCH) as server:
+        options = {
+            "amqp-uri": uri,
+            "confirms": confirms,
+            "payload": TINY,
+            "concurrency": PROFILE_CONCURRENCY,
+            "warmup": CLIENT_HEAD_START,
+            "duration": seconds,
+        }
+        client = bench.registry.start(
+            [str(bench.frameworks[OURS].python), "-m", "bench.raw", "client"]
+            + as_options(options),
+            "raw-profiled-client",
+            stdout=subprocess.PIPE,
+        )
+        time.sleep(CLIENT_HEAD_START)
+        targets = {"raw server": server.pid, "raw client": client.pid}
+        cpu = measure_cpu(targets, lambda: time.sleep(seconds))
+        rate = finish_load(bench, client)
+    return rate, cpu
+
+
+def render_cpu_table(rate: float, cpu: dict[str, CpuUsage]) -> list[str]:
+    lines = [" cores   user    sys   CPU per call  process"]
+    for name, usage in cpu.items():
+        per_call = usage.total / rate * 1e6 if rate else float("nan")
+        lines.append(
+            f"{usage.total:6.2f} {usage.user:6.2f} {usage.system:6.2f} "
+            f"{per_call:9.0f} us  {name}"
+        )
+    return lines
+
+
 def render_profile(fw: Framework, role: str, result: Profile, seconds: int) -> str:
     what = (
         "service process (`run bench.services_*:BenchTarget`)"
@@ -284,13 +330,8 @@ def render_profile(fw: Framework, role: str, result: Profile, seconds: int) -> s
         f"Throughput without profiler: {result.rate:,.0f} calls/s. CPU over a {seconds} s",
         "window of that run (from /proc; cores = CPU seconds per second):",
         "",
-        " cores   user    sys   CPU per call  process",
+        *render_cpu_table(result.rate, result.cpu),
     ]
-    for name, usage in result.cpu.items():
-        per_call = usage.total / result.rate * 1e6 if result.rate else float("nan")
-        lines.append(
-            f"{usage.total:6.2f} {usage.user:6.2f} {usage.system:6.2f} {per_call:9.0f} us  {name}"
-        )
     lines += [
         "",
         f"py-spy record --rate {SAMPLE_RATE} --function --format raw, one {seconds} s",
@@ -343,4 +384,20 @@ def profile(bench: Bench, seconds: float, out_dir: Path = PROFILE_DIR) -> list[P
             path.write_text(render_profile(fw, role, result, window))
             written.append(path)
             log.info("profile written to %s", path)
+    rate, cpu = profile_raw(bench, window)
+    title = (
+        f"raw py-amqp loop ({CONFIRM_LABELS[ceiling_mode(PROFILE_CONCURRENCY)]}), "
+        f"tiny payload, {PROFILE_CONCURRENCY} in flight: the CPU budget of a call "
+        "with no framework"
+    )
+    text = [
+        title,
+        "=" * len(title),
+        f"Throughput: {rate:,.0f} calls/s. CPU over a {window} s window (from /proc):",
+        "",
+        *render_cpu_table(rate, cpu),
+    ]
+    path = out_dir / f"raw-c{PROFILE_CONCURRENCY}.txt"
+    path.write_text("\n".join(text) + "\n")
+    written.append(path)
     return written

@@ -113,8 +113,7 @@ class Bench:
                 except BenchError as exc:
                     for key in keys:
                         self.results.figures[key].fail(fw.key)
-                    first_line = str(exc).splitlines()[0]
-                    self.problem(run, fw.key, f"{service_class}: {first_line}")
+                    self.problem(run, fw.key, f"{service_class}: {one_line(exc)}")
                     continue
                 started.append(fw)
             yield started
@@ -134,7 +133,7 @@ class Bench:
             for key in keys:
                 self.results.figures[key].fail(side)
             label = self.results.figures[keys[0]].label
-            self.problem(run, side, f"{label}: failed: {str(exc).splitlines()[0]}")
+            self.problem(run, side, f"{label}: failed: {one_line(exc)}")
             return None
 
     def client(self, framework: Framework, scenario: str, *args: Any) -> dict[str, Any]:
@@ -183,6 +182,14 @@ class Bench:
             figure.unit,
             figure.label,
         )
+
+
+def one_line(exc: BaseException) -> str:
+    """What went wrong, and the last line of the log quoted in the message."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
 
 
 def as_options(options: dict[str, Any]) -> list[str]:
