@@ -192,10 +192,17 @@ class Entrypoint(Extension):
     def check_signature(self, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
         """Raise ``IncorrectSignature`` unless the method accepts these arguments."""
         method = getattr(self.container.service_cls, self.method_name)  # type: ignore[arg-type]
+        # Whether a call binds depends only on how many positional arguments it
+        # has and which keywords, never on their values: remember shapes that did.
+        shape = (method, len(args), tuple(kwargs))
+        if shape in _accepted_shapes:
+            return
         try:
             _signature(method).bind(None, *args, **kwargs)
         except TypeError as exc:
             raise IncorrectSignature(str(exc)) from None
+        if len(_accepted_shapes) < _MAX_ACCEPTED_SHAPES:
+            _accepted_shapes.add(shape)
 
     @classmethod
     def decorator(cls, *args: Any, **kwargs: Any) -> Any:
@@ -223,6 +230,8 @@ class Entrypoint(Extension):
 
 
 _signatures: dict[Any, inspect.Signature] = {}
+_accepted_shapes: set[tuple[Any, int, tuple[str, ...]]] = set()
+_MAX_ACCEPTED_SHAPES = 10_000  # keyword names come from callers: stay bounded
 
 
 def _signature(method: Callable[..., Any]) -> inspect.Signature:

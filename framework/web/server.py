@@ -81,7 +81,21 @@ def context_data_from_headers(
     (``X-Request-Id``, ``Accept-Language``, ``User-Agent``) as a whole. Empty
     headers are skipped.
     """
-    mapping = config.get(HTTP_CONTEXT_HEADERS_CONFIG_KEY)
+    environ = request.environ
+    data = {}
+    for environ_key, key in _environ_keys(config.get(HTTP_CONTEXT_HEADERS_CONFIG_KEY)):
+        value = environ.get(environ_key)
+        if value:
+            data[key] = value
+    return data
+
+
+_environ_key_cache: dict[Any, list[tuple[str, str]]] = {}
+
+
+def _environ_keys(mapping: Any) -> list[tuple[str, str]]:
+    """``[(WSGI environ key, context key)]`` for a header mapping, computed once:
+    on every request, building werkzeug's header view showed in profiles."""
     if mapping is None:
         mapping = DEFAULT_HTTP_CONTEXT_HEADERS
     if not isinstance(mapping, Mapping):
@@ -89,12 +103,18 @@ def context_data_from_headers(
             f"`{HTTP_CONTEXT_HEADERS_CONFIG_KEY}` must map header names to "
             f"context keys, got {mapping!r}"
         )
-    data = {}
-    for header, key in mapping.items():
-        value = request.headers.get(header)
-        if value:
-            data[key] = value
-    return data
+    cache_key = tuple(mapping.items())
+    keys = _environ_key_cache.get(cache_key)
+    if keys is None:
+        keys = _environ_key_cache[cache_key] = [
+            (_environ_name(header), key) for header, key in mapping.items()
+        ]
+    return keys
+
+
+def _environ_name(header: str) -> str:
+    name = header.upper().replace("-", "_")
+    return name if name in ("CONTENT_TYPE", "CONTENT_LENGTH") else f"HTTP_{name}"
 
 
 def json_error_response(exc: BaseException, status: int) -> Response:
@@ -139,16 +159,17 @@ class WsgiApp:
         except Exception as exc:
             log.exception("error routing %s %s", request.method, request.path)
             response = json_error_response(exc, 500)
-        log.debug(
-            "http request",
-            extra={
-                "service": self.server.container.service_name,
-                "method": request.method,
-                "path": request.path,
-                "status": getattr(response, "status_code", None),
-                "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-            },
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "http request",
+                extra={
+                    "service": self.server.container.service_name,
+                    "method": request.method,
+                    "path": request.path,
+                    "status": getattr(response, "status_code", None),
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                },
+            )
         return response(environ, start_response)
 
     def dispatch(self, request: Request) -> WsgiApplication:
@@ -161,6 +182,12 @@ class WsgiApp:
         return provider.handle_request(request)
 
     def read_body(self, request: Request) -> None:
+        environ = request.environ
+        if (
+            not environ.get("CONTENT_LENGTH")
+            and "HTTP_TRANSFER_ENCODING" not in environ
+        ):
+            return  # no body (a plain GET): nothing to read or limit
         limit = request.max_content_length
         if limit is None:
             request.get_data(cache=True)
