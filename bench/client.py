@@ -67,18 +67,18 @@ def load_toolkit(framework: str) -> Toolkit:
             concurrency.sleep,
         )
     if framework == NAMEKO:
-        # nameko's own concurrency library, imported only in nameko's venv: our
-        # framework's seam (framework.concurrency) does not exist there.
+        # nameko's own concurrency library, in nameko's venv: this client must use
+        # exactly what a nameko user's does, not our framework's seam.
         import eventlet
         import eventlet.event
 
         eventlet.monkey_patch()
-        from nameko.standalone.events import event_dispatcher
-        from nameko.standalone.rpc import ClusterRpcProxy
+        from nameko.standalone.events import event_dispatcher as nameko_dispatcher
+        from nameko.standalone.rpc import ClusterRpcProxy as NamekoClusterRpcProxy
 
         return Toolkit(
-            ClusterRpcProxy,
-            event_dispatcher,
+            NamekoClusterRpcProxy,
+            nameko_dispatcher,
             eventlet.spawn,
             eventlet.event.Event,
             eventlet.sleep,

@@ -26,8 +26,8 @@ from typing import Any
 
 from bench.broker import BenchError
 from bench.payloads import TINY
-from bench.processes import CLIENT_TIMEOUT, OURS, Framework, raw_server
-from bench.report import RAW
+from bench.processes import CLIENT_TIMEOUT, OURS, ROOT, Framework, raw_server
+from bench.report import RAW, code_version
 from bench.scenarios import (
     CONFIRM_LABELS,
     RAW_PREFETCH,
@@ -78,12 +78,56 @@ def package_of(path: str) -> str:
     return "stdlib"
 
 
+# What a sample's innermost frame was doing, in groups a reader can act on. The
+# first group whose marker occurs in the frame ("function (file:line)") wins;
+# anything else is counted under its package.
+ACTIVITIES = (
+    (
+        "timers (eventlet timers and timeouts, py-amqp having_timeout)",
+        ("eventlet/hubs/timer.py", "schedule_call_global", "add_timer", "fire_timers")
+        + ("eventlet/timeout.py", "having_timeout"),
+    ),
+    (
+        "AMQP frame encoding (py-amqp frame_writer, property/table encoding)",
+        ("frame_writer", "_serialize_properties", "_write_table", "_flushbits")
+        + ("dumps (amqp/serialization.py", "_write_item"),
+    ),
+    (
+        "AMQP frame decoding and dispatch (py-amqp)",
+        ("read_frame", "frame_handler", "loads (amqp/serialization.py", "decode_")
+        + ("dispatch_method", "on_inbound", "_on_basic_", "_read_table", "_read_item"),
+    ),
+    (
+        "socket reads and writes (py-amqp transport, eventlet greenio)",
+        ("amqp/transport.py", "eventlet/greenio/"),
+    ),
+    (
+        "green-thread scheduling (eventlet hub, spawn, switch, events, locks)",
+        ("eventlet/hubs/", "eventlet/greenthread.py", "eventlet/event.py")
+        + ("eventlet/semaphore.py", "eventlet/queue.py", "eventlet/greenpool.py"),
+    ),
+    (
+        "JSON encoding and decoding",
+        ("json/", "kombu/serialization.py", "kombu/utils/json"),
+    ),
+    ("ids (uuid)", ("uuid",)),
+)
+
+
+def activity_of(frame: str, package: str) -> str:
+    for name, markers in ACTIVITIES:
+        if any(marker in frame for marker in markers):
+            return name
+    return f"other {package}"
+
+
 @dataclass
 class Summary:
     samples: int
     self_time: collections.Counter[str]
     total_time: collections.Counter[str]
     packages: collections.Counter[str]
+    activities: collections.Counter[str]
 
 
 def summarize(raw_path: Path) -> Summary:
@@ -92,6 +136,7 @@ def summarize(raw_path: Path) -> Summary:
     self_time: collections.Counter[str] = collections.Counter()
     total_time: collections.Counter[str] = collections.Counter()
     packages: collections.Counter[str] = collections.Counter()
+    activities: collections.Counter[str] = collections.Counter()
     samples = 0
     for line in raw_path.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
@@ -103,9 +148,10 @@ def summarize(raw_path: Path) -> Summary:
         leaf_name, leaf_package = frames[-1]
         self_time[leaf_name] += count
         packages[leaf_package] += count
+        activities[activity_of(leaf_name, leaf_package)] += count
         for name in {name for name, _ in frames}:
             total_time[name] += count
-    return Summary(samples, self_time, total_time, packages)
+    return Summary(samples, self_time, total_time, packages, activities)
 
 
 def describe_frame(frame: str) -> tuple[str, str]:
@@ -327,6 +373,7 @@ def render_profile(fw: Framework, role: str, result: Profile, seconds: int) -> s
     lines = [
         title,
         "=" * len(title),
+        f"Commit {code_version(ROOT)}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         f"Throughput without profiler: {result.rate:,.0f} calls/s. CPU over a {seconds} s",
         "window of that run (from /proc; cores = CPU seconds per second):",
         "",
@@ -354,6 +401,10 @@ def render_summary(mode: str, meaning: str, summary: Summary) -> list[str]:
     lines = [heading, "-" * len(heading), *textwrap.wrap(meaning, 88), ""]
     lines += ["Self time by package:"]
     lines += [f"{pct(count)}  {name}" for name, count in summary.packages.most_common()]
+    lines += ["", "Self time by activity (of the innermost frame):"]
+    lines += [
+        f"{pct(count)}  {name}" for name, count in summary.activities.most_common()
+    ]
     lines += ["", f"Top {TOP} functions by self time:", " self   total  function"]
     lines += [
         f"{pct(count)} {pct(summary.total_time[name])}  {name}"
@@ -393,6 +444,7 @@ def profile(bench: Bench, seconds: float, out_dir: Path = PROFILE_DIR) -> list[P
     text = [
         title,
         "=" * len(title),
+        f"Commit {code_version(ROOT)}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         f"Throughput: {rate:,.0f} calls/s. CPU over a {window} s window (from /proc):",
         "",
         *render_cpu_table(rate, cpu),

@@ -272,6 +272,12 @@ def define_figures(
             target=2.0,
         )
         results.figure(
+            "events.dispatch",
+            f"Events dispatched/s, same run ({settings.event_dispatchers} "
+            "standalone dispatchers, confirms included)",
+            "events/s",
+        )
+        results.figure(
             "events.drain",
             "Events handled/s, handler only (queue filled beforehand)",
             "events/s",
@@ -394,7 +400,7 @@ def events_group(bench: Bench) -> None:
             # a time, so the two drains never compete for the CPU.
             started = []
             for fw in bench.order(run):
-                keys = ["events.drain", "events.e2e"]
+                keys = ["events.drain", "events.e2e", "events.dispatch"]
                 start = partial(start_prefilled_sink, bench, fw, run, sinks)
                 if not bench.attempt(keys, fw.key, run, start):
                     continue
@@ -410,9 +416,13 @@ def events_group(bench: Bench) -> None:
                     continue
                 options = {"count": s.events, "dispatchers": s.event_dispatchers}
                 measure = partial(bench.client, fw, "events", *as_options(options))
-                result = bench.attempt(["events.e2e"], fw.key, run, measure)
+                keys = ["events.e2e", "events.dispatch"]
+                result = bench.attempt(keys, fw.key, run, measure)
                 if result is not None:
                     bench.record("events.e2e", fw.key, result["rate"], run)
+                    bench.record(
+                        "events.dispatch", fw.key, result["dispatch_rate"], run
+                    )
 
 
 def start_prefilled_sink(
