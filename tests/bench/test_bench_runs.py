@@ -19,7 +19,7 @@ import pytest
 from bench.processes import check_identical_services
 
 ROOT = Path(__file__).resolve().parents[2]
-BENCH_TIMEOUT = 100.0  # seconds; the run itself takes about 35 s on 2 cores
+BENCH_TIMEOUT = 100.0  # seconds; the run itself takes about 25 s on 2 cores
 
 QUICK_RPC = [
     "--quick",
