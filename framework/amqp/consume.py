@@ -221,8 +221,16 @@ class ConsumeLoop:
                 self._channel = connection.channel()
                 self.generation += 1
                 self.connected = True
-                for subscriber in list(self._subscribers):
-                    self._consume(subscriber)
+                # Every queue and binding exists before the first consume, and
+                # reply queues are consumed first: a request already waiting is
+                # delivered at once, and its worker may call another service,
+                # whose reply must find our reply queue bound (else the broker
+                # drops it and the call waits forever).
+                subscribers = sorted(self._subscribers, key=lambda s: not s.no_ack)
+                for subscriber in subscribers:
+                    subscriber.queue.bind(self._channel).declare()
+                for subscriber in subscribers:
+                    self._consume(subscriber, declared=True)
                 if not self.ready.ready():
                     self.ready.send(None)
                 log.info(
@@ -268,11 +276,12 @@ class ConsumeLoop:
                     guard.close()
                 close_quietly(connection)
 
-    def _consume(self, subscriber: Any) -> None:
+    def _consume(self, subscriber: Any, declared: bool = False) -> None:
         if subscriber not in self._subscribers:
             return
         channel = self._channel
-        subscriber.queue.bind(channel).declare()
+        if not declared:
+            subscriber.queue.bind(channel).declare()
         channels.qos(channel, subscriber.prefetch_count)
         generation = self.generation
 

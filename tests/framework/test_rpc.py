@@ -368,3 +368,26 @@ def test_a_cluster_proxy_can_take_another_timeout(proxy):
     with pytest.raises(RpcTimeout):
         proxy.with_timeout(0.2).greeter.sleep(0.6)
     assert proxy.with_timeout(5).greeter.hello("x") == "Hello, x!"
+
+
+def test_a_request_waiting_at_start_up_can_call_other_services(
+    rabbit_config, runner_factory
+):
+    # The waiting request is delivered as soon as consuming starts; its worker
+    # calls greeter, whose reply needs the gateway's reply queue already bound.
+    # Which queue was declared first varied from start to start: try several.
+    runner_factory(rabbit_config, Greeter).start()
+    with ClusterRpcProxy(rabbit_config, timeout=20) as cluster:
+        for attempt in range(5):
+            gateway = runner_factory(rabbit_config, Gateway)
+            gateway.start()
+            gateway.stop()
+            waiting = [
+                cluster.gateway.relay.call_async(f"{attempt}-{i}") for i in range(3)
+            ]
+            gateway = runner_factory(rabbit_config, Gateway)
+            gateway.start()
+            assert [reply.result() for reply in waiting] == [
+                f"Hello, {attempt}-{i}!" for i in range(3)
+            ]
+            gateway.stop()
