@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import socket
 import subprocess
 import sys
@@ -62,6 +61,7 @@ class TcpProxy:
         self.port = find_free_port()
         self.proc = subprocess.Popen(
             [sys.executable, str(PROXY_SCRIPT), str(self.port), str(upstream_port)],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -75,13 +75,19 @@ class TcpProxy:
         except OSError:
             return False
 
+    def _command(self, command: str) -> None:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        assert self.proc.stdout.readline().strip() == command
+
     def cut(self) -> None:
-        self.proc.send_signal(signal.SIGUSR1)
-        wait_for(lambda: not self._reachable(), timeout=5)
+        self._command("cut")
+        wait_for(lambda: not self._reachable(), timeout=10)
 
     def restore(self) -> None:
-        self.proc.send_signal(signal.SIGUSR2)
-        wait_for(self._reachable, timeout=5)
+        self._command("restore")
+        wait_for(self._reachable, timeout=10)
 
     def close(self) -> None:
         self.proc.kill()

@@ -3,13 +3,14 @@ can pull.
 
 Run as its own process (plain threads, no eventlet):
 ``python tcp_proxy.py PORT [UPSTREAM_PORT]`` (upstream default 5672, RabbitMQ).
-SIGUSR1 cuts every connection and stops listening (to clients the server is down);
-SIGUSR2 listens again (the server is back). Prints ``ready`` once listening.
+Commands come on stdin, one per line, each answered on stdout once done: ``cut``
+closes every connection and stops listening (to clients the server is down),
+``restore`` listens again (the server is back). Prints ``ready`` once listening.
+(A pipe rather than signals: the answer tells the test the change has happened.)
 """
 
 from __future__ import annotations
 
-import signal
 import socket
 import sys
 import threading
@@ -91,11 +92,15 @@ class Proxy:
 def main() -> None:
     upstream_port = int(sys.argv[2]) if len(sys.argv) > 2 else 5672
     proxy = Proxy(int(sys.argv[1]), upstream_port)
-    signal.signal(signal.SIGUSR1, lambda *_: proxy.cut())
-    signal.signal(signal.SIGUSR2, lambda *_: proxy.listen())
     proxy.listen()
     print("ready", flush=True)
-    threading.Event().wait()
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "cut":
+            proxy.cut()
+        elif command == "restore":
+            proxy.listen()
+        print(command, flush=True)
 
 
 if __name__ == "__main__":
