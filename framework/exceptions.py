@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import traceback
 from collections.abc import Iterable
 from typing import Any
 
@@ -143,6 +144,91 @@ def serialize(exc: BaseException) -> dict[str, Any]:
         "exc_args": [safe_for_serialization(arg) for arg in exc.args],
         "value": safe_for_serialization(exc),
     }
+
+
+def is_expected(
+    exc: BaseException,
+    expected_exceptions: type[BaseException] | tuple[type[BaseException], ...] = (),
+) -> bool:
+    """Whether ``exc``'s message was written for callers, so it may cross the wire.
+
+    True for what the entrypoint declared in ``expected_exceptions``, for the
+    framework's own ``BadRequest`` family (a wrong method or signature, said in
+    words the caller needs), and for any registered exception
+    (``deserialize_to_instance``): registering a type publishes it, with its
+    arguments, as part of a service's contract.
+    """
+    if expected_exceptions and isinstance(exc, expected_exceptions):
+        return True
+    return isinstance(exc, BadRequest) or get_module_path(type(exc)) in registry
+
+
+def unexpected_error_message(exc: BaseException, correlation_id: str | None) -> str:
+    """The generic text that stands in for an unexpected exception's message.
+
+    It names the type and the correlation id (the call id), which the service's
+    error log carries too, so an operator can find the stack frames; the text
+    itself may hold anything (SQL parameters, a password hash) and stays home.
+    """
+    return (
+        f"unexpected {type(exc).__name__} "
+        f"(correlation id {correlation_id or 'unknown'}; details in the service's log)"
+    )
+
+
+def safe_message(exc: BaseException, expected: bool, correlation_id: str | None) -> str:
+    """What a caller may read of ``exc``: its own message if it is expected,
+    else ``unexpected_error_message``. For HTTP bodies, websocket frames, etc."""
+    if expected:
+        return str(safe_for_serialization(exc))
+    return unexpected_error_message(exc, correlation_id)
+
+
+def safe_error(
+    exc: BaseException, expected: bool, correlation_id: str | None
+) -> dict[str, Any]:
+    """nameko's error dict for a reply: ``serialize(exc)`` for an expected
+    exception (so a peer rebuilds a registered type with its arguments), and for
+    an unexpected one the same keys with the generic message as ``value`` and
+    only ``exc_args``. ``exc_type`` and ``exc_path`` stay: types are not secrets
+    and callers dispatch on them.
+    """
+    if expected:
+        return serialize(exc)
+    message = unexpected_error_message(exc, correlation_id)
+    return {
+        "exc_type": type(exc).__name__,
+        "exc_path": wire_path(type(exc)),
+        "exc_args": [message],
+        "value": message,
+    }
+
+
+def format_exception_frames(exc: BaseException) -> str:
+    """``exc``'s traceback (and those of its causes) without any message text.
+
+    Like ``traceback.format_exception`` but each exception line names only the
+    type: a driver's message often quotes the statement's parameters. Frames show
+    file, line, function and source line, which is code, not data.
+    """
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and not any(current is seen for seen in chain):
+        chain.append(current)
+        if current.__cause__ is not None:
+            current = current.__cause__
+        elif current.__context__ is not None and not current.__suppress_context__:
+            current = current.__context__
+        else:
+            current = None
+    parts: list[str] = []
+    for position, link in enumerate(reversed(chain)):
+        if position:
+            parts.append("\nwhich led to:\n\n")
+        parts.append("Traceback (most recent call last):\n")
+        parts.extend(traceback.format_list(traceback.extract_tb(link.__traceback__)))
+        parts.append(f"{get_module_path(type(link))} (message withheld)\n")
+    return "".join(parts).rstrip("\n")
 
 
 def deserialize(data: dict[str, Any]) -> BaseException:

@@ -10,7 +10,11 @@ from framework.exceptions import (
     UnserializableValueError,
     deserialize,
     deserialize_to_instance,
+    format_exception_frames,
+    is_expected,
+    safe_error,
     safe_for_serialization,
+    safe_message,
     serialize,
 )
 
@@ -76,3 +80,55 @@ def test_error_messages():
         str(UnserializableValueError(object))
         == "Unserializable value: `<class 'object'>`"
     )
+
+
+SECRET = "hunter2-$argon2id$v=19$m=65536"
+
+
+def _raise_chained() -> None:
+    key = SECRET[::-1]
+    try:
+        {}[key]
+    except KeyError as exc:
+        raise ValueError(f"INSERT ... parameters ({SECRET!r})") from exc
+
+
+def test_an_unexpected_error_reaches_callers_as_its_type_and_correlation_id_only():
+    exc = ValueError(f"bad row: {SECRET}")
+
+    error = safe_error(exc, expected=False, correlation_id="users.create.42")
+
+    assert SECRET not in repr(error)
+    assert error["exc_type"] == "ValueError"
+    assert "ValueError" in error["value"] and "users.create.42" in error["value"]
+    assert error["exc_args"] == [error["value"]]
+    assert safe_message(exc, False, "users.create.42") == error["value"]
+    rebuilt = deserialize(error)
+    assert isinstance(rebuilt, RemoteError) and SECRET not in str(rebuilt)
+
+
+def test_an_expected_error_keeps_its_message_and_is_rebuilt_by_callers():
+    error = safe_error(Registered("over the limit"), True, "svc.m.1")
+
+    assert error == serialize(Registered("over the limit"))
+    assert deserialize(error).args == ("over the limit",)
+    assert safe_message(KeyError("k"), True, None) == "'k'"
+
+
+def test_declared_bad_request_and_registered_errors_are_expected_others_not():
+    assert is_expected(KeyError("k"), (KeyError,))
+    assert is_expected(MethodNotFound("m"))
+    assert is_expected(Registered("r"))
+    assert not is_expected(ValueError("v"), (KeyError,))
+    assert not is_expected(ValueError("v"))
+
+
+def test_exception_frames_name_types_and_functions_but_no_message_text():
+    try:
+        _raise_chained()
+    except ValueError as exc:
+        text = format_exception_frames(exc)
+
+    assert SECRET not in text and SECRET[::-1] not in text
+    assert "builtins.KeyError" in text and "builtins.ValueError" in text
+    assert "_raise_chained" in text
