@@ -53,6 +53,17 @@ ADMIN_DISPLAY_NAME_CONFIG_KEY = "ADMIN_DISPLAY_NAME"
 PASSWORD_HASHING_CONFIG_KEY = "PASSWORD_HASHING"
 
 DEFAULT_ADMIN_DISPLAY_NAME = "Administrator"
+
+# The development defaults compose.yaml and the one-process mode start with, so that
+# the application runs with no settings at all. With ENVIRONMENT=production the
+# service refuses to start while any of them is still in use (framework.settings).
+# For the database URL only the password inside it counts.
+DEVELOPMENT_ADMIN_PASSWORD = "admin-dev-password"
+DEVELOPMENT_DATABASE_PASSWORD = "postgres-dev-password"
+DEVELOPMENT_SECRETS = {
+    ADMIN_PASSWORD_CONFIG_KEY: DEVELOPMENT_ADMIN_PASSWORD,
+    "DATABASE_URL": f"postgresql://postgres:{DEVELOPMENT_DATABASE_PASSWORD}@postgres/users",
+}
 PASSWORD_HASHING_PARAMETERS = ("time_cost", "memory_cost", "parallelism")
 
 EMAIL_INDEX_NAME = "uq_users_email_lower"

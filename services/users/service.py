@@ -13,7 +13,9 @@ from typing import Any
 
 from framework.events import EventDispatcher
 from framework.rpc import rpc
+from framework.settings import ProductionSecrets
 from services.users.dependencies import (
+    DEVELOPMENT_SECRETS,
     AdminSettings,
     FirstAdmin,
     PasswordHasher,
@@ -62,6 +64,8 @@ class UsersService:
     passwords: Passwords = PasswordHasher()  # type: ignore[assignment]
     first_admin: FirstAdmin | None = AdminSettings()  # type: ignore[assignment]
     dispatch: Callable[[str, Any], None] = EventDispatcher()  # type: ignore[assignment]
+    # Refuses to start in production with a development default secret.
+    production_secrets = ProductionSecrets(DEVELOPMENT_SECRETS)
 
     @rpc(
         expected_exceptions=(InvalidUserData, EmailAlreadyRegistered),
