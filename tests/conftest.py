@@ -17,3 +17,39 @@ When to mock and when to use the real thing:
   on the calls made across the boundary, which are the published contract.
 * Whole-system journeys (``tests/e2e``) mock nothing.
 """
+
+from __future__ import annotations
+
+import pytest
+
+
+# Fixtures that reach the real RabbitMQ or PostgreSQL. A test using one (directly or
+# through another fixture) is an integration test whether or not its module says so,
+# so ``pytest -m "not integration"`` runs with neither service up. Tests that reach
+# them some other way (processes, raw sockets) carry the marker themselves.
+INTEGRATION_FIXTURES = frozenset(
+    {
+        "rabbit_manager",
+        "rabbit_config",
+        "rabbit_ssl_config",
+        "amqp_uri",
+        "vhost_pipeline",
+        "get_message_from_queue",
+    }
+)
+INTEGRATION_FIXTURE_PREFIXES = ("pg_", "postgres")
+
+
+def _needs_real_services(item: pytest.Item) -> bool:
+    if item.get_closest_marker("e2e") is not None:
+        return True
+    names = set(getattr(item, "fixturenames", ()))
+    return bool(names & INTEGRATION_FIXTURES) or any(
+        name.startswith(INTEGRATION_FIXTURE_PREFIXES) for name in names
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if _needs_real_services(item) and item.get_closest_marker("integration") is None:
+            item.add_marker(pytest.mark.integration)

@@ -324,6 +324,7 @@ def test_readiness_turns_503_while_the_broker_connection_is_down_and_200_after_r
     assert checks_by_name(up)["greeter.QueueConsumer"]["detail"] == "consuming"
 
 
+@pytest.mark.integration
 def test_readiness_is_200_when_the_database_answers(
     health_runner: Callable[..., ServiceRunner],
 ) -> None:
