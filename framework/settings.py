@@ -36,6 +36,15 @@ ENVIRONMENT_CONFIG_KEY = "ENVIRONMENT"
 PRODUCTION = "production"
 DEVELOPMENT = "development"
 
+# compose.yaml's PostgreSQL password when POSTGRES_PASSWORD is not set. Every
+# service that connects to PostgreSQL lists DEVELOPMENT_DATABASE_SECRET among its
+# development secrets, so no production database runs with it (only the password
+# inside the URL is compared, whatever the host and database).
+DEVELOPMENT_DATABASE_PASSWORD = "postgres-dev-password"
+DEVELOPMENT_DATABASE_SECRET = {
+    "DATABASE_URL": f"postgresql://postgres:{DEVELOPMENT_DATABASE_PASSWORD}@postgres/app"
+}
+
 
 def environment(config: Mapping[str, Any]) -> str:
     """The configured environment name; the config wins over the process env."""

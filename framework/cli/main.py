@@ -31,6 +31,7 @@ COMMAND_MODULES = (
     "framework.cli.shell",
     "framework.cli.show_config",
     "framework.cli.dead_letters",
+    "framework.cli.new_service",
 )
 OPTIONAL_COMMAND_MODULES = ("framework.cli.db",)
 
