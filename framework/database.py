@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import logging
 import operator
+import random
 import re
 import weakref
 from collections.abc import Callable
@@ -36,12 +37,12 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy
 import sqlalchemy.orm
 from sqlalchemy.engine import URL, Engine, make_url
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
 from framework import concurrency
 from framework.exceptions import ConfigurationError
-from framework.extensions import DependencyProvider
+from framework.extensions import DependencyProvider, Injected
 from framework.utils import sanitize_url
 
 if TYPE_CHECKING:
@@ -58,12 +59,15 @@ __all__ = [
     "DatabaseSession",
     "DatabaseUnavailable",
     "DatabaseWrapper",
+    "EngineProvider",
     "Session",
     "create_engine",
     "database_url",
     "engine_options",
     "install_green_psycopg2",
+    "is_retryable",
     "normalise_url",
+    "sqlstate",
     "transaction_retry",
 ]
 
@@ -163,10 +167,14 @@ def create_engine(url: str | URL, options: dict[str, Any] | None = None) -> Engi
     * an in-memory SQLite database is one shared connection: SQLAlchemy's default
       pool keeps one per thread, and with monkey patching every green thread is a
       thread, so each worker would see its own empty database;
-    * PostgreSQL gets the green psycopg2 wait callback.
+    * PostgreSQL gets the green psycopg2 wait callback;
+    * statement parameters are left out of error messages and logs
+      (``hide_parameters``): they are emails, password hashes, tokens, and an
+      error's text travels to logs and sometimes further.
     """
     parsed = normalise_url(url)
     options = dict(options or {})
+    options.setdefault("hide_parameters", True)
     if parsed.get_backend_name() == "sqlite":
         if _is_memory_sqlite(parsed) and "poolclass" not in options:
             options["poolclass"] = StaticPool
@@ -324,8 +332,17 @@ class DatabaseWrapper:
                 log.warning("closing a session failed", exc_info=True)
 
 
-class _EngineProvider(DependencyProvider):
-    """An engine per container: created in ``setup``, disposed in ``stop``/``kill``."""
+class EngineProvider(DependencyProvider[Injected]):
+    """An engine per container: created in ``setup``, disposed in ``stop``/``kill``.
+
+    The base of every SQL provider. A service-specific store injects its own
+    repository object over the worker's session and inherits the engine, the
+    teardown and readiness::
+
+        class UserStore(EngineProvider[UserRepository]):
+            def get_dependency(self, worker_ctx):
+                return UserRepository(self.worker_database(worker_ctx))
+    """
 
     def __init__(
         self,
@@ -341,7 +358,7 @@ class _EngineProvider(DependencyProvider):
         self.sessionmaker: sqlalchemy.orm.sessionmaker | None = None
         # What each live worker was given, to close at its teardown. Weak, so a
         # worker that never reaches teardown (killed hard) is not kept alive.
-        self._given: weakref.WeakKeyDictionary[WorkerContext, Any] = (
+        self._given: weakref.WeakKeyDictionary[WorkerContext, DatabaseWrapper] = (
             weakref.WeakKeyDictionary()
         )
 
@@ -374,6 +391,31 @@ class _EngineProvider(DependencyProvider):
         if self.engine is not None:
             self.engine.dispose()
 
+    def worker_database(self, worker_ctx: WorkerContext) -> DatabaseWrapper:
+        """The worker's ``DatabaseWrapper``, made on first use, closed at teardown.
+
+        One per worker, so everything in a worker that asks for it (the injected
+        repository, an outbox dispatcher) shares ``session`` and its transaction.
+        """
+        wrapper = self._given.get(worker_ctx)
+        if wrapper is None:
+            wrapper = DatabaseWrapper(self.sessionmaker)  # type: ignore[arg-type]
+            self._given[worker_ctx] = wrapper
+        return wrapper
+
+    def worker_teardown(self, worker_ctx: WorkerContext) -> None:
+        wrapper = self._given.pop(worker_ctx, None)
+        if wrapper is not None:
+            wrapper.close()
+
+    def health_check(self) -> tuple[bool, str]:
+        """Readiness (``framework.health``): does the database answer ``SELECT 1``?"""
+        try:
+            self.check()
+        except DatabaseUnavailable as exc:
+            return False, str(exc)
+        return True, "SELECT 1 answered"
+
     def check(self, timeout: float | None = DEFAULT_CHECK_TIMEOUT) -> None:
         """Run ``SELECT 1``; raise ``DatabaseUnavailable`` unless it answers in time.
 
@@ -399,35 +441,58 @@ class _EngineProvider(DependencyProvider):
             timer.cancel()
 
 
-class Database(_EngineProvider):
+# The name before EngineProvider was public.
+_EngineProvider = EngineProvider
+
+
+class Database(EngineProvider[DatabaseWrapper]):
     """Injects a ``DatabaseWrapper``: ``self.db.session``, ``self.db.get_session()``."""
 
     def get_dependency(self, worker_ctx: WorkerContext) -> DatabaseWrapper:
-        wrapper = DatabaseWrapper(self.sessionmaker)  # type: ignore[arg-type]
-        self._given[worker_ctx] = wrapper
-        return wrapper
-
-    def worker_teardown(self, worker_ctx: WorkerContext) -> None:
-        wrapper = self._given.pop(worker_ctx, None)
-        if wrapper is not None:
-            wrapper.close()
+        return self.worker_database(worker_ctx)
 
 
-class DatabaseSession(_EngineProvider):
+class DatabaseSession(EngineProvider[sqlalchemy.orm.Session]):
     """nameko-sqlalchemy's older provider: injects a plain session, closed at teardown."""
 
     def get_dependency(self, worker_ctx: WorkerContext) -> sqlalchemy.orm.Session:
-        session = self.sessionmaker()  # type: ignore[misc]
-        self._given[worker_ctx] = session
-        return session
-
-    def worker_teardown(self, worker_ctx: WorkerContext) -> None:
-        session = self._given.pop(worker_ctx, None)
-        if session is not None:
-            session.close()
+        return self.worker_database(worker_ctx).session
 
 
-# -- retrying after a dropped connection -------------------------------------------------
+# -- retrying transient failures ----------------------------------------------------------
+
+# Failures PostgreSQL documents as "retry the transaction": a serialization failure
+# (REPEATABLE READ / SERIALIZABLE) and a deadlock victim. Connection trouble is
+# told by SQLAlchemy (``connection_invalidated``) or by SQLSTATE class 08 and the
+# server going away (57P01 admin shutdown, 57P02 crash shutdown, 57P03 cannot
+# connect now).
+SERIALIZATION_FAILURE = "40001"
+DEADLOCK_DETECTED = "40P01"
+RETRYABLE_SQLSTATES = frozenset(
+    {SERIALIZATION_FAILURE, DEADLOCK_DETECTED, "57P01", "57P02", "57P03"}
+)
+CONNECTION_EXCEPTION_CLASS = "08"
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a database error (PostgreSQL's ``pgcode``), if it has one."""
+    orig = getattr(exc, "orig", exc)
+    code = getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)
+    return code if isinstance(code, str) else None
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Whether running the transaction again may succeed: a lost connection, a
+    serialization failure or a deadlock. Constraint violations, bad data and
+    programming errors would fail the same way again."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    code = sqlstate(exc)
+    if code is None:
+        return False
+    return code in RETRYABLE_SQLSTATES or code.startswith(CONNECTION_EXCEPTION_CLASS)
 
 
 def transaction_retry(
@@ -437,15 +502,24 @@ def transaction_retry(
     backoff_factor: float = 0,
     backoff_max: float | None = None,
 ) -> Any:
-    """Re-run the decorated function when the database connection fails.
+    """Run the decorated function again when its transaction fails transiently.
 
-    Retries on ``OperationalError`` up to ``max(total, 1)`` times, the first at
-    once, then after ``backoff_factor * 2 ** (n - 1)`` seconds (capped at
-    ``backoff_max``). When the error says the connection was invalidated,
-    ``session`` (a session, or ``operator.attrgetter("db.session")`` applied to the
-    service instance) is rolled back first, so the retry starts a fresh
-    transaction. The whole function runs again: keep it free of other effects.
-    Usable bare (``@transaction_retry``) or with arguments.
+    Retries what ``is_retryable`` says may succeed the next time (a connection
+    lost, a serialization failure, a deadlock) up to ``max(total, 1)`` times; any
+    other error is raised at once. Before each retry ``session`` (a session, or
+    ``operator.attrgetter("db.session")`` applied to the first argument, the
+    service instance) is rolled back, so the retry runs in a fresh transaction:
+    after a deadlock or serialization failure PostgreSQL refuses every statement
+    of the aborted one. The first retry runs at once, later ones after
+    ``backoff_factor * 2 ** (n - 1)`` seconds (capped at ``backoff_max``), each
+    with up to 50% random jitter so that two transactions that deadlocked each
+    other do not collide again in step.
+
+    The whole function runs again: keep other effects (calls, events not in the
+    outbox) out of it. When ``session`` already has a transaction open on entry,
+    the function is one step of a larger transaction whose earlier steps a
+    rollback would lose, so it runs without retrying: the retry belongs around
+    the whole transaction. Usable bare (``@transaction_retry``) or with arguments.
     """
     if wrapped is None:
         return functools.partial(
@@ -458,35 +532,50 @@ def transaction_retry(
 
     @functools.wraps(wrapped)
     def retrying(*args: Any, **kwargs: Any) -> Any:
+        resolved = _resolve_session(session, args)
+        if resolved is not None and resolved.in_transaction():
+            return wrapped(*args, **kwargs)
         retries = max(total, 1)
         attempt = 0
         while True:
             try:
                 return wrapped(*args, **kwargs)
-            except OperationalError as exc:
-                if attempt >= retries:
+            except DBAPIError as exc:
+                if attempt >= retries or not is_retryable(exc):
                     raise
                 attempt += 1
                 log.warning(
-                    "database operation failed, retrying",
+                    "transaction failed transiently, retrying",
                     extra={
                         "function": getattr(wrapped, "__qualname__", repr(wrapped)),
                         "attempt": attempt,
-                        "error": str(exc),
+                        "error_type": type(exc.orig).__name__,
+                        "sqlstate": sqlstate(exc),
+                        "connection_invalidated": exc.connection_invalidated,
                     },
                 )
-                if exc.connection_invalidated:
-                    _rollback(session, args)
-                concurrency.sleep(_backoff(attempt, backoff_factor, backoff_max))
+                if resolved is not None:
+                    _rollback(resolved)
+                concurrency.sleep(
+                    _jittered(_backoff(attempt, backoff_factor, backoff_max))
+                )
 
     return retrying
 
 
-def _rollback(session: Any, args: tuple[Any, ...]) -> None:
+def _resolve_session(session: Any, args: tuple[Any, ...]) -> Any:
     if isinstance(session, operator.attrgetter):
-        session = session(args[0])
-    if session is not None:
+        return session(args[0]) if args else None
+    return session
+
+
+def _rollback(session: Any) -> None:
+    try:
         session.rollback()
+    except SQLAlchemyError:
+        # The connection is gone: the rollback cannot reach the server, which
+        # has ended the transaction with the connection. The session is reset.
+        log.debug("rollback before a retry failed", exc_info=True)
 
 
 def _backoff(attempt: int, factor: float, maximum: float | None) -> float:
@@ -494,3 +583,7 @@ def _backoff(attempt: int, factor: float, maximum: float | None) -> float:
         return 0.0
     delay = factor * 2 ** (attempt - 1)
     return delay if maximum is None else min(delay, maximum)
+
+
+def _jittered(delay: float) -> float:
+    return delay * (1 - random.random() / 2) if delay else 0.0

@@ -101,8 +101,10 @@ class ServiceMigrations:
         # Pool sizing in DB_ENGINE_OPTIONS is for the service; NullPool rejects it.
         connect_args = options.get("connect_args") or {}
         url = normalise_url(self.url(declarative_base_name))
+        # hide_parameters: a data migration's parameters are the service's data
+        # (emails, hashes); a failed one must not print them.
         return sqlalchemy.create_engine(
-            url, poolclass=NullPool, connect_args=connect_args
+            url, poolclass=NullPool, connect_args=connect_args, hide_parameters=True
         )
 
     def alembic_config(self) -> AlembicConfig:

@@ -3,15 +3,13 @@
 * ``UserStore``: the framework's ``Database`` provider, injecting a
   ``UserRepository`` (the queries the service needs) instead of a bare session;
 * ``PasswordHasher``: argon2id hashing, run off the eventlet hub;
-* ``AdminSettings``: the first admin account's configuration, checked at setup;
-* ``on_start``: runs a service method once as the container starts.
+* ``AdminSettings``: the first admin account's configuration, checked at setup.
 """
 
 from __future__ import annotations
 
 import logging
 import operator
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -22,9 +20,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from framework import concurrency
-from framework.database import Database, transaction_retry
+from framework.database import EngineProvider, transaction_retry
 from framework.exceptions import ConfigurationError
-from framework.extensions import DependencyProvider, Entrypoint
+from framework.extensions import DependencyProvider
 from services.users.exceptions import (
     EmailAlreadyRegistered,
     InvalidUserData,
@@ -154,11 +152,12 @@ def _escape_like(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-class UserStore(Database):
-    """``Database`` (engine, sessions, teardown) injecting a ``UserRepository``."""
+class UserStore(EngineProvider[UserRepository]):
+    """The framework's engine provider (engine, sessions, teardown) injecting a
+    ``UserRepository`` over the worker's session."""
 
-    def get_dependency(self, worker_ctx: WorkerContext) -> UserRepository:  # type: ignore[override]
-        return UserRepository(super().get_dependency(worker_ctx).session)
+    def get_dependency(self, worker_ctx: WorkerContext) -> UserRepository:
+        return UserRepository(self.worker_database(worker_ctx).session)
 
 
 # -- passwords ------------------------------------------------------------------------
@@ -201,7 +200,7 @@ class Passwords:
         return self._hasher.check_needs_rehash(password_hash)
 
 
-class PasswordHasher(DependencyProvider):
+class PasswordHasher(DependencyProvider[Passwords]):
     """Injects ``Passwords``, with argon2 parameters from ``PASSWORD_HASHING``.
 
     Without that key argon2-cffi's defaults apply (RFC 9106's low-memory profile).
@@ -235,7 +234,7 @@ class FirstAdmin:
     display_name: str
 
 
-class AdminSettings(DependencyProvider):
+class AdminSettings(DependencyProvider[FirstAdmin | None]):
     """Injects the configured first admin (``FirstAdmin``), or ``None`` if unset.
 
     ``ADMIN_EMAIL`` without a valid ``ADMIN_PASSWORD`` stops the service at setup,
@@ -272,26 +271,3 @@ class AdminSettings(DependencyProvider):
 
     def get_dependency(self, worker_ctx: WorkerContext) -> FirstAdmin | None:
         return self.admin
-
-
-class OnStart(Entrypoint):
-    """Runs the decorated method once, in a worker, as the container starts.
-
-    The container's start waits for it and fails with its exception: a service
-    whose start-up work failed should not look healthy.
-    """
-
-    def start(self) -> None:
-        finished = concurrency.Event()
-
-        def handle_result(worker_ctx: WorkerContext, result: Any, exc_info: Any) -> Any:
-            finished.send(exc_info)
-            return result, exc_info
-
-        self.container.spawn_worker(self, (), {}, handle_result=handle_result)
-        exc_info = finished.wait()
-        if exc_info is not None:
-            raise exc_info[1]
-
-
-on_start: Callable[..., Any] = OnStart.decorator

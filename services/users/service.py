@@ -8,21 +8,16 @@ dispatch loses the event (there is no outbox).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any
 
 from framework.events import EventDispatcher
+from framework.lifecycle import on_start
 from framework.rpc import rpc
 from framework.settings import ProductionSecrets
 from services.users.dependencies import (
     DEVELOPMENT_SECRETS,
     AdminSettings,
-    FirstAdmin,
     PasswordHasher,
-    Passwords,
-    UserRepository,
     UserStore,
-    on_start,
 )
 from services.users.exceptions import (
     AuthenticationFailed,
@@ -58,12 +53,12 @@ AUTHENTICATION_FAILED = "invalid email or password"
 class UsersService:
     name = "users"
 
-    # Annotated with what each provider injects into a worker, which is what the
-    # methods below see as ``self.<name>``.
-    users: UserRepository = UserStore(Base)  # type: ignore[assignment]
-    passwords: Passwords = PasswordHasher()  # type: ignore[assignment]
-    first_admin: FirstAdmin | None = AdminSettings()  # type: ignore[assignment]
-    dispatch: Callable[[str, Any], None] = EventDispatcher()  # type: ignore[assignment]
+    # Each provider is typed with what it injects (``DependencyProvider[T]``), so
+    # the methods below see ``self.users`` as a ``UserRepository``.
+    users = UserStore(Base)
+    passwords = PasswordHasher()
+    first_admin = AdminSettings()
+    dispatch = EventDispatcher()
     # Refuses to start in production with a development default secret.
     production_secrets = ProductionSecrets(DEVELOPMENT_SECRETS)
 

@@ -8,6 +8,7 @@ pytest plugin.
 from __future__ import annotations
 
 import operator
+import random
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -16,7 +17,7 @@ import psycopg2
 import psycopg2.extensions
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, declarative_base, mapped_column
 
 from framework import concurrency
@@ -395,6 +396,19 @@ def test_check_before_setup_says_so() -> None:
         Database(Base).check()
 
 
+def test_errors_never_carry_the_statements_parameters(
+    start: Any, sqlite_url: str
+) -> None:
+    container = start(ItemService, {DATABASE_URL_CONFIG_KEY: sqlite_url})
+    call(container, "add_and_commit", "ann@example.com")
+
+    with pytest.raises(IntegrityError) as caught:
+        call(container, "add_and_commit", "ann@example.com")
+
+    assert "ann@example.com" not in str(caught.value)
+    assert "hidden due to hide_parameters" in str(caught.value)
+
+
 # -- transaction_retry -----------------------------------------------------------------
 
 
@@ -405,6 +419,18 @@ def dropped(invalidated: bool = True) -> OperationalError:
         Exception("server closed the connection"),
         connection_invalidated=invalidated,
     )
+
+
+class DriverError(Exception):
+    """A DB-API error carrying a SQLSTATE, as psycopg2's do (``pgcode``)."""
+
+    def __init__(self, pgcode: str) -> None:
+        super().__init__(f"SQLSTATE {pgcode}")
+        self.pgcode = pgcode
+
+
+def failed_with(pgcode: str, kind: type[DBAPIError] = OperationalError) -> DBAPIError:
+    return kind("UPDATE t SET x = 1", {}, DriverError(pgcode))
 
 
 class Flaky:
@@ -419,6 +445,18 @@ class Flaky:
         if self.errors:
             raise self.errors.pop(0)
         return "done"
+
+
+class RecordingSession:
+    def __init__(self, in_transaction: bool = False) -> None:
+        self.rollbacks = 0
+        self._in_transaction = in_transaction
+
+    def in_transaction(self) -> bool:
+        return self._in_transaction
+
+    def rollback(self) -> None:
+        self.rollbacks += 1
 
 
 def test_transaction_retry_bare_retries_once_after_an_operational_error() -> None:
@@ -439,44 +477,80 @@ def test_transaction_retry_gives_up_after_total_retries() -> None:
     assert flaky.calls == 4
 
 
-def test_transaction_retry_leaves_other_errors_alone() -> None:
-    flaky = Flaky(ValueError("not a connection problem"))
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(
+    "error",
+    [
+        failed_with("40001"),  # serialization failure
+        failed_with("40P01"),  # deadlock detected
+        failed_with("08006"),  # connection failure
+        failed_with("57P01"),  # the server is shutting down
+        # psycopg2 raises a serialization failure as TransactionRollbackError,
+        # which SQLAlchemy may wrap as another DBAPIError class.
+        failed_with("40001", DBAPIError),
+    ],
+)
+def test_transaction_retry_retries_the_retryable_sqlstates(error: DBAPIError) -> None:
+    flaky = Flaky(error)
+    assert transaction_retry(total=2)(flaky)() == "done"
+    assert flaky.calls == 2
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ValueError("not a database problem"),
+        failed_with("23505", IntegrityError),  # unique violation: would fail again
+        failed_with("22003", DataError),  # numeric value out of range
+        dropped(invalidated=False),  # no SQLSTATE, connection fine (SQLite's lock)
+    ],
+)
+def test_transaction_retry_leaves_other_errors_alone(error: Exception) -> None:
+    flaky = Flaky(error)
+    with pytest.raises(type(error)):
         transaction_retry(total=3)(flaky)()
     assert flaky.calls == 1
 
 
-def test_transaction_retry_rolls_back_the_service_session_only_after_invalidation() -> (
-    None
-):
-    class Recorder:
-        rollbacks = 0
-
-        def rollback(self) -> None:
-            self.rollbacks += 1
-
+def test_transaction_retry_rolls_back_the_session_before_every_retry() -> None:
     class Service:
         def __init__(self) -> None:
-            self.db = type("Db", (), {"session": Recorder()})()
+            self.db = type("Db", (), {"session": RecordingSession()})()
 
-        @transaction_retry(session=operator.attrgetter("db.session"), total=2)
+        @transaction_retry(session=operator.attrgetter("db.session"), total=3)
         def work(self) -> str:
             return flaky(self)
 
-    flaky = Flaky(dropped(invalidated=True), dropped(invalidated=False))
+    flaky = Flaky(dropped(invalidated=True), failed_with("40P01"), failed_with("40001"))
     service = Service()
     assert service.work() == "done"
-    assert service.db.session.rollbacks == 1
+    assert service.db.session.rollbacks == 3
 
 
-def test_transaction_retry_backs_off_exponentially_up_to_the_cap(
+def test_transaction_retry_does_not_retry_one_step_of_an_open_transaction() -> None:
+    # Rolling back would silently lose the steps before it: the retry belongs
+    # around the whole transaction.
+    session = RecordingSession(in_transaction=True)
+    flaky = Flaky(failed_with("40001"))
+    with pytest.raises(OperationalError):
+        transaction_retry(session=session, total=3)(flaky)()
+    assert (flaky.calls, session.rollbacks) == (1, 0)
+
+
+def test_transaction_retry_backs_off_exponentially_up_to_the_cap_with_jitter(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     delays: list[float] = []
     monkeypatch.setattr(concurrency, "sleep", delays.append)
+    monkeypatch.setattr(random, "random", lambda: 0.0)
     flaky = Flaky(*[dropped() for _ in range(5)])
     transaction_retry(total=5, backoff_factor=0.1, backoff_max=1.0)(flaky)()
     assert delays == pytest.approx([0, 0.2, 0.4, 0.8, 1.0])
+
+    delays.clear()
+    monkeypatch.setattr(random, "random", lambda: 1.0)  # the most jitter: half
+    flaky = Flaky(*[dropped() for _ in range(3)])
+    transaction_retry(total=3, backoff_factor=0.1)(flaky)()
+    assert delays == pytest.approx([0, 0.1, 0.2])
 
 
 # -- psycopg2 on the hub -----------------------------------------------------------------
@@ -591,6 +665,39 @@ class PgService:
         return len(self.attempts)
 
     @dummy
+    @transaction_retry(session=operator.attrgetter("db.session"))
+    def append_under_repeatable_read(self, item_id: int, suffix: str) -> int:
+        self.attempts.append(1)
+        session = self.db.session
+        session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+        session.execute(sa.text("SELECT count(*) FROM items"))  # takes the snapshot
+        if len(self.attempts) == 1:
+            self.events["added"].send()
+            self.events["release"].wait()
+        session.execute(
+            sa.text("UPDATE items SET name = name || :suffix WHERE id = :id"),
+            {"suffix": suffix, "id": item_id},
+        )
+        session.commit()
+        return len(self.attempts)
+
+    @dummy
+    @transaction_retry(session=operator.attrgetter("db.session"))
+    def touch_a_then_b(self) -> int:
+        self.attempts.append(1)
+        session = self.db.session
+        if len(self.attempts) == 1:
+            # This transaction finds the deadlock first, so it is the victim.
+            session.execute(sa.text("SET LOCAL deadlock_timeout = '100ms'"))
+        session.execute(sa.text("UPDATE items SET name = name WHERE name = 'a'"))
+        if len(self.attempts) == 1:
+            self.events["added"].send()
+            self.events["release"].wait()
+        session.execute(sa.text("UPDATE items SET name = name WHERE name = 'b'"))
+        session.commit()
+        return len(self.attempts)
+
+    @dummy
     def sleep_in_database(self, seconds: float) -> str:
         self.events["sleeping"].send()
         self.db.session.execute(
@@ -665,6 +772,72 @@ def test_transaction_retry_survives_a_connection_terminated_by_the_server(
     )
     assert attempts == 2
     assert count_items(pg_url) == 1
+
+
+def insert_items(pg_url: str, *names: str) -> list[int]:
+    with psycopg2.connect(pg_url) as connection, connection.cursor() as cursor:
+        ids = []
+        for name in names:
+            cursor.execute("INSERT INTO items (name) VALUES (%s) RETURNING id", (name,))
+            ids.append(cursor.fetchone()[0])
+    connection.close()
+    return ids
+
+
+def blocked_lock_waits(pg_url: str) -> int:
+    with psycopg2.connect(pg_url) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_locks WHERE NOT granted")
+        (count,) = cursor.fetchone()
+    connection.close()
+    return count
+
+
+@pytest.mark.integration
+def test_transaction_retry_reruns_a_real_serialization_failure_in_a_new_transaction(
+    pg_container: ServiceContainer, pg_url: str
+) -> None:
+    (item_id,) = insert_items(pg_url, "item")
+    worker = spawn_call(pg_container, "append_under_repeatable_read", item_id, "+a")
+    PgService.events["added"].wait()  # its snapshot is taken
+    with psycopg2.connect(pg_url) as other, other.cursor() as cursor:
+        cursor.execute("UPDATE items SET name = name || '+b' WHERE id = %s", (item_id,))
+    other.close()
+    PgService.events["release"].send()
+
+    # The first attempt's UPDATE fails with SQLSTATE 40001; the second, in a new
+    # transaction with a new snapshot, sees the other change and keeps it.
+    assert worker.wait() == 2
+    with psycopg2.connect(pg_url) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT name FROM items WHERE id = %s", (item_id,))
+        assert cursor.fetchone() == ("item+b+a",)
+    connection.close()
+
+
+@pytest.mark.integration
+def test_transaction_retry_reruns_the_victim_of_a_real_deadlock(
+    pg_container: ServiceContainer, pg_url: str
+) -> None:
+    insert_items(pg_url, "a", "b")
+    worker = spawn_call(pg_container, "touch_a_then_b")
+    PgService.events["added"].wait()  # the worker holds row a
+    other = psycopg2.connect(pg_url)
+    try:
+        cursor = other.cursor()
+        cursor.execute("SET deadlock_timeout = '10s'")  # so it is not the victim
+        cursor.execute("UPDATE items SET name = name WHERE name = 'b'")
+        PgService.events["release"].send()
+        wait_until(lambda: blocked_lock_waits(pg_url) > 0)  # the worker waits for b
+        # Waits for a, held by the worker waiting for b: a deadlock, which the
+        # worker's transaction detects first and dies of (SQLSTATE 40P01).
+        takes_a = concurrency.spawn(
+            cursor.execute, "UPDATE items SET name = name WHERE name = 'a'"
+        )
+        takes_a.wait()
+        other.commit()
+    finally:
+        other.close()
+
+    assert worker.wait() == 2
 
 
 @pytest.mark.integration

@@ -123,3 +123,29 @@ def test_provider_collector_waits_until_the_last_provider_unregisters():
     collector.unregister_provider("b")
     with concurrency.Timeout(1):
         waiter.wait()
+
+
+class Greeting(DependencyProvider[str]):
+    def get_dependency(self, worker_ctx) -> str:
+        return f"hello from {worker_ctx.service_name}"
+
+
+def test_a_provider_typed_with_what_it_injects_injects_it_and_stays_a_provider(
+    container_factory,
+):
+    from framework.testing.services import dummy, entrypoint_hook
+
+    class Typed:
+        name = "typed"
+        greeting = Greeting()
+
+        @dummy
+        def greet(self) -> str:
+            return self.greeting
+
+    # On the class it is still the provider (the container finds it there).
+    assert isinstance(Typed.greeting, Greeting)
+    container = container_factory(Typed, {})
+    container.start()
+    with entrypoint_hook(container, "greet") as greet:
+        assert greet() == "hello from typed"

@@ -1,4 +1,4 @@
-"""``services.users.dependencies``: password hashing, admin settings, ``on_start``."""
+"""``services.users.dependencies``: password hashing, admin settings."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from services.users.dependencies import (
     FirstAdmin,
     PasswordHasher,
     Passwords,
-    on_start,
 )
 from services.users.models import User
 
@@ -151,42 +150,6 @@ def test_unusable_admin_settings_stop_the_service_naming_the_key(
 
     with pytest.raises(ConfigurationError, match=named):
         bound(AdminSettings(), mock_container, "first_admin")
-
-
-# -- on_start ------------------------------------------------------------------------------
-
-
-def test_on_start_runs_the_method_before_start_returns(container_factory: Any) -> None:
-    calls: list[str] = []
-
-    class Service:
-        name = "starter"
-
-        @on_start
-        def prepare(self) -> None:
-            calls.append("prepare")
-
-    container = container_factory(Service, {})
-    container.start()
-
-    assert calls == ["prepare"]
-
-
-def test_a_failing_on_start_method_fails_the_start(container_factory: Any) -> None:
-    class Broken(Exception):
-        pass
-
-    class Service:
-        name = "starter"
-
-        @on_start
-        def prepare(self) -> None:
-            raise Broken("no database")
-
-    container = container_factory(Service, {})
-
-    with pytest.raises(Broken, match="no database"):
-        container.start()
 
 
 # -- models ------------------------------------------------------------------------------
