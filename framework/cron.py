@@ -21,17 +21,41 @@ Daylight saving time, as Vixie cron does it:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from datetime import UTC, datetime
-from typing import Any
+import os
+import socket
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import sqlalchemy
+import sqlalchemy.exc
 from croniter import croniter
 from croniter.croniter import CroniterError
+from sqlalchemy.engine import Engine
+
+from framework import concurrency
+from framework.contextdata import ContextDataProvider
+from framework.database import create_engine, database_url, engine_options
+from framework.exceptions import ConfigurationError, ContainerBeingKilled
+from framework.extensions import Entrypoint, SharedExtension
+from framework.utils import sanitize_url
+
+if TYPE_CHECKING:
+    from framework.containers import WorkerContext
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "Clock",
+    "Cron",
+    "CronLock",
+    "ManualClock",
+    "ScheduledFor",
+    "SCHEDULED_FOR_CONTEXT_KEY",
+    "SystemClock",
+    "cron",
     "CronSchedule",
     "InvalidCronExpression",
     "OVERLAP_ALLOW",
@@ -45,6 +69,10 @@ OVERLAP_SKIP = "skip"  # drop this tick (logged)
 OVERLAP_ALLOW = "allow"  # run it alongside
 OVERLAP_QUEUE_ONE = "queue_one"  # run it when the current one ends; later ones drop
 OVERLAP_POLICIES = (OVERLAP_SKIP, OVERLAP_ALLOW, OVERLAP_QUEUE_ONE)
+
+# The worker's context data carries the tick it runs (ISO 8601, UTC), which is also
+# the key of its cluster claim; ``ScheduledFor()`` injects it.
+SCHEDULED_FOR_CONTEXT_KEY = "cron_scheduled_for"
 
 ALIASES = {
     "@yearly": "0 0 1 1 *",
@@ -160,3 +188,333 @@ def _second_pass(moment: datetime) -> bool:
     first = naive.replace(tzinfo=tz, fold=0).utcoffset()
     second = naive.replace(tzinfo=tz, fold=1).utcoffset()
     return first != second and moment.utcoffset() == second and first != second
+
+
+# -- clocks: the seam tests turn by hand -------------------------------------------------
+
+
+class Clock:
+    """Wall-clock time for cron, and a way to wait for it.
+
+    Cron follows the wall clock, not a monotonic one: a job at 02:30 must fire at
+    02:30 even after NTP stepped the clock. Tests pass a ``ManualClock``.
+    """
+
+    def now(self) -> datetime:
+        """The current time, timezone-aware."""
+        raise NotImplementedError
+
+    def sleep_until(self, moment: datetime, stopping: Any) -> bool:
+        """Wait until ``moment``; ``False`` if the ``stopping`` event fired first."""
+        raise NotImplementedError
+
+
+class SystemClock(Clock):
+    # Waits in slices so that a step of the wall clock (NTP, a suspended VM) is
+    # noticed within a second instead of after the whole computed delay.
+    slice_seconds = 1.0
+
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+    def sleep_until(self, moment: datetime, stopping: Any) -> bool:
+        while True:
+            remaining = (moment - self.now()).total_seconds()
+            if remaining <= 0:
+                return not stopping.ready()
+            with concurrency.Timeout(min(remaining, self.slice_seconds), False):
+                stopping.wait()
+            if stopping.ready():
+                return False
+
+
+class ManualClock(Clock):
+    """A clock that moves only when told: ``clock.advance(seconds=60)``.
+
+    Sleepers wake when the time they wait for is reached, so a test drives a month
+    of ticks in milliseconds.
+    """
+
+    def __init__(self, start: datetime) -> None:
+        if start.tzinfo is None:
+            raise ValueError("start must be timezone-aware")
+        self._now = start.astimezone(UTC)
+        self._moved = concurrency.Event()
+
+    def now(self) -> datetime:
+        return self._now
+
+    def set(self, moment: datetime) -> None:
+        self._now = moment.astimezone(UTC)
+        moved, self._moved = self._moved, concurrency.Event()
+        moved.send(None)
+        # Let the woken sleepers run before the caller moves the clock again.
+        concurrency.sleep(0)
+
+    def advance(self, **delta: float) -> None:
+        self.set(self._now + timedelta(**delta))
+
+    def sleep_until(self, moment: datetime, stopping: Any) -> bool:
+        while self._now < moment:
+            if stopping.ready():
+                return False
+            moved = self._moved
+            with concurrency.Timeout(0.05, False):
+                moved.wait()
+        return not stopping.ready()
+
+
+SYSTEM_CLOCK = SystemClock()
+
+
+# -- the cluster lock ----------------------------------------------------------------------
+
+CLAIMS_TABLE = "framework_cron_claims"
+# Claims older than this are deleted; a tick is never claimed again that late.
+CLAIM_RETENTION = timedelta(days=2)
+
+
+class CronLock(SharedExtension):
+    """Claims ``(name, scheduled_for)`` in the service's database; one winner.
+
+    The claim is a row in ``framework_cron_claims`` under a primary key on both
+    columns: the first replica to insert it runs the tick, the others get a
+    unique violation and skip it. Replica clocks that differ by a second do not
+    matter, since the key is the tick's nominal time, not when it was noticed.
+    The table is created at start if missing (it is the framework's, like
+    ``alembic_version``). The database is the one the service's ``Database``
+    provider uses (``DATABASE_URL``).
+    """
+
+    def __init__(self) -> None:
+        self.engine: Engine | None = None
+        self.replica = f"{socket.gethostname()}:{os.getpid()}"
+        self._last_purge: datetime | None = None
+        metadata = sqlalchemy.MetaData()
+        self.claims = sqlalchemy.Table(
+            CLAIMS_TABLE,
+            metadata,
+            sqlalchemy.Column("name", sqlalchemy.String(255), primary_key=True),
+            sqlalchemy.Column(
+                "scheduled_for", sqlalchemy.DateTime(timezone=True), primary_key=True
+            ),
+            sqlalchemy.Column("replica", sqlalchemy.String(255), nullable=False),
+            sqlalchemy.Column(
+                "claimed_at", sqlalchemy.DateTime(timezone=True), nullable=False
+            ),
+        )
+        super().__init__()
+
+    def require(self) -> None:
+        """Connect and create the claims table; called by each cluster-once cron."""
+        if self.engine is not None:
+            return
+        config = self.container.config
+        url = database_url(config, self.container.service_name)
+        self.engine = create_engine(url, engine_options(config))
+        try:
+            self.claims.metadata.create_all(self.engine, checkfirst=True)
+        except sqlalchemy.exc.SQLAlchemyError as exc:
+            raise ConfigurationError(
+                f"@cron(cluster_once=True) needs the service's database "
+                f"({sanitize_url(url)}): {type(exc).__name__}"
+            ) from None
+
+    def claim(self, name: str, scheduled_for: datetime) -> bool:
+        """Whether this replica won the tick. Raises if the database is unreachable."""
+        assert self.engine is not None
+        now = datetime.now(UTC)
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(
+                    self.claims.insert().values(
+                        name=name,
+                        scheduled_for=scheduled_for.astimezone(UTC),
+                        replica=self.replica,
+                        claimed_at=now,
+                    )
+                )
+        except sqlalchemy.exc.IntegrityError:
+            return False
+        # Relative to the tick, not to this machine's clock (which may be off, or a
+        # test's): only claims far older than any tick still being fired go.
+        if self._last_purge is None or now - self._last_purge > timedelta(hours=1):
+            self._last_purge = now
+            with self.engine.begin() as connection:
+                connection.execute(
+                    self.claims.delete().where(
+                        self.claims.c.scheduled_for < scheduled_for - CLAIM_RETENTION
+                    )
+                )
+        return True
+
+    def stop(self) -> None:
+        self._dispose()
+
+    def kill(self) -> None:
+        self._dispose()
+
+    def _dispose(self) -> None:
+        if self.engine is not None:
+            self.engine.dispose()
+
+
+# -- the entrypoint ----------------------------------------------------------------------
+
+
+class Cron(Entrypoint):
+    """Runs the method at each fire time of a cron expression in a time zone.
+
+    * Per instance by default, like ``@timer``; ``cluster_once=True`` claims each
+      tick in the service's database first, so exactly one replica runs it.
+    * ``overlap``: what a tick does while the previous run is still going:
+      ``"skip"`` (default) drops it, ``"allow"`` runs it alongside,
+      ``"queue_one"`` runs it as soon as the current one ends (one at most waits).
+    * Ticks missed while the process could not run (suspended, hub blocked) are
+      coalesced: the latest one fires, the others are logged as missed.
+    * A bad expression, time zone or policy stops the service at start.
+    * Stopping stops the schedule; a running tick is an in-flight worker, which the
+      container drains within its deadline.
+    """
+
+    lock = CronLock()
+
+    def __init__(
+        self,
+        expression: str,
+        tz: str = "UTC",
+        cluster_once: bool = False,
+        overlap: str = OVERLAP_SKIP,
+        clock: Clock | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.expression = expression
+        self.tz = tz
+        self.cluster_once = cluster_once
+        self.overlap = overlap
+        self.clock = clock or SYSTEM_CLOCK
+        self.schedule: CronSchedule | None = None
+        self._stopping = concurrency.Event()
+        self._thread: Any = None
+        self._running = 0
+        self._queued: datetime | None = None
+        super().__init__(**kwargs)
+
+    @property
+    def name(self) -> str:
+        return f"{self.container.service_name}.{self.method_name}"
+
+    def setup(self) -> None:
+        where = f"@cron on {self.name}"
+        try:
+            self.schedule = CronSchedule(self.expression, self.tz)
+        except InvalidCronExpression as exc:
+            raise ConfigurationError(f"{where}: {exc}") from None
+        if self.overlap not in OVERLAP_POLICIES:
+            raise ConfigurationError(
+                f"{where}: overlap must be one of {', '.join(OVERLAP_POLICIES)}, "
+                f"not {self.overlap!r}"
+            )
+        if self.cluster_once:
+            self.lock.require()
+
+    def start(self) -> None:
+        # Counted from the start, not from when the thread first runs: a tick due
+        # in between must not be lost.
+        self._thread = self.container.spawn_managed_thread(
+            partial(self._run, self.clock.now()), identifier=f"cron[{self.method_name}]"
+        )
+
+    def stop(self) -> None:
+        if not self._stopping.ready():
+            self._stopping.send(True)
+
+    def kill(self) -> None:
+        if self._thread is not None:
+            concurrency.kill(self._thread)
+
+    def _run(self, last: datetime) -> None:
+        assert self.schedule is not None
+        while True:
+            due = self.schedule.next_after(last)
+            if not self.clock.sleep_until(due, self._stopping):
+                return
+            # Woken late (process suspended, hub blocked): fire the latest tick
+            # that has passed, not a burst of stale ones.
+            missed = list(self.schedule.between(due, self.clock.now()))
+            if missed:
+                log.warning(
+                    "cron ticks missed",
+                    extra={
+                        "entrypoint": self.name,
+                        "missed": len(missed),
+                        "from": due.isoformat(),
+                    },
+                )
+                due = missed[-1]
+            last = due
+            self._tick(due)
+
+    def _tick(self, due: datetime) -> None:
+        if self._running and self.overlap != OVERLAP_ALLOW:
+            if self.overlap == OVERLAP_QUEUE_ONE and self._queued is None:
+                self._queued = due
+                return
+            log.warning(
+                "cron tick skipped: the previous run is still going",
+                extra={"entrypoint": self.name, "scheduled_for": due.isoformat()},
+            )
+            return
+        self._fire(due)
+
+    def _fire(self, due: datetime) -> None:
+        if self.cluster_once:
+            try:
+                won = self.lock.claim(self.name, due)
+            except sqlalchemy.exc.SQLAlchemyError as exc:
+                # Without the lock, running could mean running on every replica;
+                # a tick lost is the smaller harm, and it is logged.
+                log.error(
+                    "cron tick not run: its claim failed",
+                    extra={
+                        "entrypoint": self.name,
+                        "scheduled_for": due.isoformat(),
+                        "error": type(exc).__name__,
+                    },
+                )
+                return
+            if not won:
+                return
+        self._running += 1
+        try:
+            self.container.spawn_worker(
+                self,
+                (),
+                {},
+                context_data={
+                    SCHEDULED_FOR_CONTEXT_KEY: due.astimezone(UTC).isoformat()
+                },
+                handle_result=self._finished,
+            )
+        except ContainerBeingKilled:
+            self._running -= 1
+
+    def _finished(
+        self, worker_ctx: WorkerContext, result: Any, exc_info: Any
+    ) -> tuple[Any, Any]:
+        self._running -= 1
+        queued, self._queued = self._queued, None
+        if queued is not None and not self._stopping.ready():
+            # In a thread of its own: this is still the finishing worker, and a
+            # claim or a full pool must not hold up its teardown.
+            concurrency.spawn_n(self._fire, queued)
+        return result, exc_info
+
+
+class ScheduledFor(ContextDataProvider):
+    """Injects the tick a cron worker runs for (ISO 8601, UTC), else ``None``."""
+
+    context_key = SCHEDULED_FOR_CONTEXT_KEY
+
+
+cron: Callable[..., Any] = Cron.decorator
