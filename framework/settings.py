@@ -114,7 +114,7 @@ def check_production_secrets(
         )
 
 
-class ProductionSecrets(DependencyProvider):
+class ProductionSecrets(DependencyProvider[None]):
     """Runs :func:`check_production_secrets` at container setup.
 
     Injects nothing useful (``None``): declaring it on the service is the point.
