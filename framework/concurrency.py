@@ -214,6 +214,14 @@ def os_lock() -> Any:
     return eventlet.patcher.original("threading").Lock()
 
 
+def os_thread_id() -> int:
+    """The real OS thread's id: every green thread of one hub shares it."""
+    return _os_get_ident()
+
+
+_os_get_ident = eventlet.patcher.original("_thread").get_ident
+
+
 def os_sleep(seconds: float) -> None:
     eventlet.patcher.original("time").sleep(seconds)
 

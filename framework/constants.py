@@ -66,6 +66,12 @@ PERSISTENT = 2
 RPC_QUEUE_TEMPLATE = "rpc-{}"
 RPC_REPLY_QUEUE_TEMPLATE = "rpc.reply-{}-{}"
 RPC_REPLY_QUEUE_TTL = 300000  # ms, the x-expires nameko gives reply queues
+# Delivery mode of RPC messages (see framework.rpc): transient by default, as
+# persistence buys no guarantee there.
+RPC_PERSISTENT_REQUESTS_CONFIG_KEY = "RPC_PERSISTENT_REQUESTS"
+RPC_PERSISTENT_REPLIES_CONFIG_KEY = "RPC_PERSISTENT_REPLIES"
+DEFAULT_RPC_PERSISTENT_REQUESTS = False
+DEFAULT_RPC_PERSISTENT_REPLIES = False
 
 # -- web: HTTP and websocket entrypoints (keys of our own beyond WEB_SERVER_ADDRESS) --
 WEB_MAX_CONTENT_LENGTH_CONFIG_KEY = "WEB_MAX_CONTENT_LENGTH"

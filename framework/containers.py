@@ -29,6 +29,7 @@ from framework.extensions import (
     Extension,
     iter_extensions,
 )
+from framework.logs import log_worker_error
 from framework.utils import uuid4_str
 
 log = logging.getLogger(__name__)
@@ -377,13 +378,9 @@ class ServiceContainer:
                 result = method(*worker_ctx.args, **worker_ctx.kwargs)
             except Exception as exc:
                 exc_info = sys.exc_info()  # type: ignore[assignment]
-                expected = worker_ctx.entrypoint.expected_exceptions
-                if expected and isinstance(exc, expected):
-                    log.warning(
-                        "(expected) error handling worker %s: %s", worker_ctx, exc
-                    )
-                else:
-                    log.exception("error handling worker %s: %s", worker_ctx, exc)
+                # Its type, call id, frames and redacted arguments; the message
+                # only of an expected error (an unexpected one may quote secrets).
+                log_worker_error(log, worker_ctx, exc)
 
         if handle_result is not None:
             try:

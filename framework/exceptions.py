@@ -84,12 +84,25 @@ class UnserializableValueError(Exception):
             self.repr_value = "[__repr__ failed]"
         super().__init__()
 
+    @classmethod
+    def of_type(cls, value: Any) -> UnserializableValueError:
+        """One that names ``value``'s type only: a repr may quote anything."""
+        error = cls(None)
+        error.repr_value = f"<{type(value).__name__}>"
+        return error
+
     def __str__(self) -> str:
         return f"Unserializable value: `{self.repr_value}`"
 
 
 class ConfigurationError(Exception):
     pass
+
+
+class ProxyUsedAcrossThreads(RuntimeError):
+    """A standalone RPC proxy was used from an OS thread other than the one that
+    started it. Its connection, reply queue and waits belong to that thread;
+    give each thread its own proxy."""
 
 
 class CommandError(Exception):

@@ -35,6 +35,22 @@ worker: dependency setup, the method, result handling, teardown) and ``outcome``
 ``expected_exceptions``) or ``error``. A worker killed mid-call (container killed,
 or drain deadline passed) logs no such record. Set the ``framework.workers``
 logger to WARNING to turn these records off; the container then skips building them.
+
+Errors
+------
+A failed worker also logs ``error handling worker`` (``log_worker_error``) with
+``service``, ``entrypoint``, ``call_id``, ``error_type`` and ``call_args`` (the
+arguments by name, the entrypoint's ``sensitive_arguments`` masked, long strings
+cut, objects shown as their type). An expected error (see
+``framework.exceptions.is_expected``) is a WARNING with its message in ``error``;
+an unexpected one is an ERROR whose ``exception`` holds the stack frames and
+exception types only: its message may quote anything (SQL parameters, a password
+hash), so it is never written. The ``call_id`` is the correlation id the caller
+was given.
+
+In the text format a record is one line: control characters and line breaks in
+the message or fields are escaped (``\\n``), and the lines of a traceback are
+indented, so no argument can forge a record.
 """
 
 from __future__ import annotations
@@ -42,6 +58,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -53,7 +70,13 @@ from framework.constants import (
     LOG_FORMAT_CONFIG_KEY,
     LOG_LEVEL_CONFIG_KEY,
 )
-from framework.exceptions import ConfigurationError
+from framework.exceptions import (
+    ConfigurationError,
+    format_exception_frames,
+    get_module_path,
+    is_expected,
+)
+from framework.utils import get_redacted_args
 
 log = logging.getLogger(__name__)
 
@@ -170,13 +193,64 @@ class TextFormatter(logging.Formatter):
     def __init__(self, fmt: str = TEXT_FORMAT) -> None:
         super().__init__(fmt)
 
+    def format(self, record: logging.LogRecord) -> str:
+        # logging.Formatter.format, with the traceback and stack indented.
+        record.message = record.getMessage()
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        text = self.formatMessage(record)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            text = f"{text}\n{_indent_block(record.exc_text)}"
+        if record.stack_info:
+            text = f"{text}\n{_indent_block(self.formatStack(record.stack_info))}"
+        return text
+
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
         line = super().formatMessage(record)
         fields = extra_fields(record)
-        if not fields:
-            return line
-        pairs = " ".join(f"{key}={_text_value(value)}" for key, value in fields.items())
-        return f"{line} {pairs}"
+        if fields:
+            pairs = " ".join(
+                f"{key}={_text_value(value)}" for key, value in fields.items()
+            )
+            line = f"{line} {pairs}"
+        return escape_control_characters(line)
+
+
+# Control characters, and what str.splitlines() or a terminal treats as a line
+# break: written escaped in the text format so one record stays one line.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escape_control(match: re.Match[str]) -> str:
+    char = match.group()
+    if char == "\n":
+        return "\\n"
+    if char == "\r":
+        return "\\r"
+    if char == "\t":
+        return "\\t"
+    code = ord(char)
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def escape_control_characters(text: str) -> str:
+    """``text`` with its control characters and line breaks written as escapes."""
+    if _CONTROL.search(text) is None:
+        return text
+    return _CONTROL.sub(_escape_control, text)
+
+
+def _indent_block(text: str) -> str:
+    # A record's first line starts at column 0 with its timestamp; every further
+    # line (a traceback) starts with whitespace, so an exception message holding
+    # a line break cannot pass for a record of its own.
+    lines = []
+    for line in text.splitlines():
+        line = escape_control_characters(line)
+        lines.append(line if line[:1].isspace() else f"  {line}")
+    return "\n".join(lines)
 
 
 def _text_value(value: Any) -> str:
@@ -189,3 +263,96 @@ def _text_value(value: Any) -> str:
     if isinstance(value, bool | int | float) or value is None:
         return str(value)
     return json.dumps(value, default=str, ensure_ascii=False, separators=(",", ":"))
+
+
+# -- errors -----------------------------------------------------------------------------
+
+_MAX_RECORDED_STRING = 200
+
+
+def log_error(
+    logger: logging.Logger,
+    message: str,
+    exc: BaseException,
+    *,
+    expected: bool,
+    correlation_id: str | None,
+    fields: Mapping[str, Any] | None = None,
+    stacklevel: int = 1,
+) -> None:
+    """Log a failure without leaking what an unexpected one says.
+
+    An expected error is a WARNING with its message (``error``). An unexpected
+    one is an ERROR with its type, the correlation id and its stack frames in
+    ``exception`` (``format_exception_frames``), never its message text.
+    """
+    level = logging.WARNING if expected else logging.ERROR
+    if not logger.isEnabledFor(level):
+        return
+    extra = {
+        **(fields or {}),
+        "correlation_id": correlation_id,
+        "error_type": get_module_path(type(exc)),
+    }
+    if expected:
+        extra["error"] = str(exc)
+        logger.warning(message, extra=extra, stacklevel=stacklevel + 1)
+        return
+    filename, lineno, function, _ = logger.findCaller(stacklevel=stacklevel + 1)
+    record = logger.makeRecord(
+        logger.name, level, filename, lineno, message, (), None, function, extra
+    )
+    # Pre-rendered: every formatter (ours or a dictConfig's) writes exc_text
+    # as it is when the record carries no exc_info.
+    record.exc_text = format_exception_frames(exc)
+    logger.handle(record)
+
+
+def log_worker_error(
+    logger: logging.Logger, worker_ctx: Any, exc: BaseException
+) -> None:
+    """``log_error`` for a worker whose method raised, with its redacted arguments."""
+    entrypoint = worker_ctx.entrypoint
+    log_error(
+        logger,
+        "error handling worker",
+        exc,
+        expected=is_expected(exc, entrypoint.expected_exceptions),
+        correlation_id=worker_ctx.call_id,
+        fields={
+            "service": worker_ctx.service_name,
+            "entrypoint": entrypoint.method_name,
+            "call_id": worker_ctx.call_id,
+            "call_args": recorded_arguments(
+                entrypoint, worker_ctx.args, worker_ctx.kwargs
+            ),
+        },
+        stacklevel=2,
+    )
+
+
+def recorded_arguments(entrypoint: Any, args: Any, kwargs: Any) -> Any:
+    """A call's arguments as a log may record them: by name, the entrypoint's
+    ``sensitive_arguments`` masked, strings over 200 characters cut, and any
+    other object shown as its type name (its ``str`` could say anything)."""
+    try:
+        redacted = get_redacted_args(entrypoint, *args, **kwargs)
+    except Exception:
+        # Unbindable (or an odd entrypoint): nothing is safer than a guess.
+        return "[not recorded]"
+    return _summarise(redacted)
+
+
+def _summarise(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(key): _summarise(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_summarise(item) for item in value]
+    if isinstance(value, str):
+        if len(value) > _MAX_RECORDED_STRING:
+            cut = len(value) - _MAX_RECORDED_STRING
+            return f"{value[:_MAX_RECORDED_STRING]}...[{cut} more characters]"
+        return value
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return f"<{type(value).__name__}>"

@@ -21,8 +21,14 @@ from framework import concurrency
 from framework.amqp.connection import ConnectionLost
 from framework.constants import (
     DEFAULT_RPC_EXCHANGE,
+    DEFAULT_RPC_PERSISTENT_REPLIES,
+    DEFAULT_RPC_PERSISTENT_REQUESTS,
     DEFAULT_RPC_TIMEOUT,
+    NON_PERSISTENT,
+    PERSISTENT,
     RPC_EXCHANGE_CONFIG_KEY,
+    RPC_PERSISTENT_REPLIES_CONFIG_KEY,
+    RPC_PERSISTENT_REQUESTS_CONFIG_KEY,
     RPC_QUEUE_TEMPLATE,
     RPC_REPLY_QUEUE_TEMPLATE,
     RPC_REPLY_QUEUE_TTL,
@@ -37,6 +43,8 @@ from framework.exceptions import (
     UnknownService,
     UnserializableValueError,
     deserialize,
+    is_expected,
+    safe_error,
     serialize,
 )
 from framework.extensions import (
@@ -45,6 +53,7 @@ from framework.extensions import (
     ProviderCollector,
     SharedExtension,
 )
+from framework.logs import log_error
 from framework.messaging import (
     ContainerPublisher,
     HeaderDecoder,
@@ -72,6 +81,42 @@ def get_rpc_timeout(config: dict[str, Any]) -> float | None:
     return float(value) if value else None
 
 
+def _flag(config: dict[str, Any], key: str, default: bool) -> bool:
+    value = config.get(key, default)
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+def reply_options(config: dict[str, Any]) -> dict[str, Any]:
+    """Publish options of an RPC reply.
+
+    Transient unless ``RPC_PERSISTENT_REPLIES``: a reply goes to the caller's
+    reply queue, which is not durable and expires with its connection, so a
+    persistent reply survives nothing, yet costs the broker a disk write (and
+    its confirm waits for it).
+    """
+    persistent = _flag(
+        config, RPC_PERSISTENT_REPLIES_CONFIG_KEY, DEFAULT_RPC_PERSISTENT_REPLIES
+    )
+    return {"delivery_mode": PERSISTENT if persistent else NON_PERSISTENT}
+
+
+def request_options(config: dict[str, Any]) -> dict[str, Any]:
+    """Publish options of an RPC request.
+
+    Transient unless ``RPC_PERSISTENT_REQUESTS``. A persistent request outlives
+    a broker restart, but its caller does not wait through one: the caller's
+    reply queue goes with the broker, the call times out or is resent (a request
+    lost with its connection is sent again, see ``RpcClient``), and a replayed
+    request would run for no one.
+    """
+    persistent = _flag(
+        config, RPC_PERSISTENT_REQUESTS_CONFIG_KEY, DEFAULT_RPC_PERSISTENT_REQUESTS
+    )
+    return {"delivery_mode": PERSISTENT if persistent else NON_PERSISTENT}
+
+
 # -- server side ----------------------------------------------------------------------
 
 
@@ -85,25 +130,46 @@ class Responder:
         self.publisher = publisher
         self.message = message
 
-    def send_response(self, result: Any, exc_info: Any) -> tuple[Any, Any]:
+    def send_response(
+        self,
+        result: Any,
+        exc_info: Any,
+        expected_exceptions: Any = (),
+        correlation_id: str | None = None,
+    ) -> tuple[Any, Any]:
+        """Publish the reply. An error the entrypoint did not expect travels as its
+        type and ``correlation_id`` only (``safe_error``): its text stays here."""
         reply_to = self.message.properties.get("reply_to")
         if not reply_to:
             return result, exc_info  # a fire-and-forget caller: nobody to answer
-        error = serialize(exc_info[1]) if exc_info is not None else None
+        error = None
+        if exc_info is not None:
+            exc = exc_info[1]
+            expected = is_expected(exc, expected_exceptions)
+            error = safe_error(exc, expected, correlation_id)
         serializer = content_type_to_serializer(self.message.content_type, "json")
         options = {
             "exchange": get_rpc_exchange(self.config),
             "routing_key": reply_to,
             "serializer": serializer,
             "correlation_id": self.message.properties.get("correlation_id"),
+            **reply_options(self.config),
         }
         try:
             self.publisher.publish({"result": result, "error": error}, **options)
         except (kombu.exceptions.EncodeError, TypeError, ValueError) as exc:
             # The result cannot be serialized: say so to the caller instead of
-            # leaving it waiting (or killing anything).
-            log.warning("unserializable RPC result: %s", exc)
-            unserializable = UnserializableValueError(result)
+            # leaving it waiting (or killing anything). Its type only: the value
+            # (its repr) may hold anything.
+            log.warning(
+                "unserializable RPC result",
+                extra={
+                    "result_type": type(result).__name__,
+                    "error_type": type(exc).__name__,
+                    "correlation_id": correlation_id,
+                },
+            )
+            unserializable = UnserializableValueError.of_type(result)
             exc_info = (UnserializableValueError, unserializable, None)
             self.publisher.publish(
                 {"result": None, "error": serialize(unserializable)}, **options
@@ -161,18 +227,41 @@ class RpcConsumer(SharedExtension, ProviderCollector):
                 raise MethodNotFound(method_name)
             provider.handle_message(body, message)
         except Exception as exc:
+            # The caller's correlation id is the only id this request has yet.
+            correlation_id = message.properties.get("correlation_id")
+            if not is_expected(exc):
+                log_error(
+                    log,
+                    "could not start an RPC worker",
+                    exc,
+                    expected=False,
+                    correlation_id=correlation_id,
+                    fields={"routing_key": routing_key},
+                )
             # Off the consumer loop: the reply waits for a publisher confirm.
             concurrency.spawn_n(
-                self.reply_and_ack, message, None, (type(exc), exc, exc.__traceback__)
+                self.reply_and_ack,
+                message,
+                None,
+                (type(exc), exc, exc.__traceback__),
+                (),
+                correlation_id,
             )
 
     def reply_and_ack(
-        self, message: Any, result: Any, exc_info: Any
+        self,
+        message: Any,
+        result: Any,
+        exc_info: Any,
+        expected_exceptions: Any = (),
+        correlation_id: str | None = None,
     ) -> tuple[Any, Any]:
         """Reply first, then ack: a request is never acked without its answer sent."""
         responder = Responder(self.container.config, self.publisher, message)
         try:
-            result, exc_info = responder.send_response(result, exc_info)
+            result, exc_info = responder.send_response(
+                result, exc_info, expected_exceptions, correlation_id
+            )
         except Exception:
             # The publisher already retried. Give the request back to the broker,
             # after a pause so a broken broker link doesn't spin, rather than
@@ -213,7 +302,9 @@ class Rpc(Entrypoint, HeaderDecoder):
     def handle_result(
         self, message: Any, worker_ctx: WorkerContext, result: Any, exc_info: Any
     ) -> tuple[Any, Any]:
-        return self.rpc_consumer.reply_and_ack(message, result, exc_info)
+        return self.rpc_consumer.reply_and_ack(
+            message, result, exc_info, self.expected_exceptions, worker_ctx.call_id
+        )
 
 
 rpc = Rpc.decorator
@@ -304,7 +395,12 @@ class RequestUnconfirmed(Exception):
 
 
 class RpcReply:
-    """A call in flight. ``result()`` waits for it (once) and returns or raises."""
+    """A call in flight. ``result()`` waits for it (once) and returns or raises.
+
+    The timeout runs from the call, not from ``result()``: of twenty
+    ``call_async`` replies to a dead service, all fail once the timeout has
+    passed since they were sent, not one timeout after the other.
+    """
 
     def __init__(
         self,
@@ -321,11 +417,16 @@ class RpcReply:
         self._resend = resend
         self._response: Any = None
         self._received = False
+        self._deadline = concurrency.Deadline(timeout)
 
     def get_response(self, timeout: Any = "default") -> Any:
+        """The raw reply body. ``timeout`` (seconds from now) replaces the
+        call's own deadline for this wait."""
         if not self._received:
-            wait = self.timeout if timeout == "default" else timeout
-            deadline = concurrency.Deadline(wait)
+            if timeout == "default":
+                wait, deadline = self.timeout, self._deadline
+            else:
+                wait, deadline = timeout, concurrency.Deadline(timeout)
             while True:
                 try:
                     self._response = self.reply_event.wait(deadline.remaining())
@@ -448,7 +549,8 @@ class RpcClient:
         self._reply_listener = reply_listener
         self._context_headers = context_headers
         self._serializer = serializer
-        self._options = options
+        # The caller's own publisher options win over the configured defaults.
+        self._options = {**request_options(config), **options}
 
     def call(
         self,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import inspect
 import os
 import pydoc
@@ -59,33 +58,51 @@ _PATH_TOKEN = re.compile(r"\.?([^.\[\]]+)|\[(\d+)\]")
 def get_redacted_args(entrypoint: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """The call's arguments by name, with the entrypoint's sensitive ones masked.
 
-    A sensitive path is ``arg``, ``arg.key`` or ``arg.key[1]``; paths that match
-    nothing are ignored.
+    A sensitive path is ``arg``, ``arg.key``, ``arg[1]`` or any mix such as
+    ``arg.key[0].field``; ``*args`` and ``**kwargs`` parameters are reached by
+    their names too. Paths that match nothing are ignored. The arguments are
+    copied (tuples become lists), never modified. Raises ``TypeError`` when the
+    arguments do not fit the method's signature.
     """
     method = getattr(entrypoint.container.service_cls, entrypoint.method_name)
     bound = inspect.signature(method).bind(None, *args, **kwargs)
-    callargs = copy.deepcopy(dict(bound.arguments))
-    callargs.pop(next(iter(bound.arguments)), None)  # self
+    arguments = dict(bound.arguments)
+    arguments.pop(next(iter(bound.arguments)), None)  # self
+    callargs: dict[str, Any] = _copy_containers(arguments)
     sensitive = entrypoint.sensitive_arguments
     if isinstance(sensitive, str):
         sensitive = (sensitive,)
     for path in sensitive:
-        tokens = [
-            key if key is not None else int(idx)
-            for key, idx in _PATH_TOKEN.findall(path)
+        tokens: list[str | int] = [
+            key if key else int(index) for key, index in _PATH_TOKEN.findall(path)
         ]
-        _redact(callargs, tokens)
+        if tokens:
+            _redact(callargs, tokens)
     return callargs
 
 
-def _redact(target: Any, tokens: list[Any]) -> None:
-    for token in tokens[:-1]:
-        try:
-            target = target[token]
-        except (KeyError, IndexError, TypeError):
+def _copy_containers(value: Any) -> Any:
+    # Only the containers a path can walk through are copied; leaves are never
+    # mutated, and deep-copying arbitrary objects can fail or be slow.
+    if isinstance(value, dict):
+        return {key: _copy_containers(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_copy_containers(item) for item in value]
+    return value
+
+
+def _redact(target: Any, tokens: list[str | int]) -> None:
+    for position, token in enumerate(tokens):
+        if isinstance(target, list):
+            if isinstance(token, str):
+                if not token.isdigit():
+                    return
+                token = int(token)
+            if not -len(target) <= token < len(target):
+                return
+        elif not isinstance(target, dict) or token not in target:
             return
-    try:
-        if tokens[-1] in target or isinstance(target, list):
-            target[tokens[-1]] = REDACTED
-    except (KeyError, IndexError, TypeError):
-        return
+        if position == len(tokens) - 1:
+            target[token] = REDACTED
+        else:
+            target = target[token]

@@ -26,11 +26,12 @@ from framework.constants import (
     RPC_REPLY_QUEUE_TTL,
     SERIALIZER_CONFIG_KEY,
 )
-from framework.exceptions import RpcTimeout
+from framework.exceptions import ProxyUsedAcrossThreads, RpcTimeout
 from framework.messaging import encode_to_headers
 from framework.rpc import (
     ClusterProxy,
     RpcClient,
+    RpcReply,
     ServiceProxy,
     get_rpc_exchange,
     get_rpc_timeout,
@@ -60,6 +61,7 @@ class StandaloneReplyEvent:
         self.waiter = Waiter()
 
     def wait(self, timeout: float | None) -> Any:
+        self.listener.check_thread()
         deadline = concurrency.Deadline(timeout)
         connection = self.listener.connection
         while True:
@@ -101,7 +103,26 @@ class SingleThreadedReplyListener:
             queue_arguments={"x-expires": RPC_REPLY_QUEUE_TTL},
         )
         self.waiting: dict[str, StandaloneReplyEvent] = {}
+        self.owner_thread: int | None = None
         connection.on_connect(self._consume)
+
+    def check_thread(self) -> None:
+        """Fail fast in any OS thread but the proxy's own.
+
+        Another thread would wait on green primitives that belong to the owner's
+        hub (or read the socket the owner reads): its call would hang past its
+        timeout, or take the owner's replies. The owner is the thread that
+        started the proxy (green threads of that thread are all fine).
+        """
+        current = concurrency.os_thread_id()
+        if self.owner_thread is None:
+            self.owner_thread = current
+        elif current != self.owner_thread:
+            raise ProxyUsedAcrossThreads(
+                f"this standalone RPC proxy belongs to OS thread {self.owner_thread}, "
+                f"which started it, and was used from thread {current}; it is not "
+                "thread-safe: give each thread its own proxy"
+            )
 
     def _consume(self, connection: kombu.Connection) -> None:
         channel = connection.channel()
@@ -147,6 +168,23 @@ class SingleThreadedReplyListener:
         self.waiting.pop(correlation_id, None)
 
 
+class StandaloneRpcClient(RpcClient):
+    """An ``RpcClient`` that refuses calls from any OS thread but its proxy's."""
+
+    _reply_listener: SingleThreadedReplyListener
+
+    def call(
+        self,
+        service_name: str,
+        method_name: str,
+        args: tuple,
+        kwargs: dict,
+        timeout: float | None,
+    ) -> RpcReply:
+        self._reply_listener.check_thread()
+        return super().call(service_name, method_name, args, kwargs, timeout)
+
+
 class StandaloneProxyBase:
     def __init__(
         self,
@@ -165,7 +203,7 @@ class StandaloneProxyBase:
             use_confirms=publisher_options.pop("use_confirms", True),
         )
         self.reply_listener = SingleThreadedReplyListener(self.connection, config)
-        self.client = RpcClient(
+        self.client = StandaloneRpcClient(
             config,
             self.publisher.publish,
             self.reply_listener,
@@ -181,6 +219,7 @@ class StandaloneProxyBase:
         )
 
     def _connect(self) -> None:
+        self.reply_listener.check_thread()
         self.connection.ensure_connected()
 
     def stop(self) -> None:

@@ -20,9 +20,13 @@ from framework.containers import ServiceContainer
 from framework.exceptions import ConfigurationError
 from framework.extensions import Entrypoint
 from framework.testing.services import entrypoint_hook
+from framework.utils import REDACTED
 from tests.helpers import wait_for
 
 entrypoint = Entrypoint.decorator
+
+
+DRIVER_ERROR = "INSERT failed, parameters: {!r}, {!r}"
 
 
 class Refused(Exception):
@@ -43,6 +47,15 @@ class Service:
     @entrypoint
     def crash(self) -> None:
         raise RuntimeError("boom")
+
+    @entrypoint(sensitive_arguments=("password", "profile.tokens[0]"))
+    def store(self, email: str, password: str, profile: dict[str, Any]) -> None:
+        # As a driver's error would: the statement's parameters in the message.
+        raise RuntimeError(DRIVER_ERROR.format(email, password))
+
+    @entrypoint(expected_exceptions=Refused, sensitive_arguments="password")
+    def check(self, email: str, password: str) -> None:
+        raise Refused(f"no account for {email}")
 
 
 @pytest.fixture(autouse=True)
@@ -259,3 +272,120 @@ def test_every_worker_logs_exactly_one_json_line_with_its_fields(
     ]
     succeeded = [r for r in records if r["entrypoint"] == "succeed"]
     assert all(r["call_id_stack"] == [parent, r["call_id"]] for r in succeeded)
+
+
+PASSWORD = "correct horse battery staple"
+TOKEN = "tok-5f2b9c"
+FORGED = (
+    "2026-11-27 01:54:25,123 INFO framework.workers: worker finished outcome=success"
+)
+
+
+def _run_failing_workers(container: ServiceContainer) -> None:
+    with entrypoint_hook(container, "store") as store, pytest.raises(RuntimeError):
+        store("ann@example.com", PASSWORD, {"tokens": [TOKEN, "public"]})
+    with entrypoint_hook(container, "check") as check, pytest.raises(Refused):
+        check("ann@example.com", PASSWORD)
+    wait_for(lambda: container.active_workers == 0, timeout=5)
+
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+def test_a_failed_worker_is_logged_without_its_secrets_or_unexpected_error_text(
+    stream: io.StringIO, log_format: str
+) -> None:
+    logs.configure_logging(
+        {"LOG_FORMAT": log_format, "LOG_LEVEL": "DEBUG"}, stream=stream
+    )
+    container = ServiceContainer(Service, {})
+    container.start()
+    try:
+        _run_failing_workers(container)
+    finally:
+        container.kill()
+
+    output = stream.getvalue()
+    assert PASSWORD not in output and TOKEN not in output
+    assert "INSERT failed" not in output  # the unexpected error's text
+    assert "no account for ann@example.com" in output  # the expected one's
+    assert "test_logs.py" in output and "in store" in output  # its frames
+    assert "builtins.RuntimeError (message withheld)" in output
+
+
+def test_a_failed_worker_record_names_type_call_id_and_redacted_arguments(
+    stream: io.StringIO,
+) -> None:
+    logs.configure_logging({"LOG_FORMAT": "json"}, stream=stream)
+    container = ServiceContainer(Service, {})
+    container.start()
+    try:
+        _run_failing_workers(container)
+    finally:
+        container.kill()
+
+    lines = json_lines(stream)
+    errors = {
+        line["entrypoint"]: line
+        for line in lines
+        if line["message"] == "error handling worker"
+    }
+    finished = {
+        line["entrypoint"]: line
+        for line in lines
+        if line["message"] == "worker finished"
+    }
+    store, check = errors["store"], errors["check"]
+    assert store["level"] == "ERROR"
+    assert store["error_type"] == "builtins.RuntimeError"
+    assert "error" not in store
+    assert store["correlation_id"] == store["call_id"] == finished["store"]["call_id"]
+    assert store["call_args"] == {
+        "email": "ann@example.com",
+        "password": REDACTED,
+        "profile": {"tokens": [REDACTED, "public"]},
+    }
+    assert "Traceback" in store["exception"]
+    assert check["level"] == "WARNING"
+    assert check["error"] == "no account for ann@example.com"
+    assert check["call_args"] == {"email": "ann@example.com", "password": REDACTED}
+
+
+def test_recorded_arguments_cut_long_strings_and_hide_objects() -> None:
+    class Method:
+        container = type("C", (), {"service_cls": Service})
+        method_name = "check"
+        sensitive_arguments = ()
+
+    recorded = logs.recorded_arguments(Method, ("x" * 1000, object()), {})
+
+    assert recorded["email"].startswith("x" * 200)
+    assert recorded["email"].endswith("...[800 more characters]")
+    assert recorded["password"] == "<object>"
+    assert logs.recorded_arguments(Method, (1, 2, 3), {}) == "[not recorded]"
+
+
+def test_text_format_escapes_line_breaks_so_arguments_cannot_forge_records(
+    stream: io.StringIO,
+) -> None:
+    logs.configure_logging({}, stream=stream)
+    log = logging.getLogger("tests.logs")
+
+    log.info("hello %s", f"ann\n{FORGED}")
+    log.info("fields", extra={"email": f"x\r\n{FORGED}", "raw": "a\x1b[2Jb"})
+    log.info("unicode breaks: %s", f"a\u2028{FORGED}\x85{FORGED}")
+    try:
+        raise Refused(f"bad email\n{FORGED}")
+    except Refused:
+        log.exception("refused")
+
+    output = stream.getvalue()
+    lines = output.splitlines()
+    # A record starts at column 0; continuation lines (the traceback) are indented.
+    records = [line for line in lines if not line[:1].isspace()]
+    assert len(records) == 4, lines
+    assert not any(line.startswith(FORGED) for line in lines)
+    assert "\x1b" not in output and "\u2028" not in output and "\x85" not in output
+    assert "ann\\n2026" in records[0]
+    assert "\\r\\n2026" in records[1] and "a\\x1b[2Jb" in records[1]
+    assert "\\u2028" in records[2] and "\\x85" in records[2]
+    assert "  Traceback (most recent call last):" in lines
+    assert f"  {FORGED}" in lines  # the exception's second line, indented

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 
 import kombu
@@ -13,12 +14,14 @@ from framework.exceptions import (
     IncorrectSignature,
     MalformedRequest,
     MethodNotFound,
+    ProxyUsedAcrossThreads,
     RemoteError,
     RpcTimeout,
     UnknownService,
     UnserializableValueError,
     deserialize_to_instance,
 )
+from framework.logs import JsonFormatter, TextFormatter
 from framework.rpc import ClusterRpc, RpcProxy, ServiceRpc, rpc
 from framework.standalone.rpc import ClusterRpcProxy, ServiceRpcProxy
 from framework.testing.services import entrypoint_hook
@@ -31,6 +34,8 @@ class OutOfStock(Exception):
 
 
 release = concurrency.Event()
+PASSWORD = "correct horse battery staple"
+DRIVER_ERROR = "INSERT failed, parameters: {!r}, {!r}"
 
 
 class Greeter:
@@ -51,6 +56,15 @@ class Greeter:
     @rpc
     def fail(self):
         raise ValueError("bad name")
+
+    @rpc(expected_exceptions=ValueError)
+    def refuse(self):
+        raise ValueError("bad name")
+
+    @rpc(sensitive_arguments="password")
+    def store(self, email, password):
+        # As a driver's error would: the statement's parameters in its message.
+        raise ValueError(DRIVER_ERROR.format(email, password))
 
     @rpc
     def unserializable(self):
@@ -137,11 +151,38 @@ def test_service_to_service_calls(proxy):
     ]
 
 
-def test_plain_exception_arrives_as_remote_error(proxy):
+def test_expected_plain_exception_arrives_as_remote_error_with_its_message(proxy):
+    with pytest.raises(RemoteError) as info:
+        proxy.greeter.refuse()
+    assert info.value.exc_type == "ValueError"
+    assert info.value.value == "bad name"
+
+
+def test_unexpected_exception_arrives_as_its_type_and_call_id_only(proxy, caplog):
+    caplog.set_level(logging.DEBUG)
     with pytest.raises(RemoteError) as info:
         proxy.greeter.fail()
     assert info.value.exc_type == "ValueError"
-    assert info.value.value == "bad name"
+    assert "bad name" not in str(info.value)
+    (error_record,) = [
+        r for r in caplog.records if r.getMessage() == "error handling worker"
+    ]
+    assert error_record.call_id.startswith("greeter.fail.")
+    assert error_record.call_id in info.value.value
+
+
+def test_a_password_in_a_failing_call_reaches_no_caller_and_no_log_line(proxy, caplog):
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(RemoteError) as info:
+        proxy.greeter.store("ann@example.com", PASSWORD)
+
+    assert PASSWORD not in repr(info.value.__dict__) + str(info.value)
+    wait_for(lambda: any(r.getMessage() == "worker finished" for r in caplog.records))
+    for formatter in (JsonFormatter(), TextFormatter()):
+        for record in caplog.records:
+            record.exc_text = None  # each formatter renders the traceback anew
+            line = formatter.format(record)
+            assert PASSWORD not in line and "INSERT failed" not in line, line
 
 
 def test_registered_exception_is_rebuilt_as_instance(proxy):
@@ -166,16 +207,80 @@ def test_unserializable_result_becomes_an_error_reply(proxy):
     with pytest.raises(RemoteError) as info:
         proxy.greeter.unserializable()
     assert info.value.exc_type == UnserializableValueError.__name__
-    assert "Unserializable value: `<object object" in info.value.value
+    assert info.value.value == "Unserializable value: `<object>`"
     assert proxy.greeter.hello("still serving") == "Hello, still serving!"
 
 
-def test_standalone_timeout_raises_and_late_reply_is_dropped(rabbit_config, services):
+def test_standalone_timeout_raises_and_late_reply_is_dropped(
+    rabbit_config, services, caplog
+):
+    caplog.set_level(logging.DEBUG, logger="framework.standalone.rpc")
+
+    def dropped(correlation_id):
+        return any(
+            r.getMessage() == "dropping a reply nobody waits for"
+            and r.correlation_id == correlation_id
+            for r in caplog.records
+        )
+
     with ClusterRpcProxy(rabbit_config, timeout=0.2) as cluster:
+        late = cluster.greeter.sleep.call_async(0.6)
         with pytest.raises(RpcTimeout):
-            cluster.greeter.sleep(0.6)
-        concurrency.sleep(0.8)  # let the late reply arrive
-        assert cluster.greeter.hello("after") == "Hello, after!"
+            late.result()
+        # Replies are read by whoever waits: keep calling until the late one
+        # has come in, and was dropped rather than handed to its old waiter.
+        wait_for(
+            lambda: (
+                cluster.greeter.hello("after") == "Hello, after!"
+                and dropped(late.correlation_id)
+            )
+        )
+        assert not late.reply_event.ready()
+        with pytest.raises(RpcTimeout):
+            late.result()
+
+
+def test_call_async_timeouts_run_from_the_call_not_from_each_result(rabbit_config):
+    # A service that is down: its queue exists, nobody consumes it.
+    with kombu.Connection(rabbit_config["AMQP_URI"]) as connection:
+        exchange = kombu.Exchange("nameko-rpc", type="topic", durable=True)
+        queue = kombu.Queue("rpc-down", exchange, routing_key="down.*", durable=True)
+        queue(connection.channel()).declare()
+    with ClusterRpcProxy(rabbit_config, timeout=1) as cluster:
+        pending = [cluster.down.method.call_async(i) for i in range(20)]
+        # Restarting the timeout at each result() would take 20 s.
+        with concurrency.Timeout(8):
+            for reply in pending:
+                with pytest.raises(RpcTimeout):
+                    reply.result()
+
+
+def test_a_standalone_proxy_used_from_another_os_thread_fails_fast(
+    rabbit_config, services
+):
+    outcome: list[BaseException | str] = []
+
+    with ClusterRpcProxy(rabbit_config, timeout=5) as cluster:
+        assert cluster.greeter.hello("owner") == "Hello, owner!"
+        pending = cluster.greeter.hello.call_async("waited elsewhere")
+
+        def other_thread():
+            for attempt in (
+                lambda: cluster.greeter.hello("other"),
+                pending.result,
+            ):
+                try:
+                    outcome.append(repr(attempt()))
+                except BaseException as exc:
+                    outcome.append(exc)
+
+        thread = concurrency.start_os_thread(other_thread, name="second-caller")
+        thread.join(10)
+        assert not thread.is_alive()
+        assert [type(item) for item in outcome] == [ProxyUsedAcrossThreads] * 2
+        assert "give each thread its own proxy" in str(outcome[0])
+        assert pending.result() == "Hello, waited elsewhere!"
+        assert cluster.greeter.hello("owner") == "Hello, owner!"
 
 
 def test_per_call_timeout_overrides_the_proxy_default(rabbit_config, services):
@@ -272,7 +377,8 @@ def test_request_and_reply_messages_match_nameko_on_the_wire(
         request.content_type == "application/json"
         and request.content_encoding == "utf-8"
     )
-    assert props["delivery_mode"] == 2 and props.get("priority", 0) == 0
+    # Transient by default (nameko sends 2; both are plain AMQP to a peer).
+    assert props["delivery_mode"] == 1 and props.get("priority", 0) == 0
     uuid.UUID(props["reply_to"])
     uuid.UUID(props["correlation_id"])
     assert json.loads(request.body) == {"args": ["Matt"], "kwargs": {}}
@@ -284,9 +390,26 @@ def test_request_and_reply_messages_match_nameko_on_the_wire(
     assert reply.delivery_info["routing_key"] == props["reply_to"]
     assert reply.properties["correlation_id"] == props["correlation_id"]
     assert reply.content_type == "application/json"
-    assert reply.properties["delivery_mode"] == 2
+    assert reply.properties["delivery_mode"] == 1
     assert json.loads(reply.body) == {"result": "Hello, Matt!", "error": None}
     assert not any(key.startswith("nameko.") for key in reply.headers)
+
+
+def test_rpc_messages_are_persistent_when_configured(
+    rabbit_config, runner_factory, spy
+):
+    config = {
+        **rabbit_config,
+        "RPC_PERSISTENT_REQUESTS": True,
+        "RPC_PERSISTENT_REPLIES": "true",
+    }
+    runner_factory(config, Greeter).start()
+    wire = spy("nameko-rpc")
+    with ClusterRpcProxy(config, timeout=5) as cluster:
+        assert cluster.greeter.hello("Matt") == "Hello, Matt!"
+    messages = [wire.get(), wire.get()]
+
+    assert [m.properties["delivery_mode"] for m in messages] == [2, 2]
 
 
 def test_error_replies_use_nameko_error_format(rabbit_config, services, spy):
@@ -298,12 +421,10 @@ def test_error_replies_use_nameko_error_format(rabbit_config, services, spy):
             cluster.greeter.helo()
     bodies = [json.loads(wire.get().body) for _ in range(4)]
     errors = [b["error"] for b in bodies if "error" in b and b["error"]]
-    assert {
-        "exc_type": "ValueError",
-        "exc_path": "builtins.ValueError",
-        "exc_args": ["bad name"],
-        "value": "bad name",
-    } in errors
+    (unexpected,) = [e for e in errors if e["exc_type"] == "ValueError"]
+    assert unexpected["exc_path"] == "builtins.ValueError"
+    assert unexpected["value"].startswith("unexpected ValueError (correlation id ")
+    assert unexpected["exc_args"] == [unexpected["value"]]
     assert {
         "exc_type": "MethodNotFound",
         "exc_path": "nameko.exceptions.MethodNotFound",

@@ -44,15 +44,20 @@ class Ours:
     def greet(self, name: str, greeting: str = "Hello") -> str:
         return f"{greeting}, {name}!"
 
-    @rpc
+    @rpc(expected_exceptions=ValueError)
     def raise_plain(self, message: str) -> None:
+        raise ValueError(message)
+
+    @rpc
+    def raise_unexpected(self, message: str) -> None:
+        # Not declared: its text stays in the service (framework.exceptions.safe_error).
         raise ValueError(message)
 
     @rpc
     def raise_registered(self, reason: str) -> None:
         raise contract.Rejected(reason)
 
-    @rpc
+    @rpc(expected_exceptions=contract.NotRegistered)
     def raise_unregistered(self, reason: str) -> None:
         raise contract.NotRegistered(reason)
 

@@ -122,6 +122,17 @@ def test_our_plain_exception_reaches_nameko_as_remote_error_with_type_and_value(
     assert (error["exc_type"], error["value"]) == ("ValueError", "bad ünïcödé input")
 
 
+def test_our_unexpected_exception_reaches_nameko_with_its_type_but_not_its_text(
+    nameko_calls_ours: Any,
+) -> None:
+    error = nameko_calls_ours("raise_unexpected", "secret detail")["error"]
+
+    assert error["class"] == "nameko.exceptions.RemoteError"
+    assert error["exc_type"] == "ValueError"
+    assert "secret detail" not in error["value"]
+    assert error["value"].startswith("unexpected ValueError (correlation id ")
+
+
 def test_our_unregistered_exception_reaches_nameko_as_remote_error(
     nameko_calls_ours: Any,
 ) -> None:
