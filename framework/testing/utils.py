@@ -8,13 +8,13 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 from unittest.mock import Mock
 
 import requests
 
 from framework import concurrency
-from framework.extensions import DependencyProvider, Extension
+from framework.extensions import DependencyProvider, Entrypoint, Extension
 
 if TYPE_CHECKING:
     from framework.containers import ServiceContainer, WorkerContext
@@ -137,7 +137,19 @@ class AnyInstanceOf:
 ANY_PARTIAL = AnyInstanceOf(partial)
 
 
-class DummyProvider(DependencyProvider):
+class DummyProvider(Entrypoint):
+    """An entrypoint that never fires, named after ``method_name``.
+
+    nameko's tests build worker contexts around one (``WorkerContext(container,
+    service, DummyProvider("method"))``) when all a test needs is an entrypoint.
+    """
+
+    def __init__(self, method_name: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.method_name = method_name  # type: ignore[assignment]
+
+
+class ConstantDependency(DependencyProvider):
     """A dependency provider that injects ``value`` (default ``None``) as it is."""
 
     def __init__(self, value: Any = None) -> None:
@@ -145,6 +157,17 @@ class DummyProvider(DependencyProvider):
 
     def get_dependency(self, worker_ctx: WorkerContext) -> Any:
         return self.value
+
+
+class MockCallArgs(NamedTuple):
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+def unpack_mock_call(call: Any) -> MockCallArgs:
+    """A ``mock.call`` (or an entry of ``call_args_list``) as ``(args, kwargs)``."""
+    args, kwargs = call
+    return MockCallArgs(tuple(args), dict(kwargs))
 
 
 def find_free_port(host: str = "127.0.0.1") -> int:
@@ -198,6 +221,11 @@ class ResourcePipeline(Generic[Resource]):
             yield self
         finally:
             self._shutdown()
+
+    @property
+    def ready(self) -> Any:
+        """The queue of resources made and not yet handed out (as in nameko)."""
+        return self._ready
 
     def get(self) -> Resource:
         """A fresh resource; waits while none is ready yet."""

@@ -9,11 +9,13 @@ import pytest
 import requests
 
 from framework import concurrency
+from framework.containers import WorkerContext
 from framework.extensions import DependencyProvider, Entrypoint
 from framework.testing.services import dummy, entrypoint_hook, once
 from framework.testing.utils import (
     ANY_PARTIAL,
     AnyInstanceOf,
+    ConstantDependency,
     DummyProvider,
     ResourcePipeline,
     assert_stops_raising,
@@ -22,6 +24,7 @@ from framework.testing.utils import (
     get_extension,
     get_rabbit_connections,
     reset_rabbit_connections,
+    unpack_mock_call,
     wait_for_call,
     wait_for_worker_idle,
 )
@@ -35,7 +38,7 @@ class Catalogue:
     name = "catalogue"
 
     settings = Settings()
-    answer = DummyProvider(42)
+    answer = ConstantDependency(42)
 
     @dummy
     def lookup(self):
@@ -59,7 +62,7 @@ def test_get_extension_finds_by_class_and_attributes(container_factory):
     lookup = get_extension(container, Entrypoint, method_name="lookup")
     assert lookup.method_name == "lookup"
     assert get_extension(container, Settings).attr_name == "settings"
-    assert get_extension(container, DummyProvider, attr_name="answer").value == 42
+    assert get_extension(container, ConstantDependency, attr_name="answer").value == 42
 
 
 def test_get_extension_returns_none_when_nothing_matches(container_factory):
@@ -212,6 +215,7 @@ def test_resource_pipeline_prepares_resources_ahead_up_to_its_size():
             assert counters.created == [0, 1]
 
         assert_stops_raising(two_ready, AssertionError, timeout=5, interval=0.001)
+        assert pipeline.ready.qsize() == 2  # nameko's tests read the public queue
         assert pipeline.get() == 0
         assert pipeline.get() == 1
 
@@ -300,3 +304,27 @@ def test_reset_rabbit_connections_ignores_connections_that_closed_meanwhile():
         ("gone",),
         ("broken",),
     ]
+
+
+# -- nameko's names -----------------------------------------------------------------
+
+
+def test_unpack_mock_call_gives_args_and_kwargs():
+    recorder = Mock()
+    recorder(1, 2, key="value")
+
+    args, kwargs = unpack_mock_call(recorder.call_args)
+
+    assert args == (1, 2)
+    assert kwargs == {"key": "value"}
+    assert unpack_mock_call(recorder.call_args).kwargs == {"key": "value"}
+
+
+def test_dummy_provider_is_an_entrypoint_named_after_its_method(container_factory):
+    container = container_factory(Basket)
+
+    worker_ctx = WorkerContext(container, Basket(), DummyProvider("checkout"))
+
+    assert isinstance(worker_ctx.entrypoint, Entrypoint)
+    assert worker_ctx.entrypoint.method_name == "checkout"
+    assert worker_ctx.call_id.startswith("basket.checkout.")
