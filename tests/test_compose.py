@@ -1,8 +1,8 @@
-"""compose.yaml (and the Dockerfile it builds) describe a runnable system.
+"""compose.yaml (and the Dockerfile it builds) describe the whole application.
 
-The structure is checked from the YAML itself, so these tests need no Docker; the
-compose tool's own validation runs when ``docker-compose`` (or the ``docker
-compose`` plugin) is installed.
+These read the file and need no Docker; ``docker-compose config -q`` runs when the
+tool is installed (CI installs it). tests/e2e runs the same file's commands and
+healthchecks as local processes.
 """
 
 from __future__ import annotations
@@ -11,75 +11,44 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 
-from framework.constants import HEALTH_SERVER_CONFIG_KEY
+from framework.constants import DEFAULT_DRAIN_TIMEOUT, HEALTH_SERVER_CONFIG_KEY
+from framework.exceptions import ConfigurationError
 from framework.health import READY_PATH
+from framework.settings import DEVELOPMENT_DATABASE_PASSWORD, check_production_secrets
+from tests.e2e.compose import COMPLETED, HEALTHY, Compose, ComposeError, interpolate
 
 ROOT = Path(__file__).resolve().parents[1]
-COMPOSE_FILE = ROOT / "compose.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
-USERS_CONFIG = "services/users/config.yaml"
-
-# Read from the environment by the framework itself, not through config.yaml.
-FRAMEWORK_ENV_VARS = {"LOG_FORMAT", "LOG_LEVEL"}
-
-
-def load_compose() -> dict[str, Any]:
-    return yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))
+APP_SERVICES = ("users", "conversions", "scheduler", "web")
+# --scale works only without a fixed container name or host port.
+SCALABLE = ("users", "conversions", "scheduler")
+# Read from the environment by the framework itself (framework.logs,
+# framework.settings), not only through config.yaml.
+FRAMEWORK_ENV_VARS = {"LOG_FORMAT", "LOG_LEVEL", "ENVIRONMENT"}
 
 
-def services() -> dict[str, Any]:
-    return load_compose()["services"]
+@pytest.fixture(scope="module")
+def compose() -> Compose:
+    # An empty environment: what `docker compose up` does on a fresh machine.
+    return Compose(env={})
 
 
-def users_config_env_vars() -> set[str]:
-    """The ``${NAME...}`` names services/users/config.yaml substitutes."""
-    text = (ROOT / USERS_CONFIG).read_text(encoding="utf-8")
-    return set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", text))
-
-
-def depends_on(service: dict[str, Any]) -> dict[str, str]:
-    """``{dependency: condition}`` for either spelling of ``depends_on``."""
-    deps = service.get("depends_on") or {}
-    if isinstance(deps, list):
-        return {name: "service_started" for name in deps}
-    return {
-        name: (spec or {}).get("condition", "service_started")
-        for name, spec in deps.items()
-    }
-
-
-def command(service: dict[str, Any]) -> list[str]:
-    cmd = service["command"]
-    return cmd.split() if isinstance(cmd, str) else [str(part) for part in cmd]
-
-
-def compose_command() -> list[str] | None:
-    if shutil.which("docker-compose"):
-        return ["docker-compose"]
-    if shutil.which("docker"):
-        probe = subprocess.run(
-            ["docker", "compose", "version"], capture_output=True, check=False
-        )
-        if probe.returncode == 0:
-            return ["docker", "compose"]
-    return None
+def defines(command: list[str]) -> dict[str, str]:
+    values = [
+        command[i + 1] for i, part in enumerate(command) if part in ("--define", "-d")
+    ]
+    return dict(value.split("=", 1) for value in values)
 
 
 def test_compose_file_is_valid_for_docker_compose() -> None:
-    tool = compose_command()
+    tool = shutil.which("docker-compose")
     if tool is None:
-        pytest.skip(
-            "docker-compose is not installed (nor the docker compose plugin): "
-            "`apt-get install docker-compose` to validate compose.yaml with it; "
-            "the YAML structure tests in this file run without it"
-        )
+        pytest.skip("docker-compose is not installed (CI installs it)")
     result = subprocess.run(
-        [*tool, "-f", str(COMPOSE_FILE), "config", "-q"],
+        [tool, "-f", "compose.yaml", "config", "-q"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -89,109 +58,175 @@ def test_compose_file_is_valid_for_docker_compose() -> None:
     assert result.returncode == 0, result.stderr
 
 
-def test_compose_runs_the_broker_with_management_and_the_database_with_a_healthcheck() -> (
-    None
-):
-    found = services()
-    assert "management" in found["rabbitmq"]["image"]
-    assert found["rabbitmq"]["image"].startswith("rabbitmq:")
-    assert found["postgres"]["image"].startswith("postgres:")
-    assert "pg_isready" in " ".join(found["postgres"]["healthcheck"]["test"])
-    # The database the users service connects to is created by the image.
-    assert found["postgres"]["environment"]["POSTGRES_DB"] == "users"
+def test_interpolation_reads_like_compose_and_refuses_unset_variables() -> None:
+    env = {"SET": "value", "EMPTY": ""}
+    assert interpolate("${SET:-x} ${EMPTY:-x} ${EMPTY-x} ${UNSET-x} $$HOME", env) == (
+        "value x  x $HOME"
+    )
+    with pytest.raises(ComposeError, match="UNSET"):
+        interpolate("${UNSET}", env)
+    with pytest.raises(ComposeError, match="needed"):
+        interpolate("${EMPTY:?needed}", env)
 
 
-def test_users_migrations_run_once_against_a_healthy_database() -> None:
-    migrate = services()["users-migrate"]
-    assert command(migrate) == [
-        "framework",
-        "db",
-        "upgrade",
-        "users",
-        "--config",
-        USERS_CONFIG,
-    ]
-    assert depends_on(migrate) == {"postgres": "service_healthy"}
-    assert migrate.get("restart", "no") == "no"
-    assert "build" in migrate
+def test_every_application_service_runs_its_service_after_healthy_infrastructure_and_migrations(
+    compose: Compose,
+) -> None:
+    for name in APP_SERVICES:
+        service = compose[name]
+        assert service.command[:5] == [
+            "framework",
+            "run",
+            f"services.{name}.service",
+            "--config",
+            f"services/{name}/config.yaml",
+        ]
+        assert service.depends_on["rabbitmq"] == HEALTHY
+        assert service.depends_on["postgres"] == HEALTHY
+        assert service.depends_on["migrate"] == COMPLETED
+        assert service.spec["restart"] in ("unless-stopped", "always", "on-failure")
+        assert service.spec["build"] == "."
+        assert service.spec["image"] == compose["migrate"].spec["image"]
 
 
-def test_users_service_starts_after_its_migrations_and_healthy_broker_and_database() -> (
-    None
-):
-    users = services()["users"]
-    assert command(users)[:5] == [
-        "framework",
-        "run",
-        "services.users.service",
-        "--config",
-        USERS_CONFIG,
-    ]
-    assert depends_on(users) == {
-        "rabbitmq": "service_healthy",
-        "postgres": "service_healthy",
-        "users-migrate": "service_completed_successfully",
-    }
+def test_the_migrate_step_upgrades_every_service_once_and_exits(
+    compose: Compose,
+) -> None:
+    migrate = compose["migrate"]
+    script = " ".join(migrate.command)
+    for name in APP_SERVICES:
+        assert (
+            f"framework db upgrade {name} --config services/{name}/config.yaml"
+            in script
+        )
+    assert migrate.depends_on == {"postgres": HEALTHY}
+    assert migrate.spec["restart"] == "no"
+    assert compose.one_shot() == {"migrate"}
 
 
-def test_both_users_containers_share_one_image_built_from_the_repository() -> None:
-    found = services()
-    assert found["users"]["build"] == found["users-migrate"]["build"] == "."
-    assert found["users"]["image"] == found["users-migrate"]["image"]
+def test_the_postgres_init_script_creates_the_database_of_every_service(
+    compose: Compose,
+) -> None:
+    postgres = compose["postgres"]
+    created = set(postgres.environment["APP_DATABASES"].split())
+    mounts = [str(volume) for volume in postgres.spec["volumes"]]
+    init = next(m for m in mounts if m.endswith(":/docker-entrypoint-initdb.d:ro"))
+    scripts = list((ROOT / init.split(":")[0]).glob("*.sh"))
+    assert scripts and all(path.stat().st_mode & 0o111 for path in scripts)
+    urls = [compose[name].environment["DATABASE_URL"] for name in APP_SERVICES]
+    urls += list(compose["migrate"].environment.values())
+    for url in urls:
+        assert url.startswith("postgresql://") and "@postgres:5432/" in url
+        assert url.rsplit("/", 1)[1] in created
+    # Each service its own database.
+    assert (
+        len({compose[name].environment["DATABASE_URL"] for name in APP_SERVICES}) == 4
+    )
 
 
-def test_users_environment_sets_exactly_the_names_config_yaml_reads() -> None:
-    wanted = users_config_env_vars()
-    assert {"AMQP_URI", "DATABASE_URL"} <= wanted
-    found = services()
-    users_env = set(found["users"]["environment"])
-    migrate_env = set(found["users-migrate"]["environment"])
-    assert {"AMQP_URI", "DATABASE_URL"} <= users_env
-    assert "DATABASE_URL" in migrate_env
+@pytest.mark.parametrize("name", APP_SERVICES)
+def test_service_environment_sets_only_names_its_config_reads(
+    compose: Compose, name: str
+) -> None:
+    config = ROOT / "services" / name / "config.yaml"
+    if not config.exists():
+        pytest.skip(f"services/{name} has not landed yet")
+    wanted = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", config.read_text()))
+    env = set(compose[name].environment)
     # A misspelt name would be silently ignored and the default used instead.
-    assert users_env <= wanted | FRAMEWORK_ENV_VARS
-    assert migrate_env <= wanted
+    assert env <= wanted | FRAMEWORK_ENV_VARS, env - wanted
+    assert {"AMQP_URI", "DATABASE_URL"} <= env
 
 
-def test_service_urls_point_at_the_compose_hosts() -> None:
-    found = services()
-    assert "@rabbitmq:5672" in found["users"]["environment"]["AMQP_URI"]
-    for name in ("users", "users-migrate"):
-        url = found[name]["environment"]["DATABASE_URL"]
-        assert url.startswith("postgresql://")
-        assert url.endswith("@postgres:5432/users")
+def test_every_service_is_ready_checked_on_its_own_health_server(
+    compose: Compose,
+) -> None:
+    for name in APP_SERVICES:
+        service = compose[name]
+        address = defines(service.command)[HEALTH_SERVER_CONFIG_KEY]
+        port = int(address.rpartition(":")[2])
+        assert port in service.exposed_ports
+        assert f"http://127.0.0.1:{port}{READY_PATH}" in " ".join(
+            service.healthcheck or []
+        )
 
 
-def test_users_healthcheck_asks_the_readiness_endpoint_of_its_health_server() -> None:
-    users = services()["users"]
-    cmd = command(users)
-    defines = [cmd[i + 1] for i, part in enumerate(cmd) if part in ("--define", "-d")]
-    address = dict(define.split("=", 1) for define in defines)[HEALTH_SERVER_CONFIG_KEY]
-    port = address.rpartition(":")[2]
-
-    probe = " ".join(users["healthcheck"]["test"])
-    assert f"http://127.0.0.1:{port}{READY_PATH}" in probe
-    assert any(str(mapping).endswith(f":{port}") for mapping in users["ports"])
+def test_scalable_services_have_no_fixed_name_or_host_port(compose: Compose) -> None:
+    for name in SCALABLE:
+        assert "container_name" not in compose[name].spec
+        assert "ports" not in compose[name].spec
+    for service in compose.services.values():
+        assert "container_name" not in service.spec
 
 
-def test_users_gets_longer_to_stop_than_the_default_drain_timeout() -> None:
-    from framework.constants import DEFAULT_DRAIN_TIMEOUT
+def test_web_serves_on_port_8000_and_shares_storage_with_conversions(
+    compose: Compose,
+) -> None:
+    web, conversions = compose["web"], compose["conversions"]
+    assert web.environment["WEB_SERVER_ADDRESS"].endswith(":8000")
+    assert any(str(port).endswith(":8000") for port in web.spec["ports"])
+    assert web.volumes == conversions.volumes == [("storage", "/data/storage")]
+    assert web.environment["STORAGE_URL"] == conversions.environment["STORAGE_URL"]
+    assert web.depends_on["users"] == web.depends_on["conversions"] == HEALTHY
 
-    grace = services()["users"]["stop_grace_period"]
-    match = re.fullmatch(r"(\d+)s", grace)
-    assert match is not None, grace
-    assert int(match.group(1)) > DEFAULT_DRAIN_TIMEOUT
+
+def test_services_get_longer_to_stop_than_the_drain_timeout(compose: Compose) -> None:
+    for name in APP_SERVICES:
+        grace = compose[name].spec["stop_grace_period"]
+        match = re.fullmatch(r"(\d+)s", grace)
+        assert match is not None, grace
+        assert int(match.group(1)) > DEFAULT_DRAIN_TIMEOUT
 
 
-def test_dockerfile_installs_the_project_on_python_3_11_slim() -> None:
+def test_the_development_defaults_are_refused_in_production() -> None:
+    # ENVIRONMENT=production and nothing else: every secret is still a default.
+    compose = Compose(env={"ENVIRONMENT": "production"})
+    users = compose["users"].environment
+    assert users["ENVIRONMENT"] == "production"
+    assert f":{DEVELOPMENT_DATABASE_PASSWORD}@" in users["DATABASE_URL"]
+    from services.users.dependencies import DEVELOPMENT_SECRETS
+
+    with pytest.raises(ConfigurationError) as raised:
+        check_production_secrets(users, DEVELOPMENT_SECRETS)
+    assert "ADMIN_PASSWORD" in str(raised.value)
+    assert "DATABASE_URL" in str(raised.value)
+
+    # With real ones it starts.
+    real = Compose(
+        env={
+            "ENVIRONMENT": "production",
+            "POSTGRES_PASSWORD": "a real one",
+            "ADMIN_PASSWORD": "another real one",
+        }
+    )
+    check_production_secrets(real["users"].environment, DEVELOPMENT_SECRETS)
+
+
+def test_dockerfile_builds_dependencies_in_their_own_stage_and_runs_as_non_root() -> (
+    None
+):
     text = DOCKERFILE.read_text(encoding="utf-8")
     instructions = [
         line.strip()
         for line in text.splitlines()
         if line.strip() and not line.lstrip().startswith("#")
     ]
-    assert instructions[0] == "FROM python:3.11-slim"
-    assert re.search(r"\bpip install \.(\s|$)", text)
-    # `framework db upgrade users` resolves services/users from the working directory.
-    assert any(line.startswith("WORKDIR ") for line in instructions)
-    assert any(line.startswith("COPY . ") for line in instructions)
+    stages = [line for line in instructions if line.startswith("FROM ")]
+    assert stages == [
+        "FROM python:3.11-slim AS build",
+        "FROM python:3.11-slim AS runtime",
+    ]
+    # The dependency layer comes from pyproject.toml alone, before the code is copied.
+    first_code_copy = next(
+        i for i, line in enumerate(instructions) if "COPY framework" in line
+    )
+    deps_install = next(
+        i for i, line in enumerate(instructions) if "requirements.txt" in line
+    )
+    assert deps_install < first_code_copy
+    runtime = instructions[instructions.index(stages[1]) :]
+    assert any(line.startswith("COPY --from=build /opt/venv") for line in runtime)
+    assert not any("pip install" in line for line in runtime)
+    assert not any(".[dev]" in line for line in instructions)
+    user = [line for line in runtime if line.startswith("USER ")]
+    assert user and user[-1] not in ("USER root", "USER 0")
