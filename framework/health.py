@@ -62,6 +62,11 @@ from framework.constants import (
 )
 from framework.exceptions import ConfigurationError
 from framework.extensions import DependencyProvider, Entrypoint, Extension
+from framework.web.connections import (
+    ConnectionGuard,
+    ConnectionLimits,
+    limits_from_config,
+)
 
 if TYPE_CHECKING:
     from framework.containers import ServiceContainer
@@ -72,9 +77,20 @@ LIVE_PATH = "/health/live"
 READY_PATH = "/health/ready"
 METRICS_PATH = "/metrics"
 
-# Probes and scrapes are few; anything beyond this waits in the listen backlog.
-MAX_CONNECTIONS = 64
-KEEPALIVE_TIMEOUT = 30  # seconds, for scrapers that keep their connection open
+# Config keys of the server's connection limits (see framework.web.connections):
+# HEALTH_MAX_CONNECTIONS, HEALTH_IDLE_TIMEOUT, HEALTH_HEADER_TIMEOUT, HEALTH_IO_TIMEOUT.
+HEALTH_LIMITS_CONFIG_PREFIX = "HEALTH_"
+DEFAULT_HEALTH_LIMITS = ConnectionLimits(
+    # Probes and scrapes are few. When all slots are taken, a new connection
+    # takes the place of one that sent no complete request: silent or half-open
+    # connections never keep a probe out.
+    max_connections=64,
+    idle_timeout=30.0,  # for scrapers that keep their connection open
+    header_timeout=5.0,
+    socket_timeout=10.0,
+)
+MAX_CONNECTIONS = DEFAULT_HEALTH_LIMITS.max_connections
+KEEPALIVE_TIMEOUT = DEFAULT_HEALTH_LIMITS.idle_timeout
 
 Check = Callable[[], tuple[bool, str]]
 Containers = Iterable["ServiceContainer"] | Callable[[], Iterable["ServiceContainer"]]
@@ -117,7 +133,10 @@ def from_config(config: dict[str, Any], containers: Containers) -> HealthServer 
     timeout = float(
         config.get(HEALTH_CHECK_TIMEOUT_CONFIG_KEY, DEFAULT_HEALTH_CHECK_TIMEOUT)
     )
-    return HealthServer(address, containers, check_timeout=timeout)
+    limits = limits_from_config(
+        config, prefix=HEALTH_LIMITS_CONFIG_PREFIX, defaults=DEFAULT_HEALTH_LIMITS
+    )
+    return HealthServer(address, containers, check_timeout=timeout, limits=limits)
 
 
 # -- checks -----------------------------------------------------------------------------
@@ -197,15 +216,17 @@ class HealthServer:
         containers: Containers,
         *,
         check_timeout: float = DEFAULT_HEALTH_CHECK_TIMEOUT,
+        limits: ConnectionLimits = DEFAULT_HEALTH_LIMITS,
     ) -> None:
         self.address = parse_address(address)
         self._containers = containers
         self.check_timeout = check_timeout
+        self.limits = limits
         self.stopping = False
         self._last_ready: bool | None = None
         self._sock: Any = None
         self._thread: concurrency.GreenThread | None = None
-        self._connections: concurrency.GreenPool | None = None
+        self._connections: ConnectionGuard | None = None
 
     @property
     def containers(self) -> list[ServiceContainer]:
@@ -239,7 +260,7 @@ class HealthServer:
             ) from exc
         metrics.enable()
         self.stopping = False
-        self._connections = concurrency.GreenPool(MAX_CONNECTIONS)
+        self._connections = ConnectionGuard(self.limits, name="health")
         self._thread = concurrency.spawn(self._serve)
         log.info(
             "health server listening",
@@ -247,11 +268,12 @@ class HealthServer:
         )
 
     def _serve(self) -> None:
-        concurrency.wsgi_server(
+        assert self._connections is not None
+        concurrency.guarded_wsgi_server(
             self._sock,
             self.wsgi_app,
-            custom_pool=self._connections,
-            keepalive=KEEPALIVE_TIMEOUT,
+            self._connections,
+            socket_timeout=self.limits.socket_timeout,
             log_output=False,
             debug=False,
         )
@@ -266,8 +288,7 @@ class HealthServer:
             concurrency.kill(self._thread)
             self._thread = None
         if self._connections is not None:
-            for thread in list(self._connections.coroutines_running):
-                concurrency.kill(thread)
+            self._connections.kill_all()
             self._connections = None
         if self._sock is not None:
             try:

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple, Protocol
 
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, RequestTimeout
 from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
 
@@ -38,16 +38,38 @@ from framework.constants import (
 )
 from framework.exceptions import ConfigurationError
 from framework.extensions import ProviderCollector, SharedExtension
+from framework.web.connections import (
+    ConnectionGuard,
+    ConnectionLimits,
+    limits_from_config,
+)
 
 log = logging.getLogger(__name__)
 
 WsgiApplication = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
-# Connections served at once (keep-alive and websockets included); further ones wait
-# in the listen backlog.
-MAX_CONNECTIONS = 1024
-# Seconds an idle keep-alive connection (or one that never sends a request) is kept.
-KEEPALIVE_TIMEOUT = 60
+# Config keys of the server's connection limits (see framework.web.connections):
+# WEB_MAX_CONNECTIONS, WEB_IDLE_TIMEOUT, WEB_HEADER_TIMEOUT, WEB_IO_TIMEOUT.
+WEB_LIMITS_CONFIG_PREFIX = "WEB_"
+# Seconds the whole request body may take to arrive (a 408 after that).
+WEB_BODY_TIMEOUT_CONFIG_KEY = "WEB_BODY_TIMEOUT"
+# Websocket origins allowed besides the server's own: a list (or comma-separated
+# string) of `scheme://host[:port]`, or "*" for any.
+WEB_ALLOWED_ORIGINS_CONFIG_KEY = "WEB_ALLOWED_ORIGINS"
+
+DEFAULT_WEB_LIMITS = ConnectionLimits(
+    # Connections served at once, keep-alive and websockets included.
+    max_connections=1024,
+    # An idle keep-alive connection (or one that never sends a request) is kept
+    # this long.
+    idle_timeout=60.0,
+    header_timeout=10.0,
+    socket_timeout=30.0,
+)
+DEFAULT_WEB_BODY_TIMEOUT = 60.0
+# Kept for code that read them; the configured limits are on `WebServer.limits`.
+MAX_CONNECTIONS = DEFAULT_WEB_LIMITS.max_connections
+KEEPALIVE_TIMEOUT = DEFAULT_WEB_LIMITS.idle_timeout
 LISTEN_BACKLOG = 128
 
 _ADDRESS = re.compile(r"^(?:(?P<address>\[[^\]]+\]|[^:\[\]]+):)?(?P<port>\d+)$")
@@ -156,6 +178,10 @@ class WsgiApp:
             response = self.dispatch(request)
         except HTTPException as exc:
             response = exc.get_response(environ)
+            if exc.code in (408, 413) and "framework.close_connection" in environ:
+                # The rest of the body is not worth reading, as eventlet would
+                # to reuse the connection: close it after the response.
+                environ["framework.close_connection"]()
         except Exception as exc:
             log.exception("error routing %s %s", request.method, request.path)
             response = json_error_response(exc, 500)
@@ -177,7 +203,21 @@ class WsgiApp:
         rule, values = adapter.match(return_rule=True)
         request.path_values = values  # type: ignore[attr-defined]
         if not rule.websocket:
-            self.read_body(request)
+            timer = concurrency.Timeout(self.server.body_timeout)
+            try:
+                self.read_body(request)
+            except concurrency.Timeout as exc:
+                if exc is not timer:
+                    raise
+                raise RequestTimeout(
+                    f"The request body did not arrive within "
+                    f"{self.server.body_timeout:g} seconds."
+                ) from None
+            except TimeoutError:
+                # One read waited longer than the IO timeout.
+                raise RequestTimeout("The request body stopped arriving.") from None
+            finally:
+                timer.cancel()
         provider: RouteProvider = rule.endpoint  # type: ignore[assignment]
         return provider.handle_request(request)
 
@@ -217,7 +257,7 @@ class WebServer(ProviderCollector, SharedExtension):
         self.url_map: Map = Map()
         self._sock: Any = None
         self._server_thread: concurrency.GreenThread | None = None
-        self._connections: concurrency.GreenPool | None = None
+        self._connections: ConnectionGuard | None = None
         self._accepting = False
 
     @property
@@ -244,8 +284,26 @@ class WebServer(ProviderCollector, SharedExtension):
             WEB_MAX_CONTENT_LENGTH_CONFIG_KEY, DEFAULT_WEB_MAX_CONTENT_LENGTH
         )
 
+    @property
+    def limits(self) -> ConnectionLimits:
+        return limits_from_config(
+            self.container.config,
+            prefix=WEB_LIMITS_CONFIG_PREFIX,
+            defaults=DEFAULT_WEB_LIMITS,
+        )
+
+    @property
+    def body_timeout(self) -> float:
+        return float(
+            self.container.config.get(
+                WEB_BODY_TIMEOUT_CONFIG_KEY, DEFAULT_WEB_BODY_TIMEOUT
+            )
+        )
+
     def setup(self) -> None:
-        self.bind_address  # noqa: B018 -- a misconfigured address fails setup, early
+        # A misconfigured address or limit fails setup, early.
+        self.bind_address  # noqa: B018
+        self.limits  # noqa: B018
 
     def start(self) -> None:
         if self._sock is not None:
@@ -262,7 +320,7 @@ class WebServer(ProviderCollector, SharedExtension):
             backlog=LISTEN_BACKLOG,
             reuse_port=False,
         )
-        self._connections = concurrency.GreenPool(MAX_CONNECTIONS)
+        self._connections = ConnectionGuard(self.limits, name="web")
         self._accepting = True
         self._server_thread = self.container.spawn_managed_thread(
             self._serve, identifier="web_server"
@@ -282,10 +340,9 @@ class WebServer(ProviderCollector, SharedExtension):
         return WsgiApp(self)
 
     def get_wsgi_server_options(self) -> dict[str, Any]:
-        """Keyword arguments for eventlet's wsgi server (see ``wsgi_server``)."""
+        """Keyword arguments for eventlet's wsgi server (see ``wsgi_server``); the
+        pool, keep-alive and socket timeouts come from ``limits``."""
         return {
-            "custom_pool": self._connections,
-            "keepalive": KEEPALIVE_TIMEOUT,
             # Access logging is WsgiApp's (structured); errors never reach eventlet
             # because WsgiApp turns them into responses.
             "log_output": False,
@@ -293,8 +350,13 @@ class WebServer(ProviderCollector, SharedExtension):
         }
 
     def _serve(self) -> None:
-        concurrency.wsgi_server(
-            self._sock, self.get_wsgi_app(), **self.get_wsgi_server_options()
+        assert self._connections is not None
+        concurrency.guarded_wsgi_server(
+            self._sock,
+            self.get_wsgi_app(),
+            self._connections,
+            socket_timeout=self._connections.limits.socket_timeout,
+            **self.get_wsgi_server_options(),
         )
 
     def stop_accepting(self) -> None:
@@ -358,8 +420,7 @@ class WebServer(ProviderCollector, SharedExtension):
     def _kill_connections(self) -> None:
         if self._connections is None:
             return
-        for thread in list(self._connections.coroutines_running):
-            concurrency.kill(thread)
+        self._connections.kill_all()
 
     def _close_socket(self) -> None:
         # eventlet's server closes it when it exits, but not if it was killed

@@ -21,6 +21,19 @@ cannot hold up a broadcast, a reply to another socket, or the worker that pushes
 A socket whose queue is full (``WEBSOCKET_QUEUE_SIZE`` frames) or whose send fails
 or takes longer than ``WEBSOCKET_SEND_TIMEOUT`` is dropped: closed, its
 subscriptions forgotten. Clients reconnect and subscribe again.
+
+A socket holds a slot of the web server (``WEB_MAX_CONNECTIONS``), so a silent one
+must not hold it for ever: the server pings every socket that has sent nothing for
+half of ``WEBSOCKET_IDLE_TIMEOUT`` (60 s by default), every client library answers
+with a pong, and a socket that sends nothing at all, pong included, for the whole
+timeout is closed.
+
+The upgrade is refused (403) when the request's ``Origin`` is neither the server's
+own (the ``Host`` it was reached at) nor one of ``WEB_ALLOWED_ORIGINS``: a browser
+sends the page's cookies with a websocket upgrade whatever page asks for it, so
+without this any site a logged-in user visits could drive the socket in their name
+(cross-site websocket hijacking). A request without ``Origin`` comes from no
+browser and is accepted.
 """
 
 from __future__ import annotations
@@ -30,11 +43,13 @@ import logging
 import socket
 import uuid
 from collections import defaultdict
+from collections.abc import Iterable
 from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple
+from urllib.parse import urlsplit
 
 from werkzeug.routing import Rule
-from werkzeug.wrappers import Request
+from werkzeug.wrappers import Request, Response
 
 from framework import concurrency
 from framework.constants import (
@@ -51,7 +66,12 @@ from framework.exceptions import (
     serialize,
 )
 from framework.extensions import DependencyProvider, Entrypoint, SharedExtension
-from framework.web.server import WebServer, WsgiApplication, context_data_from_headers
+from framework.web.server import (
+    WEB_ALLOWED_ORIGINS_CONFIG_KEY,
+    WebServer,
+    WsgiApplication,
+    context_data_from_headers,
+)
 
 if TYPE_CHECKING:
     from framework.containers import ExcInfo, WorkerContext
@@ -59,8 +79,63 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WEBSOCKET_PATH = "/ws"
+WEBSOCKET_IDLE_TIMEOUT_CONFIG_KEY = "WEBSOCKET_IDLE_TIMEOUT"
+DEFAULT_WEBSOCKET_IDLE_TIMEOUT = 60.0  # seconds without a frame from the client
+
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+def _normalise_origin(origin: str) -> str | None:
+    """``scheme://host:port`` with the scheme's default port made explicit, or
+    ``None`` for what is no origin (``null``, garbage)."""
+    try:
+        parts = urlsplit(origin.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not parts.hostname:
+        return None
+    return f"{scheme}://{parts.hostname.lower()}:{port or _DEFAULT_PORTS[scheme]}"
+
+
+def _allowed_origins(configured: Any) -> tuple[bool, set[str]]:
+    """``(any origin allowed, normalised origins)`` from ``WEB_ALLOWED_ORIGINS``."""
+    if configured is None:
+        return False, set()
+    items: Iterable[Any] = (
+        configured.split(",") if isinstance(configured, str) else configured
+    )
+    names = [str(item).strip() for item in items if str(item).strip()]
+    allowed = {_normalise_origin(name) for name in names if name != "*"}
+    return "*" in names, {origin for origin in allowed if origin is not None}
+
+
+def origin_allowed(environ: dict[str, Any], configured: Any) -> bool:
+    """Whether a websocket upgrade's ``Origin`` may connect: none (no browser), the
+    server's own (same host and port as ``Host``), or one of ``configured``."""
+    origin = environ.get("HTTP_ORIGIN")
+    if origin is None:
+        return True
+    any_origin, allowed = _allowed_origins(configured)
+    if any_origin:
+        return True
+    normalised = _normalise_origin(origin)
+    if normalised is None:
+        return False
+    if normalised in allowed:
+        return True
+    host = environ.get("HTTP_HOST")
+    if not host:
+        return False
+    scheme = normalised.split("://", 1)[0]
+    # The Host the client reached us at, in the origin's scheme: a page served
+    # from this very server (or through a proxy that keeps Host) is same-origin.
+    return _normalise_origin(f"{scheme}://{host}") == normalised
+
 
 _CLOSE = object()  # queued after the last frame of a socket being closed gracefully
+_PING = object()
 
 
 def event_frame(event: str, data: Any) -> str:
@@ -105,12 +180,20 @@ class Connection:
 class FrameSender:
     """The sending side of one socket: a bounded queue and the thread that drains it."""
 
-    def __init__(self, ws: Any, socket_id: str, queue_size: int, send_timeout: float):
+    def __init__(
+        self,
+        ws: Any,
+        socket_id: str,
+        queue_size: int,
+        send_timeout: float,
+        ping_interval: float | None = None,
+    ):
         self.socket_id = socket_id
         self.closed = False
         self._ws = ws
         self._queue: concurrency.Queue = concurrency.Queue(maxsize=queue_size)
         self._send_timeout = send_timeout
+        self._ping_interval = ping_interval
         self._thread: concurrency.GreenThread | None = None
 
     def start(self) -> None:
@@ -158,7 +241,12 @@ class FrameSender:
 
     def _run(self) -> None:
         while True:
-            frame = self._queue.get()
+            try:
+                frame = self._queue.get(timeout=self._ping_interval)
+            except concurrency.Empty:
+                # Nothing to send for a while: ask for a pong, so that a live
+                # client that has nothing to say is not taken for a dead one.
+                frame = _PING
             if frame is _CLOSE:
                 try:
                     with concurrency.Timeout(self._send_timeout):
@@ -170,7 +258,10 @@ class FrameSender:
                 return
             try:
                 with concurrency.Timeout(self._send_timeout):
-                    self._ws.send(frame)
+                    if frame is _PING:
+                        concurrency.websocket_send_ping(self._ws)
+                    else:
+                        self._ws.send(frame)
             except (Exception, concurrency.Timeout) as exc:
                 log.info(
                     "dropping websocket: send failed",
@@ -216,6 +307,14 @@ class WebSocketServer(SharedExtension):
             )
         )
 
+    @property
+    def idle_timeout(self) -> float:
+        return float(
+            self.container.config.get(
+                WEBSOCKET_IDLE_TIMEOUT_CONFIG_KEY, DEFAULT_WEBSOCKET_IDLE_TIMEOUT
+            )
+        )
+
     def setup(self) -> None:
         self.server.register_provider(self)
 
@@ -248,13 +347,37 @@ class WebSocketServer(SharedExtension):
         return context_data_from_headers(request, self.container.config)
 
     def handle_request(self, request: Request) -> WsgiApplication:
+        allowed = self.container.config.get(WEB_ALLOWED_ORIGINS_CONFIG_KEY)
+        if not origin_allowed(request.environ, allowed):
+            log.warning(
+                "websocket upgrade refused: origin not allowed",
+                extra={
+                    "service": self.container.service_name,
+                    "origin": request.headers.get("Origin", "")[:200],
+                },
+            )
+            body = {
+                "error": "Forbidden",
+                "message": f"Origin not allowed; see {WEB_ALLOWED_ORIGINS_CONFIG_KEY}",
+            }
+            return Response(json.dumps(body), 403, mimetype="application/json")
         context_data = self.context_data_from_headers(request)
         return concurrency.websocket_app(partial(self._serve_socket, context_data))
 
     def _serve_socket(self, context_data: dict[str, Any], ws: Any) -> None:
         """The connection's thread: reads frames and answers them, one at a time."""
         socket_id = str(uuid.uuid4())
-        sender = FrameSender(ws, socket_id, self.queue_size, self.send_timeout)
+        idle_timeout = self.idle_timeout
+        # Every read waits at most this long (pongs count): a client that sends
+        # nothing at all is gone, and its slot is given back.
+        ws.socket.settimeout(idle_timeout)
+        sender = FrameSender(
+            ws,
+            socket_id,
+            self.queue_size,
+            self.send_timeout,
+            ping_interval=idle_timeout / 2,
+        )
         connection = Connection(socket_id, context_data)
         self.sockets[socket_id] = SocketInfo(sender, connection)
         log.debug("websocket connected", extra={"socket_id": socket_id})

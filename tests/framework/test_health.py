@@ -9,6 +9,7 @@ the framework's reconnects are refused until the permissions come back.
 
 from __future__ import annotations
 
+import socket
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,7 +24,7 @@ from framework.containers import ServiceContainer
 from framework.database import Database
 from framework.exceptions import ConfigurationError
 from framework.extensions import DependencyProvider, Entrypoint
-from framework.health import HealthServer, parse_address
+from framework.health import HealthServer, from_config, parse_address
 from framework.rpc import rpc
 from framework.runners import ServiceRunner
 from framework.testing.services import entrypoint_hook
@@ -401,3 +402,58 @@ def test_readiness_turns_503_as_soon_as_a_graceful_stop_begins(
             stopping.wait()
 
     assert checks_by_name(response)["quiet.started"]["detail"] == "stopping"
+
+
+# -- hostile clients -------------------------------------------------------------------
+
+HALF_OPEN = b"GET /health/live HTTP/1.1\r\nHost: x\r\n"  # headers that never end
+
+
+def test_64_half_open_connections_do_not_stop_liveness_or_readiness_answering() -> None:
+    # The default limits: 64 slots, so these take every one of them.
+    container = ServiceContainer(Quiet, {})
+    server = HealthServer("127.0.0.1:0", [container])
+    server.start()
+    hostile = []
+    try:
+        container.start()
+        for _ in range(64):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            sock.sendall(HALF_OPEN)
+            hostile.append(sock)
+
+        live = get(server.port, "/health/live")
+        ready = get(server.port, "/health/ready")
+    finally:
+        for sock in hostile:
+            sock.close()
+        server.stop()
+        container.kill()
+
+    assert live.status_code == 200
+    assert ready.status_code == 200
+
+
+def test_configured_header_timeout_answers_408_to_headers_that_never_end() -> None:
+    server = from_config(
+        {"HEALTH_SERVER_ADDRESS": "127.0.0.1:0", "HEALTH_HEADER_TIMEOUT": 0.3}, []
+    )
+    assert server is not None
+    server.start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(HALF_OPEN)
+            received = b""
+            while chunk := sock.recv(4096):
+                received += chunk
+    finally:
+        server.stop()
+
+    assert received.startswith(b"HTTP/1.1 408 ")
+
+
+def test_invalid_connection_limits_are_a_configuration_error() -> None:
+    with pytest.raises(ConfigurationError, match="HEALTH_"):
+        from_config(
+            {"HEALTH_SERVER_ADDRESS": "127.0.0.1:0", "HEALTH_IDLE_TIMEOUT": "soon"}, []
+        )

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import requests
+import websocket
 from websocket import ABNF
 from werkzeug.wrappers import Request
 
@@ -18,7 +19,7 @@ from framework import concurrency
 from framework.exceptions import ConnectionNotFound
 from framework.extensions import DependencyProvider
 from framework.web.handlers import http
-from framework.web.websocket import WebSocketHubProvider, rpc
+from framework.web.websocket import WebSocketHubProvider, origin_allowed, rpc
 
 TIMEOUT = 5
 
@@ -349,3 +350,63 @@ def test_plain_get_of_the_websocket_path_is_a_400(chat: Any) -> None:
     response = requests.get(chat.url("/ws"), timeout=TIMEOUT)
 
     assert response.status_code == 400
+
+
+# -- Origin ------------------------------------------------------------------------------
+
+
+def test_an_upgrade_from_another_origin_is_refused_with_403(
+    chat: Any, ws_connect: Any
+) -> None:
+    with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+        ws_connect(chat, origin="https://evil.example")
+
+    assert refused.value.status_code == 403
+    assert chat.container.shared_extensions  # the service is still up
+    assert ws_connect(chat).socket_id  # and same-origin clients still connect
+
+
+def test_an_upgrade_from_the_servers_own_origin_or_without_origin_is_accepted(
+    chat: Any, ws_connect: Any
+) -> None:
+    own = ws_connect(chat, origin=f"http://127.0.0.1:{chat.port}")
+    no_browser = ws_connect(chat, suppress_origin=True)
+
+    assert own.rpc("echo", text="a")["success"] is True
+    assert no_browser.rpc("echo", text="b")["success"] is True
+
+
+@pytest.mark.parametrize(
+    "allowed", [["https://panel.example"], "https://panel.example, http://x", "*"]
+)
+def test_configured_origins_are_accepted(
+    run_service: Any, ws_connect: Any, allowed: Any
+) -> None:
+    service = run_service(Chat, {"WEB_ALLOWED_ORIGINS": allowed})
+
+    client = ws_connect(service, origin="https://panel.example")
+
+    assert client.rpc("echo", text="hi")["success"] is True
+
+
+@pytest.mark.parametrize(
+    ("origin", "host", "allowed", "expected"),
+    [
+        ("http://a.example:8000", "a.example:8000", None, True),
+        ("https://a.example", "a.example", None, True),  # behind a TLS proxy
+        ("https://A.example:443", "a.example", None, True),
+        ("http://a.example:9000", "a.example:8000", None, False),
+        ("http://b.example:8000", "a.example:8000", None, False),
+        ("null", "a.example", None, False),
+        ("not a url", "a.example", None, False),
+        ("https://a.example.evil.example", "a.example", None, False),
+        ("https://panel.example", "a.example", ["https://panel.example:443"], True),
+        ("http://panel.example", "a.example", ["https://panel.example"], False),
+    ],
+)
+def test_origin_allowed_compares_scheme_host_and_port(
+    origin: str, host: str, allowed: Any, expected: bool
+) -> None:
+    environ = {"HTTP_ORIGIN": origin, "HTTP_HOST": host}
+
+    assert origin_allowed(environ, allowed) is expected

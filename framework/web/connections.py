@@ -1,0 +1,170 @@
+"""How many connections a server holds, and for how long a client may keep one silent.
+
+Every HTTP server the framework runs (the ``WebServer`` of a container, the health
+server of a process) serves its connections through a ``ConnectionGuard``:
+
+* at most ``max_connections`` at once, websockets included;
+* a connection waiting for a request (idle keep-alive, or a request line still
+  coming) is closed after ``idle_timeout`` seconds; the request's headers must
+  arrive within ``header_timeout`` seconds of its request line (else a 408); each
+  later read of the body, and each write of the response, may wait at most
+  ``socket_timeout`` seconds (``WebServer`` also bounds the whole body);
+* when every slot is taken, a new connection takes the slot of the connection
+  that has waited longest for its next request, or is still sending its request
+  line or headers: a client that opens connections and sends nothing (or half a
+  request) can delay others by no more than the time to accept one. Only when
+  every connection is busy (a handler running, a response being written, a
+  websocket) does a new one wait, in the listen backlog.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from framework import concurrency
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """A server's limits; see the module docstring for what each bounds."""
+
+    max_connections: int
+    idle_timeout: float
+    header_timeout: float
+    socket_timeout: float
+
+    def __post_init__(self) -> None:
+        if self.max_connections < 1:
+            raise ValueError(
+                f"max_connections must be at least 1, not {self.max_connections}"
+            )
+        for name in ("idle_timeout", "header_timeout", "socket_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
+
+
+class ConnectionGuard:
+    """The pool a server's connections run in, and what each of them is doing.
+
+    eventlet's server hands every accepted connection to ``spawn()``; the guarded
+    protocol (``framework.concurrency.guarded_wsgi_server``) reports when a
+    connection waits for a request and when it is being served.
+    """
+
+    def __init__(self, limits: ConnectionLimits, name: str = "http") -> None:
+        self.limits = limits
+        self.name = name
+        self.idle_timeout = limits.idle_timeout
+        self.header_timeout = limits.header_timeout
+        self.evictions = 0
+        self._pool = concurrency.GreenPool(limits.max_connections)
+        # Connections waiting for (or still reading) a request, oldest first:
+        # id(conn_state) -> conn_state; dicts keep insertion order.
+        self._waiting: dict[int, list[Any]] = {}
+        self._evicted: set[int] = set()
+
+    # -- reported by the protocol ---------------------------------------------------
+
+    def waiting_for_request(self, conn_state: list[Any]) -> None:
+        key = id(conn_state)
+        self._waiting.pop(key, None)
+        self._waiting[key] = conn_state
+
+    def serving(self, conn_state: list[Any]) -> None:
+        self._waiting.pop(id(conn_state), None)
+
+    def evicted(self, conn_state: list[Any]) -> bool:
+        return id(conn_state) in self._evicted
+
+    # -- the pool eventlet's server uses ----------------------------------------------
+
+    def spawn(self, fn: Callable[..., Any], *args: Any) -> concurrency.GreenThread:
+        """Run ``fn(conn_state)`` in a slot; when none is free, evict to make one."""
+        if self._pool.free() == 0:
+            self._evict_one()
+        conn_state = args[0] if args else None
+        thread = self._pool.spawn(fn, *args)
+        if conn_state is not None:
+            # A connection counts as waiting from its accept until its first
+            # request line is in (the protocol says so too, once it runs).
+            self.waiting_for_request(conn_state)
+            thread.link(self._forget, conn_state)
+        return thread
+
+    def waitall(self) -> None:
+        self._pool.waitall()
+
+    def running(self) -> int:
+        return self._pool.running()
+
+    def waiting(self) -> int:
+        """Accepted connections waiting for a slot (every one is busy)."""
+        return self._pool.waiting()
+
+    @property
+    def coroutines_running(self) -> set[concurrency.GreenThread]:
+        return self._pool.coroutines_running
+
+    def kill_all(self) -> None:
+        for thread in list(self._pool.coroutines_running):
+            concurrency.kill(thread)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _forget(self, _thread: Any, conn_state: list[Any]) -> None:
+        key = id(conn_state)
+        self._waiting.pop(key, None)
+        self._evicted.discard(key)
+
+    def _evict_one(self) -> None:
+        if not self._waiting:
+            return  # every connection is busy: the new one waits for a slot
+        key, conn_state = next(iter(self._waiting.items()))
+        del self._waiting[key]
+        self._evicted.add(key)
+        self.evictions += 1
+        log.info(
+            "closing a connection that sent no complete request, to make room",
+            extra={"server": self.name, "max_connections": self.limits.max_connections},
+        )
+        # Wakes its reader with an end of stream; the slot frees when its thread
+        # ends, which spawn() then waits for.
+        try:
+            conn_state[1].shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def limits_from_config(
+    config: Any,
+    *,
+    prefix: str,
+    defaults: ConnectionLimits,
+) -> ConnectionLimits:
+    """``ConnectionLimits`` from ``<prefix>MAX_CONNECTIONS``, ``<prefix>IDLE_TIMEOUT``,
+    ``<prefix>HEADER_TIMEOUT`` and ``<prefix>IO_TIMEOUT``, each optional."""
+    from framework.exceptions import ConfigurationError
+
+    try:
+        return ConnectionLimits(
+            max_connections=int(
+                config.get(f"{prefix}MAX_CONNECTIONS", defaults.max_connections)
+            ),
+            idle_timeout=float(
+                config.get(f"{prefix}IDLE_TIMEOUT", defaults.idle_timeout)
+            ),
+            header_timeout=float(
+                config.get(f"{prefix}HEADER_TIMEOUT", defaults.header_timeout)
+            ),
+            socket_timeout=float(
+                config.get(f"{prefix}IO_TIMEOUT", defaults.socket_timeout)
+            ),
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(f"invalid {prefix}* connection limit: {exc}") from exc
