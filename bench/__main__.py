@@ -8,6 +8,7 @@ python -m bench --profile            # py-spy profiles into bench/profiles/
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shlex
@@ -31,6 +32,7 @@ from bench.broker import (  # noqa: E402
 from bench.processes import (  # noqa: E402
     NAMEKO,
     OURS,
+    OURS_CONFIG_ENV,
     ProcessRegistry,
     check_identical_services,
     load_frameworks,
@@ -109,7 +111,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="profile service and client at concurrency 10 instead of measuring",
     )
     parser.add_argument("--profile-seconds", type=float, default=15.0)
+    parser.add_argument(
+        "--ours-config",
+        action="append",
+        metavar="KEY=VALUE",
+        help="an extra config key for our services and clients (repeatable), e.g. "
+        "RPC_PERSISTENT_REQUESTS=true RPC_PERSISTENT_REPLIES=true for persistent RPC",
+    )
     return parser.parse_args(argv)
+
+
+def ours_config(pairs: list[str] | None) -> dict[str, str]:
+    config = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--ours-config wants KEY=VALUE, not {pair!r}")
+        config[key] = value
+    return config
 
 
 def concurrency_list(text: str) -> tuple[int, ...]:
@@ -159,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from(args)
+    extra = ours_config(args.ours_config)
+    # Children inherit it: our clients read it (bench/client.py), our services
+    # get it in their config file below.
+    os.environ[OURS_CONFIG_ENV] = json.dumps(extra)
     groups = tuple(g for g in GROUPS if g in (args.only or GROUPS))
     check_identical_services()
     frameworks = load_frameworks()
@@ -177,7 +200,9 @@ def run(args: argparse.Namespace) -> int:
             registry = ProcessRegistry(log_dir)
             configs = {
                 key: write_service_config(
-                    Path(workdir) / f"{key}.yaml", vhosts[key].uri
+                    Path(workdir) / f"{key}.yaml",
+                    vhosts[key].uri,
+                    extra if key == "ours" else {},
                 )
                 for key in frameworks
             }
@@ -252,6 +277,8 @@ def argv_for_report(args: argparse.Namespace) -> list[str]:
         shown += ["--events", str(args.events)]
     if args.concurrency is not None:
         shown += ["--concurrency", ",".join(map(str, args.concurrency))]
+    for pair in args.ours_config or []:
+        shown += ["--ours-config", pair]
     return shown
 
 

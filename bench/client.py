@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -285,7 +286,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     toolkit = load_toolkit(args.framework)
-    config = {"AMQP_URI": args.amqp_uri}
+    config: dict[str, Any] = {"AMQP_URI": args.amqp_uri}
+    if args.framework == "ours":
+        # --ours-config of python -m bench (see bench/processes.py)
+        config.update(json.loads(os.environ.get("BENCH_OURS_CONFIG") or "{}"))
     if args.scenario == "rpc":
         result = run_rpc(toolkit, config, args)
     else:

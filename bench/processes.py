@@ -76,12 +76,20 @@ def load_frameworks() -> dict[str, Framework]:
     }
 
 
-def write_service_config(path: Path, amqp_uri: str) -> Path:
-    """A config both CLIs read: the vhost's URI, and logging at WARNING.
+# JSON of extra config keys for our side (``--ours-config``), read by our clients.
+OURS_CONFIG_ENV = "BENCH_OURS_CONFIG"
+
+
+def write_service_config(
+    path: Path, amqp_uri: str, extra: dict[str, Any] | None = None
+) -> Path:
+    """A config both CLIs read: the vhost's URI, and logging at WARNING, plus
+    ``extra`` keys.
 
     JSON is valid YAML, and it needs no YAML library here.
     """
     config = {
+        **(extra or {}),
         "AMQP_URI": amqp_uri,
         "LOGGING": {
             "version": 1,

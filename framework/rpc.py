@@ -598,10 +598,10 @@ class RpcClient:
         headers: dict[str, Any],
         options: dict[str, Any],
     ) -> None:
-        # Not waiting for the confirm: the reply proves the request arrived, and
-        # the confirm of a persistent request only comes once the callee acked it,
-        # after its reply. A request the broker returns (no such service), refuses
-        # or loses with the connection fails or resends through ``on_failure``.
+        # Not waiting for the confirm: the reply proves the request arrived (and
+        # the confirm of a persistent request only comes once the callee acked
+        # it, after its reply). A request the broker returns (no such service),
+        # refuses or loses with the connection fails or resends via ``on_failure``.
         try:
             self._publish(
                 request,
