@@ -351,3 +351,173 @@ def guarded_wsgi_server(
         socket_timeout=socket_timeout,
         **options,
     )
+
+
+# -- CPU-bound work in a child process ----------------------------------------------
+# For work that holds the GIL or the CPU for long (a data conversion): a thread
+# would still stall the hub through the GIL, a child process does not, can be
+# killed at once (cancel), and takes its memory with it. Children come from a
+# forkserver: a clean interpreter, not this eventlet-patched one, started once, that
+# forks each child with the preloaded modules already imported (tens of
+# milliseconds per child instead of most of a second for a fresh interpreter).
+
+import multiprocessing  # noqa: E402
+import os as _os  # noqa: E402
+import pickle  # noqa: E402
+import traceback  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
+
+__all__ += [
+    "ChildProcessDied",
+    "ProcessCancelled",
+    "preload_for_processes",
+    "run_in_process",
+]
+
+_process_preload: list[str] = []
+
+
+class ProcessCancelled(Exception):
+    """``should_stop`` asked for it: the child process was killed."""
+
+
+class ChildProcessDied(Exception):
+    """The child process ended without a result (killed, crashed, out of memory)."""
+
+    def __init__(self, exitcode: int | None) -> None:
+        super().__init__(
+            f"the child process ended without a result (exit code {exitcode})"
+        )
+        self.exitcode = exitcode
+
+
+def preload_for_processes(modules: Sequence[str]) -> None:
+    """Modules the forkserver imports once, so each child starts with them.
+
+    Effective before the first ``run_in_process`` of this process only: the
+    forkserver starts then.
+    """
+    for module in modules:
+        if module not in _process_preload:
+            _process_preload.append(module)
+
+
+def _process_context() -> Any:
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(list(_process_preload))
+    return context
+
+
+def run_in_process(
+    fn: Callable[..., Any],
+    *args: Any,
+    on_message: Callable[[Any], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    poll_interval: float = 0.25,
+    **kwargs: Any,
+) -> Any:
+    """``fn(send, *args, **kwargs)`` in a child process; its result, or its exception.
+
+    ``send(message)`` in the child calls ``on_message(message)`` here, in this
+    green thread; ``should_stop()`` runs here at least every ``poll_interval``
+    seconds, and when it returns true the child is killed (SIGKILL: at once,
+    whatever it is doing) and ``ProcessCancelled`` raised. So does an exception
+    in either callback, after killing the child. ``fn``, the arguments, the
+    messages and the result must pickle; ``fn`` must be importable by name.
+
+    The child exits by itself when this process dies, even by ``kill -9``: it
+    watches its pipe to us.
+    """
+    context = _process_context()
+    ours, theirs = context.Pipe(duplex=True)
+    process = context.Process(
+        target=_child_main, args=(theirs, fn, args, kwargs), daemon=True
+    )
+    process.start()
+    theirs.close()
+    try:
+        while True:
+            try:
+                wait_readable(ours.fileno(), timeout=poll_interval)
+            except Timeout:
+                pass
+            while ours.poll(0):
+                try:
+                    kind, value, detail = ours.recv()
+                except EOFError:
+                    process.join(timeout=5)
+                    raise ChildProcessDied(process.exitcode) from None
+                if kind == "message":
+                    if on_message is not None:
+                        on_message(value)
+                elif kind == "result":
+                    return value
+                else:
+                    raise value from _RemoteTraceback(detail)
+            if should_stop is not None and should_stop():
+                raise ProcessCancelled("stopped on request")
+    finally:
+        _end_process(process)
+        ours.close()
+
+
+def _end_process(process: Any) -> None:
+    if process.is_alive():
+        process.kill()
+    # The sentinel turns readable when the child is gone; waiting on it parks this
+    # green thread only, where join() would block the whole hub.
+    try:
+        wait_readable(process.sentinel, timeout=5)
+    except Timeout:
+        pass
+    process.join(timeout=0)
+    if process.exitcode is not None:
+        process.close()
+
+
+class _RemoteTraceback(Exception):
+    """The child's traceback, chained to the exception it raised."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def _child_main(
+    conn: Any, fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any]
+) -> None:
+    # Runs in the child: plain threads, no eventlet (the forkserver never imported
+    # it unless preloaded, and never patched anything).
+    import threading
+
+    # The parent's eventlet made the socket non-blocking, and the flag travels
+    # with the descriptor: without this the reads and writes below fail with
+    # EAGAIN instead of waiting.
+    _os.set_blocking(conn.fileno(), True)
+    lock = threading.Lock()
+
+    def send(message: Any) -> None:
+        with lock:
+            conn.send(("message", message, None))
+
+    def exit_when_parent_goes() -> None:
+        # We never send the child anything: any readable end is end of file.
+        try:
+            conn.recv_bytes()
+        except (EOFError, OSError):
+            pass
+        _os._exit(1)
+
+    threading.Thread(target=exit_when_parent_goes, daemon=True).start()
+    try:
+        result = fn(send, *args, **kwargs)
+        reply: tuple[str, Any, Any] = ("result", result, None)
+    except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
+        detail = traceback.format_exc()
+        try:
+            pickle.dumps(exc)
+        except Exception:  # noqa: BLE001 - an exception that cannot travel
+            exc = RuntimeError(f"{type(exc).__name__}: {exc}")
+        reply = ("error", exc, detail)
+    with lock:
+        conn.send(reply)
+    conn.close()
