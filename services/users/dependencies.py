@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import logging
 import operator
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -64,19 +67,71 @@ DEVELOPMENT_SECRETS = {
 }
 PASSWORD_HASHING_PARAMETERS = ("time_cost", "memory_cost", "parallelism")
 
-EMAIL_INDEX_NAME = "uq_users_email_lower"
+EMAIL_INDEX_NAME = "uq_users_email"
+
+# Enough of an argon2 PHC string ("$argon2id$v=19$m=65536,t=3,p=4$salt$hash") to
+# hold its parameters whatever their values.
+HASH_PARAMETERS_PREFIX_LENGTH = 64
+# How long the parameters of the stand-in hash are trusted before being looked up
+# again (one grouping query over the table).
+STAND_IN_REFRESH_SECONDS = 60.0
+
+
+def hash_parameters(password_hash: str) -> str | None:
+    """The parameters of an argon2id hash (``m=65536,t=3,p=4``), from its PHC
+    string or a prefix of it holding them; ``None`` for anything else."""
+    parts = password_hash.split("$")
+    if len(parts) < 5 or parts[1] != "argon2id" or not parts[3].startswith("m="):
+        return None
+    return parts[3]
+
+
+# Transient database failures (a lost connection, a serialization failure, a
+# deadlock) re-run the whole transaction: at most twice more, after 50 ms then
+# 100 ms (jittered).
+transactional = transaction_retry(
+    session=operator.attrgetter("users.session"), total=2, backoff_factor=0.05
+)
+"""Decorates a service method that is one transaction over ``self.users``."""
 
 
 # -- the users table -----------------------------------------------------------------
 
 
 class UserRepository:
-    """One worker's view of the users table. Writes commit at once."""
+    """One worker's view of the users table, over the worker's session.
+
+    Reads run in the worker's transaction; writes are only flushed. A change
+    is committed by ``transaction()``, so one call's several steps (check the
+    email, insert the row, record its event in the outbox) commit together or
+    not at all.
+    """
 
     def __init__(self, session: Session) -> None:
         self.session = session
 
-    # Reads are safe to run again, so they retry on a connection the server dropped.
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Commit what the block did, or roll it all back if it raises.
+
+        A clash on the email index at commit becomes ``EmailAlreadyRegistered``.
+        """
+        try:
+            yield
+            self.session.commit()
+        except IntegrityError as exc:
+            self.session.rollback()
+            if _is_email_clash(exc):
+                raise EmailAlreadyRegistered(
+                    "this email is already registered"
+                ) from None
+            raise
+        except BaseException:
+            self.session.rollback()
+            raise
+
+    # Reads are safe to run again, so on their own (outside a transaction) they
+    # retry a transient failure.
     @transaction_retry(session=operator.attrgetter("session"))
     def get(self, user_id: Any) -> User:
         user_id = parse_user_id(user_id)
@@ -92,9 +147,7 @@ class UserRepository:
     def find_by_email(self, email: Any) -> User | None:
         if not isinstance(email, str):
             return None
-        statement = select(User).where(
-            func.lower(User.email) == normalise_email(email).lower()
-        )
+        statement = select(User).where(User.email == normalise_email(email))
         return self.session.scalars(statement).one_or_none()
 
     @transaction_retry(session=operator.attrgetter("session"))
@@ -124,27 +177,46 @@ class UserRepository:
         page = statement.order_by(User.id).offset(query.offset).limit(query.per_page)
         return list(self.session.scalars(page)), total or 0
 
+    @transaction_retry(session=operator.attrgetter("session"))
+    def usual_hash_parameters(self) -> str | None:
+        """The argon2 parameters most stored hashes were made with
+        (``m=65536,t=3,p=4``), or ``None`` while there are no users."""
+        prefix = func.substr(User.password_hash, 1, HASH_PARAMETERS_PREFIX_LENGTH)
+        statement = (
+            select(prefix, func.count())
+            .group_by(prefix)
+            .order_by(func.count().desc(), prefix)
+        )
+        counts: dict[str, int] = {}
+        for stored_prefix, count in self.session.execute(statement):
+            parameters = hash_parameters(stored_prefix)
+            if parameters is not None:
+                counts[parameters] = counts.get(parameters, 0) + count
+        if not counts:
+            return None
+        return max(sorted(counts), key=counts.__getitem__)
+
     def add(self, user: User) -> User:
+        """Insert ``user``, flushed so that it has its id (and a clash on the email
+        index surfaces here, inside ``transaction()``, which reports it)."""
         self.session.add(user)
-        self.save()
+        self.session.flush()
         return user
 
-    def save(self) -> None:
-        """Commit; a clash on the email index becomes ``EmailAlreadyRegistered``."""
-        try:
-            self.session.commit()
-        except IntegrityError as exc:
-            self.session.rollback()
-            # Both PostgreSQL and SQLite name the violated index in the message.
-            if EMAIL_INDEX_NAME in str(exc.orig):
-                raise EmailAlreadyRegistered(
-                    "this email is already registered"
-                ) from None
-            raise
+    def flush(self) -> None:
+        """Send the changes made to loaded users (so the row is updated and
+        locked now, and ``updated_at`` is set); committed by ``transaction()``."""
+        self.session.flush()
 
     def delete(self, user: User) -> None:
         self.session.delete(user)
-        self.session.commit()
+        self.session.flush()
+
+
+def _is_email_clash(exc: IntegrityError) -> bool:
+    # PostgreSQL names the violated index; SQLite names the column.
+    message = str(exc.orig)
+    return EMAIL_INDEX_NAME in message or "users.email" in message
 
 
 def _escape_like(text: str) -> str:
@@ -168,9 +240,11 @@ class Passwords:
 
     def __init__(self, hasher: argon2.PasswordHasher) -> None:
         self._hasher = hasher
-        # Verified against when there is no account, so that "no such email" takes
-        # as long as "wrong password" and response times do not reveal accounts.
-        self._stand_in_hash = hasher.hash("no account has this password")
+        # Stand-in hashes by parameters: verified against when there is no
+        # account, so that "no such email" costs what "wrong password" costs.
+        self._stand_ins: dict[str, str] = {}
+        self._current_parameters = hash_parameters(hasher.hash(STAND_IN_PASSWORD))
+        self._usual: tuple[float, str | None] | None = None
 
     def hash(self, password: str) -> str:
         # argon2 spends tens of milliseconds of CPU on purpose; in an OS thread,
@@ -178,12 +252,15 @@ class Passwords:
         return concurrency.run_in_thread(self._hasher.hash, password)
 
     def verify(self, password_hash: str | None, password: Any) -> bool:
-        """Whether ``password`` matches; ``password_hash=None`` is never a match."""
+        """Whether ``password`` matches; ``password_hash=None`` is never a match
+        (it is verified against a stand-in, so that it costs the same)."""
         if not isinstance(password, str):
             return False
         try:
             concurrency.run_in_thread(
-                self._hasher.verify, password_hash or self._stand_in_hash, password
+                self._hasher.verify,
+                password_hash or self._stand_in(self._current_parameters),
+                password,
             )
         except argon2.exceptions.VerifyMismatchError:
             return False
@@ -195,9 +272,52 @@ class Passwords:
             return False
         return password_hash is not None
 
+    def stand_in_hash(self, usual_parameters: Callable[[], str | None]) -> str:
+        """The hash to verify a password against when no account has the email.
+
+        Made with the parameters most stored hashes have (``usual_parameters``,
+        looked up at most once a minute), not the configured ones: after the
+        cost is raised, most accounts keep their old hash until their next
+        login, and a stand-in at the new cost would make "no such email" slower
+        than "wrong password", telling which emails have accounts.
+        """
+        now = time.monotonic()
+        if self._usual is None or now - self._usual[0] > STAND_IN_REFRESH_SECONDS:
+            self._usual = (now, usual_parameters())
+        return self._stand_in(self._usual[1] or self._current_parameters)
+
+    def _stand_in(self, parameters: str | None) -> str:
+        key = parameters or ""
+        stand_in = self._stand_ins.get(key)
+        if stand_in is None:
+            hasher = _hasher_with(parameters, self._hasher)
+            stand_in = self._stand_ins[key] = concurrency.run_in_thread(
+                hasher.hash, STAND_IN_PASSWORD
+            )
+        return stand_in
+
     def needs_rehash(self, password_hash: str) -> bool:
         """Whether the hash was made with other parameters than the current ones."""
         return self._hasher.check_needs_rehash(password_hash)
+
+
+STAND_IN_PASSWORD = "no account has this password"
+
+
+def _hasher_with(
+    parameters: str | None, like: argon2.PasswordHasher
+) -> argon2.PasswordHasher:
+    """A hasher making hashes with ``parameters`` (``m=...,t=...,p=...``)."""
+    if parameters is None:
+        return like
+    values = dict(item.split("=", 1) for item in parameters.split(","))
+    return argon2.PasswordHasher(
+        time_cost=int(values["t"]),
+        memory_cost=int(values["m"]),
+        parallelism=int(values["p"]),
+        hash_len=like.hash_len,
+        salt_len=like.salt_len,
+    )
 
 
 class PasswordHasher(DependencyProvider[Passwords]):

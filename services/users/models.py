@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import Boolean, CheckConstraint, DateTime, Index, String, func
+from sqlalchemy import Boolean, CheckConstraint, DateTime, Index, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from services.users.schemas import (
@@ -29,7 +29,8 @@ class User(Base):
     __tablename__ = "users"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    # Stored as registered; unique case-insensitively through the index below.
+    # Stored normalised (schemas.normalise_email: NFKC + case folding), so the
+    # unique index below compares identities, not spellings.
     email: Mapped[str] = mapped_column(String(EMAIL_MAX_LENGTH))
     display_name: Mapped[str] = mapped_column(String(DISPLAY_NAME_MAX_LENGTH))
     role: Mapped[str] = mapped_column(String(16), default=ROLE_MEMBER, index=True)
@@ -48,7 +49,7 @@ class User(Base):
     __table_args__ = (
         # The one guard against two accounts with one email: it also settles the
         # race between two replicas bootstrapping the same admin account.
-        Index("uq_users_email_lower", func.lower(email), unique=True),
+        Index("uq_users_email", email, unique=True),
         CheckConstraint(
             "role IN (" + ", ".join(f"'{role}'" for role in ROLES) + ")",
             name="ck_users_role",

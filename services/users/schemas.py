@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypedDict
@@ -43,6 +44,7 @@ __all__ = [
     "parse_password",
     "parse_query",
     "parse_user_id",
+    "reject_malformed_text",
 ]
 
 ROLE_ADMIN = "admin"
@@ -66,6 +68,9 @@ MAX_USER_ID = 2**31 - 1
 
 DEFAULT_PER_PAGE = 20
 MAX_PER_PAGE = 100
+# Past this page nothing can be found (there are at most MAX_USER_ID users), and
+# the row offset of a larger one overflows PostgreSQL's bigint.
+MAX_PAGE = MAX_USER_ID
 
 # What ``update_user`` may change; the password has its own method, which checks
 # the old one.
@@ -165,12 +170,30 @@ class UserQuery:
 
 
 def normalise_email(email: str) -> str:
-    """How an email is stored: as given, minus surrounding whitespace.
+    """An email's identity: how it is stored, compared and looked up.
 
-    Uniqueness and lookups compare lower-cased, so ``Ann@Example.com`` and
-    ``ann@example.com`` are the same account, shown as it was registered.
+    The one place emails are normalised: surrounding whitespace dropped, then
+    Unicode NFKC and full case folding (NFKC again after folding, as Unicode's
+    NFKC_Casefold does). Lower-casing is not enough: Python's ``lower()`` and
+    PostgreSQL's ``lower()`` disagree on letters such as final sigma (ΣΑΣ is
+    "σας" to one, "σασ" to the other) and dotted İ, so an account registered as
+    ``ΣΑΣ@example.com`` could not be found by the same string, and its
+    lower-case twin registered as a second account. Folded once, here, both
+    sides compare plain stored strings.
     """
-    return email.strip()
+    folded = unicodedata.normalize("NFKC", email.strip()).casefold()
+    return unicodedata.normalize("NFKC", folded)
+
+
+def reject_malformed_text(**fields: Any) -> None:
+    """``InvalidUserData`` for any string that no column can store (a NUL
+    character, a lone surrogate); other values are left to their own checks."""
+    errors: dict[str, str] = {}
+    for field, value in fields.items():
+        if isinstance(value, str):
+            _check(errors, field, _string, value)
+    if errors:
+        raise InvalidUserData("invalid text", errors)
 
 
 def parse_new_user(email: Any, password: Any, display_name: Any, role: Any) -> NewUser:
@@ -253,6 +276,14 @@ def _check(errors: dict[str, str], field: str, check: Any, value: Any) -> Any:
 def _string(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError(f"must be a string, not {type(value).__name__}")
+    # PostgreSQL text cannot hold NUL, and a lone surrogate cannot be encoded
+    # as UTF-8 (for the database, argon2, or a JSON reply).
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (no lone surrogates)") from None
     return value
 
 
@@ -304,8 +335,8 @@ def _integer(value: Any) -> int:
 
 def _page_number(value: Any) -> int:
     page = _integer(value)
-    if page < 1:
-        raise ValueError("must be 1 or more")
+    if not 1 <= page <= MAX_PAGE:
+        raise ValueError(f"must be between 1 and {MAX_PAGE}")
     return page
 
 

@@ -18,6 +18,7 @@ from services.users.dependencies import (
     AdminSettings,
     PasswordHasher,
     UserStore,
+    transactional,
 )
 from services.users.exceptions import (
     AuthenticationFailed,
@@ -41,6 +42,7 @@ from services.users.schemas import (
     parse_new_user,
     parse_password,
     parse_query,
+    reject_malformed_text,
 )
 
 log = logging.getLogger(__name__)
@@ -66,31 +68,35 @@ class UsersService:
         expected_exceptions=(InvalidUserData, EmailAlreadyRegistered),
         sensitive_arguments="password",
     )
+    @transactional
     def create_user(
         self, email: str, password: str, display_name: str, role: str = ROLE_MEMBER
     ) -> UserPayload:
         new = parse_new_user(email, password, display_name, role)
-        if self.users.find_by_email(new.email) is not None:
-            raise EmailAlreadyRegistered(f"{new.email} is already registered")
-        user = self.users.add(
-            User(
-                email=new.email,
-                display_name=new.display_name,
-                role=new.role,
-                is_active=True,
-                password_hash=self.passwords.hash(new.password),
+        password_hash = self.passwords.hash(new.password)
+        with self.users.transaction():
+            if self.users.find_by_email(new.email) is not None:
+                raise EmailAlreadyRegistered(f"{new.email} is already registered")
+            user = self.users.add(
+                User(
+                    email=new.email,
+                    display_name=new.display_name,
+                    role=new.role,
+                    is_active=True,
+                    password_hash=password_hash,
+                )
             )
-        )
-        payload = dump_user(user)
-        self.dispatch(USER_CREATED, {"user": payload})
+            payload = dump_user(user)
+            self.dispatch(USER_CREATED, {"user": payload})
         return payload
 
     @rpc(expected_exceptions=(UserNotFound, InvalidUserData))
     def get_user(self, user_id: int) -> UserPayload:
         return dump_user(self.users.get(user_id))
 
-    @rpc(expected_exceptions=UserNotFound)
+    @rpc(expected_exceptions=(UserNotFound, InvalidUserData))
     def get_user_by_email(self, email: str) -> UserPayload:
+        reject_malformed_text(email=email)
         user = self.users.find_by_email(email)
         if user is None:
             raise UserNotFound(f"no user with email {email}")
@@ -109,23 +115,29 @@ class UsersService:
         return dump_page(users, total, query)
 
     @rpc(expected_exceptions=(UserNotFound, InvalidUserData, EmailAlreadyRegistered))
+    @transactional
     def update_user(self, user_id: int, **changes: object) -> UserPayload:
         wanted = parse_changes(changes)
-        user = self.users.get(user_id)
-        if "email" in wanted:
-            owner = self.users.find_by_email(wanted["email"])
-            if owner is not None and owner.id != user.id:
-                raise EmailAlreadyRegistered(f"{wanted['email']} is already registered")
-        changed = sorted(
-            field for field, value in wanted.items() if getattr(user, field) != value
-        )
-        if not changed:
-            return dump_user(user)
-        for field in changed:
-            setattr(user, field, wanted[field])
-        self.users.save()
-        payload = dump_user(user)
-        self.dispatch(USER_UPDATED, {"user": payload, "changed": changed})
+        with self.users.transaction():
+            user = self.users.get(user_id)
+            if "email" in wanted:
+                owner = self.users.find_by_email(wanted["email"])
+                if owner is not None and owner.id != user.id:
+                    raise EmailAlreadyRegistered(
+                        f"{wanted['email']} is already registered"
+                    )
+            changed = sorted(
+                field
+                for field, value in wanted.items()
+                if getattr(user, field) != value
+            )
+            if not changed:
+                return dump_user(user)
+            for field in changed:
+                setattr(user, field, wanted[field])
+            self.users.flush()
+            payload = dump_user(user)
+            self.dispatch(USER_UPDATED, {"user": payload, "changed": changed})
         return payload
 
     @rpc(expected_exceptions=(UserNotFound, InvalidUserData))
@@ -133,40 +145,59 @@ class UsersService:
         return self.update_user(user_id, is_active=False)
 
     @rpc(expected_exceptions=(UserNotFound, InvalidUserData))
+    @transactional
     def delete_user(self, user_id: int) -> None:
-        user = self.users.get(user_id)
-        payload = dump_user(user)
-        self.users.delete(user)
-        self.dispatch(USER_DELETED, {"user": payload})
+        with self.users.transaction():
+            user = self.users.get(user_id)
+            payload = dump_user(user)
+            self.users.delete(user)
+            self.dispatch(USER_DELETED, {"user": payload})
 
-    @rpc(expected_exceptions=AuthenticationFailed, sensitive_arguments="password")
+    @rpc(
+        expected_exceptions=(AuthenticationFailed, InvalidUserData),
+        sensitive_arguments="password",
+    )
+    @transactional
     def authenticate(self, email: str, password: str) -> UserPayload:
-        user = self.users.find_by_email(email)
-        password_hash = user.password_hash if user is not None else None
-        if not self.passwords.verify(password_hash, password) or not user.is_active:
-            raise AuthenticationFailed(AUTHENTICATION_FAILED)
-        if self.passwords.needs_rehash(user.password_hash):
-            user.password_hash = self.passwords.hash(password)
-            self.users.save()
-        return dump_user(user)
+        reject_malformed_text(email=email, password=password)
+        with self.users.transaction():
+            user = self.users.find_by_email(email)
+            if user is None:
+                # Costs what a wrong password costs, whatever the hashing
+                # parameters' history (see Passwords.stand_in_hash).
+                stand_in = self.passwords.stand_in_hash(
+                    self.users.usual_hash_parameters
+                )
+                self.passwords.verify(stand_in, password)
+                raise AuthenticationFailed(AUTHENTICATION_FAILED)
+            if not self.passwords.verify(user.password_hash, password):
+                raise AuthenticationFailed(AUTHENTICATION_FAILED)
+            if not user.is_active:
+                raise AuthenticationFailed(AUTHENTICATION_FAILED)
+            if self.passwords.needs_rehash(user.password_hash):
+                user.password_hash = self.passwords.hash(password)
+            return dump_user(user)
 
     @rpc(
         expected_exceptions=(UserNotFound, InvalidUserData, AuthenticationFailed),
         sensitive_arguments=("old_password", "new_password"),
     )
+    @transactional
     def change_password(
         self, user_id: int, old_password: str, new_password: str
     ) -> UserPayload:
+        reject_malformed_text(old_password=old_password)
         new_password = parse_password(new_password, field="new_password")
-        user = self.users.get(user_id)
-        if not user.is_active or not self.passwords.verify(
-            user.password_hash, old_password
-        ):
-            raise AuthenticationFailed(AUTHENTICATION_FAILED)
-        user.password_hash = self.passwords.hash(new_password)
-        self.users.save()
-        payload = dump_user(user)
-        self.dispatch(USER_UPDATED, {"user": payload, "changed": ["password"]})
+        with self.users.transaction():
+            user = self.users.get(user_id)
+            if not user.is_active or not self.passwords.verify(
+                user.password_hash, old_password
+            ):
+                raise AuthenticationFailed(AUTHENTICATION_FAILED)
+            user.password_hash = self.passwords.hash(new_password)
+            self.users.flush()
+            payload = dump_user(user)
+            self.dispatch(USER_UPDATED, {"user": payload, "changed": ["password"]})
         return payload
 
     @on_start

@@ -7,6 +7,7 @@ in ``services.users.exceptions``, and events must reach a real listener service.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -94,7 +95,7 @@ def test_create_user_returns_the_account_and_announces_it(
     with entrypoint_waiter(listener, "on_user_created", timeout=EVENT_TIMEOUT) as event:
         user = users.create_user("Ann@Example.com", PASSWORD, "Ann")
 
-    assert user["email"] == "Ann@Example.com"
+    assert user["email"] == "ann@example.com"  # stored normalised
     assert user["role"] == "member"
     assert user["is_active"] is True
     assert "password_hash" not in user
@@ -248,14 +249,15 @@ def test_postgres_rejects_a_second_account_with_the_same_email_in_another_case(
     session = sqlalchemy.orm.sessionmaker(bind=engine, class_=Session)()
     try:
         twin = User(
-            email="ANN@example.com",
+            email="ann@example.com",  # as stored: normalised
             display_name="Twin",
             role="member",
             is_active=True,
             password_hash="x",
         )
-        with pytest.raises(EmailAlreadyRegistered):
-            UserRepository(session).add(twin)
+        repository = UserRepository(session)
+        with pytest.raises(EmailAlreadyRegistered), repository.transaction():
+            repository.add(twin)
     finally:
         session.close()
         engine.dispose()
@@ -264,9 +266,53 @@ def test_postgres_rejects_a_second_account_with_the_same_email_in_another_case(
 # -- the first admin ---------------------------------------------------------------------------
 
 
-def test_two_replicas_starting_together_create_one_admin(
-    container_factory: Any, config: dict[str, Any], listener: Any
+def test_postgres_finds_an_email_by_the_string_it_was_registered_with(
+    users: Any,
 ) -> None:
+    # PostgreSQL's lower() makes "σας" of ΣΑΣ where Python's casefold makes "σασ".
+    user = create(users, "ΣΑΣ.İVAN@example.com")
+
+    assert users.get_user_by_email("ΣΑΣ.İVAN@example.com") == user
+    assert users.authenticate("ΣΑΣ.İVAN@example.com", PASSWORD) == user
+    with pytest.raises(EmailAlreadyRegistered):
+        create(users, "ΣΑΣ.İVAN@example.com".lower())
+
+
+def test_bad_strings_and_pages_are_invalid_user_data_not_database_errors(
+    users: Any,
+) -> None:
+    with pytest.raises(InvalidUserData):
+        users.list_users(page=2**62)
+    with pytest.raises(InvalidUserData):
+        users.get_user_by_email("ann\x00@example.com")
+    with pytest.raises(InvalidUserData):
+        create(users, "ann@example.com", display_name="Ann\x00")
+
+
+def test_two_replicas_starting_together_create_one_admin(
+    container_factory: Any,
+    config: dict[str, Any],
+    listener: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Both replicas are held after finding no admin until the other has found
+    # none too, so both really try to create it and the unique index decides.
+    checked: list[bool] = []
+    both_checked = concurrency.Event()
+    really_exists = UserRepository.active_admin_exists
+
+    def checked_together(self: UserRepository) -> bool:
+        exists = really_exists(self)
+        if len(checked) < 2:
+            checked.append(exists)
+            if len(checked) == 2:
+                both_checked.send()
+            both_checked.wait()
+        return exists
+
+    monkeypatch.setattr(UserRepository, "active_admin_exists", checked_together)
+    caplog.set_level(logging.INFO, logger="services.users.service")
     config = {
         **config,
         ADMIN_EMAIL_CONFIG_KEY: "root@example.com",
@@ -284,3 +330,6 @@ def test_two_replicas_starting_together_create_one_admin(
         admin = rpc.users.authenticate("root@example.com", "root password")
     assert admins["items"] == [admin]
     assert event.get() == {"user": admin}
+    assert checked == [False, False]  # they raced
+    losers = [r for r in caplog.records if "another instance created" in r.getMessage()]
+    assert len(losers) == 1  # and exactly one lost to the index

@@ -79,7 +79,7 @@ def test_an_empty_result_has_no_pages() -> None:
 def test_a_new_user_is_cleaned_up() -> None:
     new = parse_new_user("  Ann@Example.com ", "long enough", "  Ann  ", "admin")
 
-    assert new.email == "Ann@Example.com"
+    assert new.email == "ann@example.com"
     assert new.display_name == "Ann"
     assert new.role == "admin"
     assert new.password == "long enough"

@@ -58,7 +58,7 @@ def stored(repository: UserRepository, user_id: int) -> User:
 def test_create_user_returns_the_account_and_announces_it(service: Any) -> None:
     user = service.create_user("Ann@Example.com", PASSWORD, "Ann")
 
-    assert user["email"] == "Ann@Example.com"
+    assert user["email"] == "ann@example.com"  # stored normalised
     assert user["display_name"] == "Ann"
     assert user["role"] == "member"
     assert user["is_active"] is True
@@ -95,14 +95,14 @@ def test_the_email_index_catches_a_duplicate_the_lookup_missed(
     # email before the first one committed it.
     create(service, "ann@example.com")
     twin = User(
-        email="Ann@example.com",
+        email="ann@example.com",
         display_name="Twin",
         role="member",
         is_active=True,
         password_hash="x",
     )
 
-    with pytest.raises(EmailAlreadyRegistered):
+    with pytest.raises(EmailAlreadyRegistered), repository.transaction():
         repository.add(twin)
 
     assert repository.find_by_email("ann@example.com").display_name == "Ann"
@@ -229,13 +229,34 @@ def test_an_update_that_changes_nothing_is_not_announced(service: Any) -> None:
     assert not service.dispatch.called
 
 
-def test_a_user_may_change_the_case_of_their_own_email(service: Any) -> None:
+def test_a_user_may_give_their_own_email_in_another_case(service: Any) -> None:
     user = create(service, "ann@example.com")
+    service.dispatch.reset_mock()
 
-    assert (
-        service.update_user(user["id"], email="Ann@Example.com")["email"]
-        == "Ann@Example.com"
-    )
+    assert service.update_user(user["id"], email="Ann@Example.com") == user
+    assert not service.dispatch.called  # the same identity: nothing changed
+
+
+# Letters whose lower-casing Python and PostgreSQL disagree on: final sigma, and
+# the dotted capital I whose lower case is i + U+0307.
+@pytest.mark.parametrize(
+    ("registered", "twin"),
+    [
+        ("ΣΑΣ.Παπας@example.com", "σας.παπας@example.com"),
+        ("İVAN.Petrov@example.com", "i̇van.petrov@example.com"),
+        ("ＡＮＮ@example.com", "ann@example.com"),  # fullwidth: NFKC
+    ],
+)
+def test_an_email_is_one_identity_whatever_its_letters(
+    service: Any, registered: str, twin: str
+) -> None:
+    user = create(service, registered)
+
+    assert service.get_user_by_email(registered) == user
+    assert service.authenticate(registered, PASSWORD) == user
+    assert service.get_user_by_email(twin) == user
+    with pytest.raises(EmailAlreadyRegistered):
+        create(service, twin)
 
 
 def test_an_email_belonging_to_someone_else_cannot_be_taken(service: Any) -> None:
@@ -303,6 +324,39 @@ def test_a_deleted_users_email_can_be_registered_again_under_a_new_id(
     assert service.get_user_by_email("ann@example.com") == again
 
 
+@pytest.mark.parametrize("bad", ["ann\x00@example.com", "ann\ud800@example.com"])
+def test_strings_no_column_can_store_are_invalid_user_data(
+    service: Any, bad: str
+) -> None:
+    create(service, "ann@example.com")
+    user_id = service.get_user_by_email("ann@example.com")["id"]
+    attempts = [
+        lambda: service.create_user(bad, PASSWORD, "Ann"),
+        lambda: service.create_user("bob@example.com", PASSWORD + bad, "Bob"),
+        lambda: service.create_user("bob@example.com", PASSWORD, bad),
+        lambda: service.get_user_by_email(bad),
+        lambda: service.authenticate(bad, PASSWORD),
+        lambda: service.authenticate("ann@example.com", bad),
+        lambda: service.list_users(text=bad),
+        lambda: service.update_user(user_id, display_name=bad),
+        lambda: service.update_user(user_id, email=bad),
+        lambda: service.change_password(user_id, bad, "new password"),
+        lambda: service.change_password(user_id, PASSWORD, "new password" + bad),
+    ]
+    for attempt in attempts:
+        with pytest.raises(InvalidUserData):
+            attempt()
+
+
+def test_a_page_past_any_possible_user_is_invalid_not_a_database_error(
+    service: Any,
+) -> None:
+    with pytest.raises(InvalidUserData) as caught:
+        service.list_users(page=2**62)
+
+    assert set(caught.value.errors) == {"page"}
+
+
 # -- authenticate, change_password --------------------------------------------------------
 
 
@@ -358,6 +412,35 @@ def test_a_hash_made_with_old_parameters_is_upgraded_at_login(
     assert new_hash != old_hash
     assert not stronger.needs_rehash(new_hash)
     assert stronger.verify(new_hash, PASSWORD)
+
+
+def test_an_unknown_email_is_verified_against_a_stand_in_with_the_stored_parameters(
+    make_service: Any, passwords: Passwords
+) -> None:
+    # Accounts hashed at one cost; then the cost is raised. Most stored hashes
+    # keep the old parameters until their owners log in, so a stand-in at the
+    # new cost would make an unknown email slower than a wrong password.
+    create(make_service(), "ann@example.com")
+    create(make_service(), "bob@example.com")
+    verified: list[str] = []
+
+    class RecordingHasher(argon2.PasswordHasher):
+        def verify(self, password_hash: Any, password: Any) -> bool:
+            verified.append(password_hash)
+            return super().verify(password_hash, password)
+
+    stronger = Passwords(RecordingHasher(time_cost=2, memory_cost=16, parallelism=1))
+    service = make_service(passwords=stronger)
+
+    with pytest.raises(AuthenticationFailed):
+        service.authenticate("nobody@example.com", PASSWORD)
+    with pytest.raises(AuthenticationFailed):
+        service.authenticate("ann@example.com", "wrong horse")
+
+    unknown, known = verified
+    assert argon2.extract_parameters(unknown) == argon2.extract_parameters(known)
+    assert unknown != known  # a stand-in, not somebody's hash
+    assert stronger.needs_rehash(unknown)  # made with the old parameters
 
 
 def test_change_password_needs_the_old_one(service: Any) -> None:
