@@ -32,6 +32,7 @@ COMMAND_MODULES = (
     "framework.cli.show_config",
     "framework.cli.dead_letters",
     "framework.cli.new_service",
+    "framework.cli.app",
 )
 OPTIONAL_COMMAND_MODULES = ("framework.cli.db",)
 
