@@ -59,7 +59,7 @@ _VARIABLE = re.compile(
 )
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)")
 _DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 0.000001}
-_URL = re.compile(r"\b(?:amqp|amqps|postgresql|postgres)(?:\+\w+)?://[^\s'\"]+")
+_URL = re.compile(r"\b(?:amqps?|postgres(?:ql)?|https?)(?:\+\w+)?://[^\s'\",}]+")
 
 
 class ComposeError(Exception):
@@ -318,11 +318,23 @@ class LocalApp:
 
     def _translate_url(self, url: str) -> str:
         parts = urlsplit(url)
-        if parts.hostname == "rabbitmq":
+        host = parts.hostname
+        if parts.scheme.startswith("amqp") and host == "rabbitmq":
             return self.amqp_uri
-        if parts.hostname == "postgres":
+        if parts.scheme.startswith("postgres") and host == "postgres":
             database = parts.path.lstrip("/")
             return f"{self.postgres_server}/{self.db_prefix}_{database}"
+        if parts.scheme.startswith("http") and host == "rabbitmq":
+            # The management API of the machine's own broker.
+            return parts._replace(
+                netloc=parts.netloc.replace("@rabbitmq:", "@127.0.0.1:")
+            ).geturl()
+        if parts.scheme.startswith("http") and host in self.compose.services:
+            # Another service by its compose name: its first replica here.
+            replicas = self.processes.get(host) or []
+            if replicas and parts.port in replicas[0].ports:
+                netloc = f"127.0.0.1:{replicas[0].ports[parts.port]}"
+                return parts._replace(netloc=netloc).geturl()
         return url
 
     def translate(
