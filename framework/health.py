@@ -37,7 +37,8 @@ dependency providers and their shared sub-extensions) that has a method::
 returns ``ok``. ``QueueConsumer`` (consumers registered, connection up) and
 ``ContainerPublisher`` (the broker takes connections) implement it; any provider
 may. A check must answer in ``HEALTH_CHECK_TIMEOUT`` seconds (default 5) or fails;
-a check that raises fails with the exception as its detail. Checks run
+a check that raises fails with its exception's type and an id as its detail (the
+text, which may quote a connection string, goes to the log under that id). Checks run
 concurrently, on every request: a probe sees the present, not a cache. A
 ``framework.database`` provider without ``health_check()`` is checked through its
 ``check()`` (``SELECT 1``).
@@ -49,6 +50,7 @@ import json
 import logging
 import socket
 import sys
+import uuid
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
@@ -60,8 +62,9 @@ from framework.constants import (
     HEALTH_CHECK_TIMEOUT_CONFIG_KEY,
     HEALTH_SERVER_CONFIG_KEY,
 )
-from framework.exceptions import ConfigurationError
+from framework.exceptions import ConfigurationError, unexpected_error_message
 from framework.extensions import DependencyProvider, Entrypoint, Extension
+from framework.logs import log_error
 from framework.web.connections import (
     ConnectionGuard,
     ConnectionLimits,
@@ -195,7 +198,17 @@ def _run_check(check: Check, timeout: float) -> tuple[bool, str]:
             raise
         return False, f"no answer within {timeout}s"
     except Exception as exc:
-        return False, f"{type(exc).__name__}: {exc}"
+        # Its text may hold a connection string or a driver's message: it goes to
+        # the log, under an id that the probe's answer names.
+        correlation_id = str(uuid.uuid4())
+        log_error(
+            log,
+            "health check failed",
+            exc,
+            expected=False,
+            correlation_id=correlation_id,
+        )
+        return False, unexpected_error_message(exc, correlation_id)
     finally:
         timer.cancel()
 
@@ -343,8 +356,21 @@ class HealthServer:
         try:
             response = self._dispatch(request)
         except Exception as exc:
-            log.exception("health endpoint failed", extra={"path": request.path})
-            response = _json({"error": type(exc).__name__, "message": str(exc)}, 500)
+            correlation_id = str(uuid.uuid4())
+            log_error(
+                log,
+                "health endpoint failed",
+                exc,
+                expected=False,
+                correlation_id=correlation_id,
+                fields={"path": request.path},
+            )
+            body = {
+                "error": type(exc).__name__,
+                "message": unexpected_error_message(exc, correlation_id),
+                "correlation_id": correlation_id,
+            }
+            response = _json(body, 500)
         return response(environ, start_response)
 
     def _dispatch(self, request: Request) -> Response:

@@ -28,8 +28,12 @@ that does not fit the method's signature is an ``IncorrectSignature``, one), is 
 a werkzeug ``HTTPException`` raised by the method is rendered by werkzeug with its
 own status; anything else is a 500. The body is JSON,
 ``{"error": "<exception type>", "message": "<its text>"}``, never a traceback
-(nameko sends ``text/plain`` ``Error: <type>: <text>``). Routing errors (404, 405) and
-a body over ``WEB_MAX_CONTENT_LENGTH`` (413) are rendered by werkzeug.
+(nameko sends ``text/plain`` ``Error: <type>: <text>``). The text of an unexpected
+exception (a 500) may hold anything, a SQL statement's parameters included, so it
+stays in the service's log: the body says ``"unexpected <type> (correlation id
+<id>; ...)"`` and carries ``"correlation_id"``, the worker's call id, under which
+the error log has the details. Routing errors (404, 405) and a body over
+``WEB_MAX_CONTENT_LENGTH`` (413) are rendered by werkzeug.
 
 Context data (language, request id...) comes from the request headers named in
 ``HTTP_CONTEXT_HEADERS``; override ``context_data_from_headers`` for more. The
@@ -41,6 +45,7 @@ that puts the caller's ``user_id`` into the context.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from collections.abc import Mapping
@@ -53,12 +58,14 @@ from werkzeug.routing import Rule
 from werkzeug.wrappers import Request, Response
 
 from framework import concurrency
-from framework.exceptions import BadRequest, ContainerBeingKilled
+from framework.exceptions import BadRequest, ContainerBeingKilled, is_expected
 from framework.extensions import Entrypoint
+from framework.logs import log_error, log_worker_error
 from framework.web.server import (
     WebServer,
     context_data_from_headers,
     json_error_response,
+    new_correlation_id,
 )
 
 if TYPE_CHECKING:
@@ -94,6 +101,11 @@ class HttpRequestHandler(Entrypoint):
 
     def setup(self) -> None:
         self.server.register_provider(self)
+        # Overrides written before the correlation id existed take `exc` only.
+        self._response_takes_correlation_id = (
+            "correlation_id"
+            in inspect.signature(self.response_from_exception).parameters
+        )
 
     def stop(self) -> None:
         self.server.stop_accepting()
@@ -127,7 +139,21 @@ class HttpRequestHandler(Entrypoint):
             )
             return done.wait()
         except Exception as exc:
-            return self.response_from_exception(exc)
+            # No worker ran, so no call id: this failure gets an id of its own.
+            correlation_id = new_correlation_id()
+            if not self._is_expected(exc):
+                log_error(
+                    log,
+                    "could not start an HTTP worker",
+                    exc,
+                    expected=False,
+                    correlation_id=correlation_id,
+                    fields={
+                        "service": self.container.service_name,
+                        "entrypoint": self.method_name,
+                    },
+                )
+            return self._response_from_exception(exc, correlation_id)
 
     def _handle_result(
         self,
@@ -144,14 +170,22 @@ class HttpRequestHandler(Entrypoint):
                 try:
                     response = self.response_from_result(result)
                 except Exception as exc:
-                    log.exception("cannot make a response for %s", worker_ctx)
+                    # Logged as the worker's failure: type, call id and frames.
+                    log_worker_error(log, worker_ctx, exc)
                     exc_info = (type(exc), exc, exc.__traceback__)
             if exc_info is not None:
-                response = self.response_from_exception(exc_info[1])
+                response = self._response_from_exception(
+                    exc_info[1], worker_ctx.call_id
+                )
         finally:
             # Whatever happened above, the connection waiting for us gets an answer.
             if response is None:
-                response = json_error_response(RuntimeError("internal error"), 500)
+                response = json_error_response(
+                    RuntimeError(),
+                    500,
+                    expected=False,
+                    correlation_id=worker_ctx.call_id,
+                )
             done.send(response)
         return result, exc_info
 
@@ -173,15 +207,33 @@ class HttpRequestHandler(Entrypoint):
                 )
         return make_response(body, status, headers)
 
-    def response_from_exception(self, exc: BaseException) -> Response:
+    def response_from_exception(
+        self, exc: BaseException, correlation_id: str | None = None
+    ) -> Response:
+        """The response for a failure; ``correlation_id`` names an unexpected one
+        (the worker's call id). An override may leave ``correlation_id`` out."""
         if isinstance(exc, HTTPException):
             return exc.get_response()
         if isinstance(exc, ContainerBeingKilled):
-            return json_error_response(exc, 503)
+            return json_error_response(exc, 503, expected=True)
         expected = self.expected_exceptions
         if isinstance(exc, BadRequest) or (expected and isinstance(exc, expected)):
-            return json_error_response(exc, 400)
-        return json_error_response(exc, 500)
+            return json_error_response(exc, 400, expected=True)
+        return json_error_response(
+            exc, 500, expected=False, correlation_id=correlation_id
+        )
+
+    def _response_from_exception(
+        self, exc: BaseException, correlation_id: str
+    ) -> Response:
+        if getattr(self, "_response_takes_correlation_id", True):
+            return self.response_from_exception(exc, correlation_id=correlation_id)
+        return self.response_from_exception(exc)
+
+    def _is_expected(self, exc: BaseException) -> bool:
+        return isinstance(exc, HTTPException | ContainerBeingKilled) or is_expected(
+            exc, self.expected_exceptions
+        )
 
 
 def make_response(body: Any, status: int | str = 200, headers: Any = None) -> Response:

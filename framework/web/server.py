@@ -20,6 +20,7 @@ import logging
 import re
 import socket
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple, Protocol
 
@@ -36,8 +37,9 @@ from framework.constants import (
     WEB_MAX_CONTENT_LENGTH_CONFIG_KEY,
     WEB_SERVER_CONFIG_KEY,
 )
-from framework.exceptions import ConfigurationError
+from framework.exceptions import ConfigurationError, is_expected, safe_message
 from framework.extensions import ProviderCollector, SharedExtension
+from framework.logs import log_error
 from framework.web.connections import (
     ConnectionGuard,
     ConnectionLimits,
@@ -139,10 +141,34 @@ def _environ_name(header: str) -> str:
     return name if name in ("CONTENT_TYPE", "CONTENT_LENGTH") else f"HTTP_{name}"
 
 
-def json_error_response(exc: BaseException, status: int) -> Response:
-    """``{"error": <exception type>, "message": <its text>}``; never a traceback."""
-    body = {"error": type(exc).__name__, "message": str(exc)}
+def json_error_response(
+    exc: BaseException,
+    status: int,
+    *,
+    expected: bool | None = None,
+    correlation_id: str | None = None,
+) -> Response:
+    """``{"error": <exception type>, "message": <text>}``; never a traceback.
+
+    The text is the exception's own only when it is ``expected`` (by default:
+    ``framework.exceptions.is_expected``, i.e. a ``BadRequest`` or a registered
+    type); otherwise a generic message naming the type and ``correlation_id``
+    (also in the body), which the service's error log carries with the details.
+    """
+    if expected is None:
+        expected = is_expected(exc)
+    body: dict[str, Any] = {
+        "error": type(exc).__name__,
+        "message": safe_message(exc, expected, correlation_id),
+    }
+    if not expected:
+        body["correlation_id"] = correlation_id
     return Response(json.dumps(body), status=status, mimetype="application/json")
+
+
+def new_correlation_id() -> str:
+    """An id for a failure that happened outside any worker (so has no call id)."""
+    return str(uuid.uuid4())
 
 
 class RouteProvider(Protocol):
@@ -183,8 +209,18 @@ class WsgiApp:
                 # to reuse the connection: close it after the response.
                 environ["framework.close_connection"]()
         except Exception as exc:
-            log.exception("error routing %s %s", request.method, request.path)
-            response = json_error_response(exc, 500)
+            correlation_id = new_correlation_id()
+            log_error(
+                log,
+                "error routing a request",
+                exc,
+                expected=False,
+                correlation_id=correlation_id,
+                fields={"method": request.method, "path": request.path},
+            )
+            response = json_error_response(
+                exc, 500, expected=False, correlation_id=correlation_id
+            )
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "http request",

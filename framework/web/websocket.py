@@ -9,7 +9,10 @@ frame protocol (JSON text frames):
   and gets ``{"type": "result", "success": true, "data": <result>,
   "correlation_id": <same>}``, or ``"success": false`` with ``"error"`` holding the
   serialized exception (``MalformedRequest`` for a frame that is not such an object,
-  ``MethodNotFound`` for an unknown method);
+  ``MethodNotFound`` for an unknown method); an exception the method did not declare
+  in ``expected_exceptions`` keeps its type, but its ``value`` is a generic message
+  with the call id under which the service's log has the details: its text may
+  hold anything;
 * the hub pushes ``{"type": "event", "event": <event>, "data": <data>}``.
 
 An ``@rpc`` method takes ``(self, socket_id, **data)``. Frames of one socket are
@@ -63,9 +66,11 @@ from framework.exceptions import (
     MalformedRequest,
     MethodNotFound,
     UnserializableValueError,
-    serialize,
+    is_expected,
+    safe_error,
 )
 from framework.extensions import DependencyProvider, Entrypoint, SharedExtension
+from framework.logs import log_error
 from framework.web.server import (
     WEB_ALLOWED_ORIGINS_CONFIG_KEY,
     WebServer,
@@ -155,14 +160,35 @@ def result_frame(correlation_id: Any, result: Any) -> str:
         return error_frame(correlation_id, UnserializableValueError(result))
 
 
-def error_frame(correlation_id: Any, exc: BaseException) -> str:
+def error_frame(
+    correlation_id: Any,
+    exc: BaseException,
+    *,
+    expected: bool | None = None,
+    error_id: str | None = None,
+) -> str:
+    """A failed result. ``error`` is nameko's error dict; for an exception that is
+    not ``expected`` (by default ``is_expected``) its ``value`` is a generic message
+    naming the type and ``error_id`` (the call id), never the exception's text."""
+    if expected is None:
+        expected = is_expected(exc)
     frame = {
         "type": "result",
         "success": False,
-        "error": serialize(exc),
+        "error": safe_error(exc, expected, error_id),
         "correlation_id": correlation_id,
     }
     return json.dumps(frame)
+
+
+class WorkerFailed(Exception):
+    """A websocket ``@rpc`` worker raised ``exc``: with what the reply may say of it."""
+
+    def __init__(self, exc: BaseException, expected: bool, call_id: str) -> None:
+        super().__init__(type(exc).__name__)
+        self.exc = exc
+        self.expected = expected
+        self.call_id = call_id
 
 
 class Connection:
@@ -439,8 +465,29 @@ class WebSocketServer(SharedExtension):
             if provider is None:
                 raise MethodNotFound(method)
             result = provider.handle_message(connection, data)
+        except WorkerFailed as failed:
+            # The worker's error log has the details under its call id.
+            return error_frame(
+                correlation_id,
+                failed.exc,
+                expected=failed.expected,
+                error_id=failed.call_id,
+            )
         except Exception as exc:
-            return error_frame(correlation_id, exc)
+            expected = is_expected(exc)
+            error_id = str(uuid.uuid4())
+            if not expected:
+                log_error(
+                    log,
+                    "could not start a websocket worker",
+                    exc,
+                    expected=False,
+                    correlation_id=error_id,
+                    fields={"socket_id": connection.socket_id},
+                )
+            return error_frame(
+                correlation_id, exc, expected=expected, error_id=error_id
+            )
         return result_frame(correlation_id, result)
 
     # -- used by the hub -----------------------------------------------------------
@@ -488,7 +535,14 @@ class WebSocketRpc(Entrypoint):
         exc_info: ExcInfo | None,
     ) -> tuple[Any, ExcInfo | None]:
         if exc_info is not None:
-            done.send_exception(exc_info[1])
+            exc = exc_info[1]
+            done.send_exception(
+                WorkerFailed(
+                    exc,
+                    is_expected(exc, self.expected_exceptions),
+                    worker_ctx.call_id,
+                )
+            )
         else:
             done.send(result)
         return result, exc_info

@@ -6,6 +6,7 @@ Through real HTTP against a container in this process (see ``conftest.py``).
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from werkzeug.wrappers import Request, Response
 from framework.exceptions import BadRequest
 from framework.extensions import DependencyProvider
 from framework.web.handlers import HttpRequestHandler, http
+from framework.web.server import json_error_response
 
 TIMEOUT = 5
 
@@ -33,6 +35,11 @@ class NotAllowedToday(Exception):
 
 class Unexpected(Exception):
     pass
+
+
+# Stands for what an unexpected error may quote (SQL parameters, a hash). A
+# constant, so that the source lines a logged traceback shows do not contain it.
+INTERNAL_DETAIL = "the database is on fire"
 
 
 class InvalidCoupon(BadRequest):
@@ -98,7 +105,7 @@ class Shop:
 
     @http("GET", "/unexpected")
     def unexpected(self, request: Request) -> Any:
-        raise Unexpected("the database is on fire")
+        raise Unexpected(INTERNAL_DETAIL)
 
     @http("GET", "/conflict")
     def conflict(self, request: Request) -> Any:
@@ -253,15 +260,55 @@ def test_bad_request_subclass_is_a_400(shop: Any) -> None:
     }
 
 
-def test_unexpected_exception_is_a_500_without_traceback(shop: Any) -> None:
-    response = requests.get(shop.url("/unexpected"), timeout=TIMEOUT)
+def test_unexpected_exception_is_a_500_with_its_type_and_a_correlation_id_not_its_text(
+    shop: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO):
+        response = requests.get(shop.url("/unexpected"), timeout=TIMEOUT)
 
     assert response.status_code == 500
-    assert response.json() == {
+    body = response.json()
+    correlation_id = body["correlation_id"]
+    assert body == {
         "error": "Unexpected",
-        "message": "the database is on fire",
+        "message": f"unexpected Unexpected (correlation id {correlation_id}; "
+        "details in the service's log)",
+        "correlation_id": correlation_id,
     }
     assert "Traceback" not in response.text
+    # The operator finds the failure in the log under that id, without the text.
+    logged = [
+        record
+        for record in caplog.records
+        if getattr(record, "correlation_id", None) == correlation_id
+    ]
+    assert logged
+    assert INTERNAL_DETAIL not in caplog.text
+    assert INTERNAL_DETAIL not in response.text
+
+
+def test_a_failure_before_the_worker_starts_is_a_generic_500_too(
+    run_service: Any,
+) -> None:
+    class LeakyHandler(HttpRequestHandler):
+        def context_data_from_headers(self, request: Request) -> dict[str, Any]:
+            raise RuntimeError("token=hunter2 rejected by the vault")
+
+    class Leaky:
+        name = "leaky"
+
+        @LeakyHandler.decorator("GET", "/x")
+        def x(self, request: Request) -> Any:
+            return "never reached"
+
+    service = run_service(Leaky)
+
+    response = requests.get(service.url("/x"), timeout=TIMEOUT)
+
+    assert response.status_code == 500
+    assert response.json()["error"] == "RuntimeError"
+    assert response.json()["correlation_id"] in response.json()["message"]
+    assert "hunter2" not in response.text
 
 
 def test_http_exception_raised_by_the_method_keeps_its_status(shop: Any) -> None:
@@ -351,7 +398,30 @@ def test_context_data_from_headers_can_be_overridden(run_service: Any) -> None:
     assert response.json() == {"user_agent": "tests/1.0", "user_id": "user-7"}
 
 
-def test_json_error_body_is_valid_json_for_any_message(shop: Any) -> None:
-    response = requests.get(shop.url("/unexpected"), timeout=TIMEOUT)
+def test_json_error_body_is_valid_json_for_any_message() -> None:
+    message = 'say "no"\n\\ to \u2603'
 
-    assert json.loads(response.content)["message"] == "the database is on fire"
+    response = json_error_response(NotAllowedToday(message), 400, expected=True)
+
+    assert json.loads(response.get_data())["message"] == message
+
+
+def test_an_override_of_response_from_exception_without_correlation_id_still_works(
+    run_service: Any,
+) -> None:
+    class Teapot(HttpRequestHandler):
+        def response_from_exception(self, exc: BaseException) -> Response:
+            return Response(type(exc).__name__, status=418)
+
+    class Kettle:
+        name = "kettle"
+
+        @Teapot.decorator("GET", "/boil")
+        def boil(self, request: Request) -> Any:
+            raise Unexpected(INTERNAL_DETAIL)
+
+    service = run_service(Kettle)
+
+    response = requests.get(service.url("/boil"), timeout=TIMEOUT)
+
+    assert (response.status_code, response.text) == (418, "Unexpected")

@@ -6,6 +6,7 @@ Through real websockets (``websocket-client``) against containers in this proces
 
 from __future__ import annotations
 
+import json
 import socket
 from typing import Any
 
@@ -44,9 +45,13 @@ class Chat:
     def echo(self, socket_id: str, text: str) -> Any:
         return {"socket_id": socket_id, "text": text}
 
-    @rpc
+    @rpc(expected_exceptions=OutOfStock)
     def fail(self, socket_id: str) -> Any:
         raise OutOfStock("no more blue socks")
+
+    @rpc
+    def crash(self, socket_id: str) -> Any:
+        raise KeyError("$argon2id$v=19$m=65536,t=3,p=4$c2FsdA$aGFzaA")
 
     @rpc
     def unserializable(self, socket_id: str) -> Any:
@@ -158,7 +163,9 @@ def test_unknown_method_is_method_not_found(chat: Any, ws_connect: Any) -> None:
     assert frame["error"]["exc_path"] == "nameko.exceptions.MethodNotFound"
 
 
-def test_method_error_is_serialized_into_the_reply(chat: Any, ws_connect: Any) -> None:
+def test_expected_method_error_is_serialized_into_the_reply(
+    chat: Any, ws_connect: Any
+) -> None:
     client = ws_connect(chat)
 
     frame = client.rpc("fail")
@@ -166,6 +173,20 @@ def test_method_error_is_serialized_into_the_reply(chat: Any, ws_connect: Any) -
     assert frame["success"] is False
     assert frame["error"]["exc_type"] == "OutOfStock"
     assert frame["error"]["value"] == "no more blue socks"
+
+
+def test_unexpected_method_error_replies_its_type_and_call_id_not_its_text(
+    chat: Any, ws_connect: Any
+) -> None:
+    client = ws_connect(chat)
+
+    frame = client.rpc("crash")
+
+    assert frame["success"] is False
+    error = frame["error"]
+    assert error["exc_type"] == "KeyError"
+    assert error["value"].startswith("unexpected KeyError (correlation id ")
+    assert "argon2" not in json.dumps(frame)
 
 
 def test_wrong_arguments_are_an_incorrect_signature(chat: Any, ws_connect: Any) -> None:
