@@ -36,6 +36,7 @@ from typing import Any
 
 import sqlalchemy
 from alembic import command
+from alembic.autogenerate import compare_metadata
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -49,7 +50,9 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "MIGRATIONS_DIR",
+    "MigrationDrift",
     "ServiceMigrations",
+    "assert_migrations_match_models",
     "migration_lock",
     "run_migrations",
 ]
@@ -129,6 +132,23 @@ class ServiceMigrations:
         if not isinstance(scripts, list):
             scripts = [scripts]
         return [Path(script.path) for script in scripts if script is not None]
+
+    def drift(self, metadata: sqlalchemy.MetaData) -> list[Any]:
+        """What alembic's autogenerate would write to bring the database to
+        ``metadata``: empty when the migrations build exactly the models.
+
+        Column types are compared too (``compare_type``); server defaults are
+        not, since the models set theirs in Python.
+        """
+        engine = self.engine()
+        try:
+            with engine.connect() as connection:
+                context = MigrationContext.configure(
+                    connection, opts={"compare_type": True}
+                )
+                return list(compare_metadata(context, metadata))
+        finally:
+            engine.dispose()
 
     def current(self) -> tuple[str, ...]:
         """The revisions the database is at (empty before the first upgrade)."""
@@ -241,6 +261,40 @@ def _current_service(context: Any, service_name: str | None) -> ServiceMigration
     if service_name is not None:
         migrations = dataclasses.replace(migrations, service_name=service_name)
     return migrations
+
+
+# -- drift between models and migrations --------------------------------------------------
+
+
+class MigrationDrift(AssertionError):
+    """The models declare something the migrations do not build (or the reverse)."""
+
+
+def assert_migrations_match_models(
+    service: str | os.PathLike[str],
+    metadata: sqlalchemy.MetaData,
+    database_url: str,
+) -> None:
+    """For a service's tests: migrate the (empty) database at ``database_url`` to
+    head, then fail with ``MigrationDrift`` if alembic's autogenerate finds any
+    difference from ``metadata``: a model changed without a migration, or a
+    migration the models do not reflect. ``service`` is its folder (or its
+    migrations folder)::
+
+        def test_migrations_build_the_models(pg_empty_database):
+            assert_migrations_match_models(SERVICE_DIR, Base.metadata, pg_empty_database)
+    """
+    migrations = ServiceMigrations.find(service, config={"DATABASE_URL": database_url})
+    migrations.upgrade()
+    differences = migrations.drift(metadata)
+    if differences:
+        listed = "\n".join(f"  {difference!r}" for difference in differences)
+        raise MigrationDrift(
+            f"{migrations.service_name}: the migrations do not build the models; "
+            f"autogenerate would add:\n{listed}\n"
+            f"write a revision: framework db revision {migrations.service_name} "
+            "--autogenerate -m '...'"
+        )
 
 
 # -- locking -----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from sqlalchemy import Boolean, CheckConstraint, DateTime, Index, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from framework.outbox import outbox_table
 from services.users.schemas import (
     DISPLAY_NAME_MAX_LENGTH,
     EMAIL_MAX_LENGTH,
@@ -14,11 +15,16 @@ from services.users.schemas import (
     ROLES,
 )
 
-__all__ = ["Base", "User", "utcnow"]
+__all__ = ["Base", "User", "outbox", "utcnow"]
 
 
 class Base(DeclarativeBase):
     pass
+
+
+# Events waiting to be published: written in the same transaction as the change
+# they announce, published by the service's outbox relay (framework.outbox).
+outbox = outbox_table(Base.metadata)
 
 
 def utcnow() -> datetime:

@@ -1,16 +1,18 @@
 """The users service: accounts, roles and password authentication.
 
-Events are dispatched after the change is committed, so a listener never hears of
-a change that was rolled back. The price: a crash between the commit and the
-dispatch loses the event (there is no outbox).
+Events go through the framework's transactional outbox: each is written in the
+transaction of the change it announces and published once that commits, so a
+listener never hears of a change that was rolled back, nor misses one because
+the process died or the broker was down right after the commit.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
-from framework.events import EventDispatcher
 from framework.lifecycle import on_start
+from framework.outbox import OutboxDispatcher
 from framework.rpc import rpc
 from framework.settings import ProductionSecrets
 from services.users.dependencies import (
@@ -52,6 +54,11 @@ log = logging.getLogger(__name__)
 AUTHENTICATION_FAILED = "invalid email or password"
 
 
+def user_of_event(event_type: str, event_data: dict[str, Any]) -> int:
+    """The aggregate an event belongs to: every event carries its user."""
+    return event_data["user"]["id"]
+
+
 class UsersService:
     name = "users"
 
@@ -60,7 +67,8 @@ class UsersService:
     users = UserStore(Base)
     passwords = PasswordHasher()
     first_admin = AdminSettings()
-    dispatch = EventDispatcher()
+    # Each user's events are published in the order they happened.
+    dispatch = OutboxDispatcher(aggregate=user_of_event)
     # Refuses to start in production with a development default secret.
     production_secrets = ProductionSecrets(DEVELOPMENT_SECRETS)
 

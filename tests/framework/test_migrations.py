@@ -25,7 +25,12 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from framework import concurrency
 from framework.database import DB_URIS_KEY, Database, normalise_url
 from framework.exceptions import CommandError
-from framework.migrations import ServiceMigrations, lock_key
+from framework.migrations import (
+    MigrationDrift,
+    ServiceMigrations,
+    assert_migrations_match_models,
+    lock_key,
+)
 from framework.testing.services import dummy
 
 PG_SERVER = "postgresql://postgres@127.0.0.1:5432"
@@ -255,6 +260,32 @@ def test_sql_mode_prints_the_migration_without_touching_the_database(
     migrations.upgrade(sql=True)
     assert "CREATE TABLE items" in capsys.readouterr().out
     assert migrations.current() == ()
+
+
+def test_the_drift_check_passes_when_the_migrations_build_the_models(
+    service_dir: Path, tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'drift.sqlite3'}"
+    assert_migrations_match_models(service_dir, Base.metadata, url)
+
+
+def test_the_drift_check_names_what_a_model_added_without_a_migration(
+    service_dir: Path, tmp_path: Path
+) -> None:
+    class Changed(DeclarativeBase):
+        pass
+
+    class ChangedItem(Changed):
+        __tablename__ = "items"
+
+        id: Mapped[int] = mapped_column(primary_key=True)
+        name: Mapped[str] = mapped_column(sa.String(100))
+        price: Mapped[int | None]
+        colour: Mapped[str | None] = mapped_column(sa.String(20))
+
+    url = f"sqlite:///{tmp_path / 'drift.sqlite3'}"
+    with pytest.raises(MigrationDrift, match="colour"):
+        assert_migrations_match_models(service_dir, Changed.metadata, url)
 
 
 def test_concurrent_cli_upgrades_on_sqlite_take_turns_on_the_lock_file(
