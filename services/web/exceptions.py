@@ -152,6 +152,15 @@ _STATUS: tuple[tuple[tuple[type[BaseException], ...], int, str], ...] = (
 )
 
 
+# What routes expect to fail with: answered with its own status and message, and
+# not logged as an error of the service.
+EXPECTED_EXCEPTIONS: tuple[type[BaseException], ...] = (
+    WebError,
+    ValidationError,
+    *(error for types, _, _ in _STATUS for error in types),
+)
+
+
 def problem_for(exc: BaseException) -> Problem:
     """The problem to answer ``exc`` with; never leaks an unexpected error's text."""
     if isinstance(exc, TooManyAttempts):

@@ -36,6 +36,7 @@ from framework.web.server import WebServer, WsgiApp
 from framework.web.websocket import WebSocketHubProvider, WebSocketRpc, WebSocketServer
 from services.web.dependencies import Principal, find_edge_state
 from services.web.exceptions import (
+    EXPECTED_EXCEPTIONS,
     BadRequest,
     CsrfFailed,
     Forbidden,
@@ -261,6 +262,7 @@ class Route(HttpRequestHandler):
         self.tag = tag
         # A panel route called by our scripts: errors as problem+json, not pages.
         self.json_errors = json_errors
+        kwargs.setdefault("expected_exceptions", EXPECTED_EXCEPTIONS)
         super().__init__(method, url, **kwargs)
 
     @property
