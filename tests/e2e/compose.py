@@ -278,6 +278,9 @@ class LocalApp:
     db_prefix: str
     workdir: Path
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Where databases are created and dropped: the server itself, even when the
+    # services reach it through a proxy that a test may cut.
+    admin_server: str | None = None
     processes: dict[str, list[Process]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -296,7 +299,9 @@ class LocalApp:
         return postgres.get("APP_DATABASES", "").split()
 
     def _server_statement(self, statement: str) -> None:
-        connection = psycopg2.connect(f"{self.postgres_server}/postgres")
+        connection = psycopg2.connect(
+            f"{self.admin_server or self.postgres_server}/postgres"
+        )
         try:
             connection.autocommit = True
             with connection.cursor() as cursor:
@@ -322,8 +327,14 @@ class LocalApp:
         if parts.scheme.startswith("amqp") and host == "rabbitmq":
             return self.amqp_uri
         if parts.scheme.startswith("postgres") and host == "postgres":
-            database = parts.path.lstrip("/")
-            return f"{self.postgres_server}/{self.db_prefix}_{database}"
+            # compose's user and password are kept (the local server trusts
+            # local connections), so what a service sees of them is unchanged.
+            server = urlsplit(self.postgres_server)
+            userinfo = parts.netloc.rpartition("@")[0]
+            address = server.netloc.rpartition("@")[2]
+            netloc = f"{userinfo}@{address}" if userinfo else server.netloc
+            database = f"{self.db_prefix}_{parts.path.lstrip('/')}"
+            return f"{server.scheme}://{netloc}/{database}"
         if parts.scheme.startswith("http") and host == "rabbitmq":
             # The management API of the machine's own broker.
             return parts._replace(
