@@ -106,10 +106,9 @@ class WorkerContext:
         self.args = tuple(args) if args is not None else ()
         self.kwargs = kwargs if kwargs is not None else {}
         self.data = dict(data) if data else {}
-        parent_stack = self.data.pop(CALL_ID_STACK_CONTEXT_KEY, None) or []
-        if isinstance(parent_stack, str):
-            parent_stack = [parent_stack]
-        self._parent_call_id_stack: list[str] = list(parent_stack)
+        self._parent_call_id_stack = _parent_call_ids(
+            self.data.pop(CALL_ID_STACK_CONTEXT_KEY, None)
+        )
         self._call_id: str | None = None
 
     @property
@@ -145,6 +144,39 @@ class WorkerContext:
             f"<WorkerContext [{self.service_name}.{self.entrypoint.method_name}] "
             f"at 0x{id(self):x}>"
         )
+
+
+#: Longer "call ids" in an incoming call id stack are dropped: ours are ~80 chars.
+MAX_CALL_ID_LENGTH = 512
+#: At most this many parent call ids are kept (only the latest
+#: ``parent_calls_tracked`` go downstream; the first is the origin).
+MAX_PARENT_CALL_IDS = 256
+
+
+def _parent_call_ids(value: Any) -> list[str]:
+    """The parent call id stack from context data, whatever the caller sent.
+
+    It comes from a message header, so it may be anything (``5``, a dict, a
+    million entries): only strings of a sane length are kept, at most
+    ``MAX_PARENT_CALL_IDS``, and anything else is ignored rather than failing
+    the call.
+    """
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    elif not isinstance(value, list | tuple):
+        log.warning(
+            "ignoring a malformed call id stack",
+            extra={"value_type": type(value).__name__},
+        )
+        return []
+    ids = [
+        item
+        for item in value
+        if isinstance(item, str) and 0 < len(item) <= MAX_CALL_ID_LENGTH
+    ]
+    return ids[-MAX_PARENT_CALL_IDS:]
 
 
 def run_all(targets: Iterable[Any], method: str, swallow: bool = False) -> None:
@@ -209,6 +241,7 @@ class ServiceContainer:
         self._worker_pool = concurrency.GreenPool(size=self.max_workers)
         self._worker_threads: dict[WorkerContext, concurrency.GreenThread] = {}
         self._managed_threads: dict[concurrency.GreenThread, str | None] = {}
+        self._worker_related: set[concurrency.GreenThread] = set()
         self._being_killed = False
         self._died = concurrency.Event()
 
@@ -223,6 +256,11 @@ class ServiceContainer:
     @property
     def active_workers(self) -> int:
         return len(self._worker_threads)
+
+    @property
+    def busy(self) -> bool:
+        """Whether any worker or worker-related thread is still running."""
+        return bool(self._worker_threads or self._worker_related)
 
     @property
     def free_workers(self) -> int:
@@ -241,9 +279,11 @@ class ServiceContainer:
 
         Workers ack their messages as they finish, and connections are only closed
         by the sub-extensions, which stop last; so no message a worker completed is
-        redelivered because of a stop. Workers still running after the drain
-        deadline are killed: their messages were never acked and go to another
-        instance.
+        redelivered because of a stop. The drain also waits for worker-related
+        threads (a message waiting for a free worker, an error reply, a dead
+        letter being published), which need the publisher. Workers still running
+        after the drain deadline are killed: their messages were never acked and
+        go to another instance.
         """
         if self._died.ready():
             return
@@ -255,7 +295,7 @@ class ServiceContainer:
         if not self._wait_for_workers(self.drain_timeout):
             log.warning(
                 "killing %d workers still running after the %.1fs drain deadline",
-                len(self._worker_threads),
+                len(self._worker_threads) + len(self._worker_related),
                 self.drain_timeout,
                 extra={"service": self.service_name},
             )
@@ -295,15 +335,24 @@ class ServiceContainer:
         return self._died.wait()
 
     def _wait_for_workers(self, timeout: float | None) -> bool:
+        # A worker-related thread may start a worker (it waited for a free one)
+        # and a worker may start one (an error reply): wait until both are gone.
         deadline = concurrency.Deadline(timeout)
-        while self._worker_threads:
+        while self.busy:
             if deadline.expired():
                 return False
             with concurrency.Timeout(deadline.remaining(), False):
+                for thread in list(self._worker_related):
+                    try:
+                        thread.wait()
+                    except concurrency.GreenletExit:
+                        pass
                 self._worker_pool.waitall()
         return True
 
     def _kill_worker_threads(self) -> None:
+        for thread in list(self._worker_related):
+            concurrency.kill(thread)
         for worker_ctx, thread in list(self._worker_threads.items()):
             log.warning("killing active worker %s", worker_ctx)
             concurrency.kill(thread)
@@ -447,6 +496,36 @@ class ServiceContainer:
                 "outcome": outcome,
             },
         )
+
+    def spawn_worker_related(
+        self, fn: Callable[..., Any], *args: Any
+    ) -> concurrency.GreenThread:
+        """Run ``fn(*args)`` in a green thread that belongs to handling a message
+        without being a worker: waiting for a free worker, sending an error
+        reply, dead-lettering. A graceful stop waits for it as for a worker
+        (before the publisher closes); a kill kills it. Its errors are logged in
+        the service's log format (type only), never printed by eventlet.
+        """
+        thread = concurrency.spawn(self._run_worker_related, fn, args)
+        self._worker_related.add(thread)
+        thread.link(self._worker_related_exited)
+        return thread
+
+    def _run_worker_related(self, fn: Callable[..., Any], args: tuple) -> None:
+        try:
+            fn(*args)
+        except Exception as exc:
+            log.error(
+                "error in a worker-related thread",
+                extra={
+                    "service": self.service_name,
+                    "function": getattr(fn, "__qualname__", repr(fn)),
+                    "error_type": type(exc).__name__,
+                },
+            )
+
+    def _worker_related_exited(self, thread: concurrency.GreenThread) -> None:
+        self._worker_related.discard(thread)
 
     # -- managed threads -------------------------------------------------------------
 

@@ -3,13 +3,14 @@ publisher, the ``Publisher`` dependency and the ``@consume`` entrypoint."""
 
 from __future__ import annotations
 
+import inspect
 import logging
+import traceback
 from functools import partial
 from typing import Any
 
 import kombu
 
-from framework import concurrency
 from framework.amqp.connection import CONNECTION_ERRORS, close_quietly, make_connection
 from framework.amqp.consume import ConsumeLoop, Delivery
 from framework.amqp.publish import Publisher as AmqpPublisher
@@ -34,6 +35,18 @@ from framework.extensions import (
 log = logging.getLogger(__name__)
 
 REDELIVERY_COUNT_HEADER = "x-redelivery-count"
+
+# Redelivery backoff (keys of our own; see ``redelivery_delay``). The defaults
+# spread the default 5 redeliveries over 2 + 4 + 8 + 16 + 32 = 62 seconds.
+REDELIVERY_DELAY_CONFIG_KEY = "REDELIVERY_DELAY"
+REDELIVERY_BACKOFF_CONFIG_KEY = "REDELIVERY_BACKOFF"
+REDELIVERY_MAX_DELAY_CONFIG_KEY = "REDELIVERY_MAX_DELAY"
+DEFAULT_REDELIVERY_DELAY = 2.0  # seconds before the first redelivery
+DEFAULT_REDELIVERY_BACKOFF = 2.0  # each next delay is this many times the last
+DEFAULT_REDELIVERY_MAX_DELAY = 300.0  # seconds
+#: On a dead letter: the entrypoint's ``sensitive_arguments`` and its parameter
+#: names, so listings can mask them (see ``framework.deadletters``).
+SENSITIVE_ARGUMENTS_HEADER = "x-sensitive-arguments"
 # Properties a republished message gets anew rather than copied.
 _REPLACED_PROPERTIES = (
     "application_headers",
@@ -65,16 +78,46 @@ def decode_from_headers(
 
     Unlike nameko, only ``nameko.``-prefixed headers become context: broker
     headers such as ``x-death`` must not leak into context and be re-published
-    downstream as ``nameko.x-death``.
+    downstream as ``nameko.x-death``. Context travels with every downstream call
+    and into logs, so a value that is not a plain scalar (or a short list of
+    them) or is oversized is dropped, with a warning naming the key only: a
+    malformed header costs its sender that value, never the message.
     """
     if not headers:
         return {}
     start = len(prefix) + 1
-    return {
-        key[start:]: value
-        for key, value in headers.items()
-        if key.startswith(prefix + ".")
-    }
+    context: dict[str, Any] = {}
+    for key, value in headers.items():
+        if not isinstance(key, str) or not key.startswith(prefix + "."):
+            continue
+        if _valid_context_value(value):
+            context[key[start:]] = value
+        else:
+            log.warning(
+                "ignoring a malformed context header",
+                extra={"header": key[:100], "value_type": type(value).__name__},
+            )
+    return context
+
+
+#: Bounds of one context value carried in a header (see ``decode_from_headers``).
+MAX_CONTEXT_VALUE_LENGTH = 4096
+MAX_CONTEXT_LIST_LENGTH = 256
+_CONTEXT_SCALARS = (str, int, float, bool)
+
+
+def _valid_context_value(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, _CONTEXT_SCALARS):
+        return not isinstance(value, str) or len(value) <= MAX_CONTEXT_VALUE_LENGTH
+    if isinstance(value, list | tuple):
+        return len(value) <= MAX_CONTEXT_LIST_LENGTH and all(
+            isinstance(item, _CONTEXT_SCALARS)
+            and (not isinstance(item, str) or len(item) <= MAX_CONTEXT_VALUE_LENGTH)
+            for item in value
+        )
+    return False
 
 
 class HeaderEncoder:
@@ -139,11 +182,16 @@ class ContainerPublisher(SharedExtension):
 class QueueConsumer(SharedExtension, ProviderCollector):
     """Consumes every queue of the container on one connection.
 
-    Undecodable messages and messages that keep failing are dead-lettered: published
-    as received to the ``DEAD_LETTER_EXCHANGE`` (routing key = the source queue, into a
-    durable ``<queue>.dead-letter`` queue) before the original is acked, so nothing is
-    lost and nothing loops. Our queues keep nameko's exact arguments, which is why we
-    republish rather than rely on a queue-level ``x-dead-letter-exchange``.
+    Whatever one message does, it ends acked, redelivered later, dead-lettered or
+    rejected, and the loop carries on: undecodable messages (any error while
+    decoding, a ``RecursionError`` included) are dead-lettered at once; a message
+    whose routing to its entrypoint raises, and a failed ``requeue_on_error``
+    one, are redelivered with a growing delay at most ``MAX_REDELIVERIES`` times,
+    then dead-lettered. Dead letters are published as received to the
+    ``DEAD_LETTER_EXCHANGE`` (routing key = the source queue, into a durable
+    ``<queue>.dead-letter`` queue) before the original is acked, so nothing is
+    lost. Our queues keep nameko's exact arguments, which is why we republish
+    rather than rely on a queue-level ``x-dead-letter-exchange``.
     """
 
     publisher = ContainerPublisher()
@@ -161,6 +209,7 @@ class QueueConsumer(SharedExtension, ProviderCollector):
                 name=self.container.service_name,
                 spawn=self.container.spawn_managed_thread,
                 on_undecodable=self._on_undecodable,
+                on_failed=self._on_failed,
             )
         return self._loop
 
@@ -229,12 +278,13 @@ class QueueConsumer(SharedExtension, ProviderCollector):
         """Spawn a worker for ``message``; never blocks the consumer loop.
 
         With the pool full, a green thread waits for a free worker instead of the
-        loop, so heartbeats and replies keep flowing.
+        loop, so heartbeats and replies keep flowing. A graceful stop waits for
+        it as for a worker.
         """
         if self.container.free_workers > 0:
             self._spawn(entrypoint, message, args, kwargs, context_data, handle_result)
         else:
-            concurrency.spawn_n(
+            self.container.spawn_worker_related(
                 self._spawn,
                 entrypoint,
                 message,
@@ -263,42 +313,76 @@ class QueueConsumer(SharedExtension, ProviderCollector):
             )
         except ContainerBeingKilled:
             message.requeue()
+        except Exception as exc:
+            # E.g. the service class's constructor failed. Here, not in the loop:
+            # this may run on a thread that waited for a free worker.
+            self._on_failed(message, exc)
 
-    # -- dead letters ---------------------------------------------------------------
+    # -- messages that cannot be handled -----------------------------------------------
+
+    def _describe(self, message: Delivery) -> dict[str, Any]:
+        """What may be logged about a message: metadata, never its body."""
+        return {
+            "service": self.container.service_name,
+            "queue": message.subscriber.queue.name,
+            "routing_key": message.delivery_info.get("routing_key"),
+            "size": len(message.body) if message.body is not None else 0,
+            "content_type": message.content_type,
+            "content_encoding": message.content_encoding,
+        }
 
     def _on_undecodable(self, message: Delivery, exc: BaseException) -> None:
+        # The type only: a codec's error text may quote the body (yaml does).
+        reason = f"undecodable ({type(exc).__name__})"
         if message.subscriber.no_ack:
             # An RPC reply: already gone from the broker, and its caller will time
             # out; a dead-letter queue would outlive the reply queue it came from.
             log.error(
                 "cannot decode a reply; dropped",
-                extra={"service": self.container.service_name, "error": str(exc)},
+                extra={**self._describe(message), "reason": reason},
             )
             return
         log.error(
-            "cannot decode message: %s",
-            exc,
+            "cannot decode a message",
+            extra={**self._describe(message), "reason": reason},
+        )
+        self.container.spawn_worker_related(self.dead_letter, message, reason)
+
+    def _on_failed(self, message: Delivery, exc: BaseException) -> None:
+        """Routing ``message`` to its entrypoint raised: a bug, not a lost connection.
+
+        Logged with the error's type and where it was raised, never its text (it
+        may quote the message), then redelivered later or dead-lettered.
+        """
+        reason = f"{type(exc).__name__} while routing to the entrypoint"
+        log.error(
+            "error handling a message",
             extra={
-                "service": self.container.service_name,
-                "queue": message.subscriber.queue.name,
-                "content_type": message.content_type,
+                **self._describe(message),
+                "error_type": type(exc).__name__,
+                "stack": "".join(traceback.format_tb(exc.__traceback__)),
             },
         )
-        concurrency.spawn_n(self.dead_letter, message, f"undecodable: {exc}")
+        if message.subscriber.no_ack:
+            return
+        self.container.spawn_worker_related(self.retry_or_dead_letter, message, reason)
+
+    # -- dead letters ---------------------------------------------------------------
 
     def dead_letter(self, message: Delivery, reason: str) -> None:
-        """Move ``message`` to the dead-letter queue of its source queue, then ack it."""
+        """Move ``message`` to the dead-letter queue of its source queue, then ack it.
+
+        Without a dead-letter exchange it is rejected (dropped, unless an
+        operator policy gives the queue a dead-letter exchange of its own), and
+        only its metadata is logged.
+        """
         queue_name = message.subscriber.queue.name
         if not self.dead_letter_exchange:
             log.error(
-                "dropping message (no dead-letter exchange configured)",
-                extra={
-                    "queue": queue_name,
-                    "reason": reason,
-                    "body": message.body[:1000],
-                },
+                "rejecting a message (no dead-letter exchange configured)",
+                extra={**self._describe(message), "reason": reason},
             )
-            message.ack()
+            message.reject()
             return
         exchange = kombu.Exchange(self.dead_letter_exchange, type="topic", durable=True)
         dlq = kombu.Queue(
@@ -314,6 +398,9 @@ class QueueConsumer(SharedExtension, ProviderCollector):
             "x-original-routing-key": message.delivery_info.get("routing_key", ""),
             "x-original-queue": queue_name,
         }
+        sensitive = self._sensitive_arguments(message)
+        if sensitive is not None:
+            headers[SENSITIVE_ARGUMENTS_HEADER] = sensitive
         try:
             self._republish(
                 message,
@@ -323,23 +410,58 @@ class QueueConsumer(SharedExtension, ProviderCollector):
                 declare=[exchange, dlq],
                 mandatory=True,
             )
-        except Exception:
+        except Exception as exc:
             # Given back to the broker (after a pause, not to spin) rather than lost.
-            log.exception(
+            log.error(
                 "could not dead-letter a message; requeueing it",
-                extra={"queue": queue_name},
+                extra={**self._describe(message), "error_type": type(exc).__name__},
             )
             message.requeue_later()
             return
         log.warning(
             "message dead-lettered",
             extra={
-                "queue": queue_name,
+                **self._describe(message),
                 "reason": reason,
                 "dead_letter_queue": dlq.name,
             },
         )
         message.ack()
+
+    def _sensitive_arguments(self, message: Delivery) -> dict[str, Any] | None:
+        """What ``framework dead-letters list`` needs to mask the entrypoint's
+        ``sensitive_arguments`` in the body, or None when it has none."""
+        entrypoint = self._entrypoint_of(message)
+        paths = getattr(entrypoint, "sensitive_arguments", None)
+        if not entrypoint or not paths:
+            return None
+        if isinstance(paths, str):
+            paths = (paths,)
+        try:
+            method = getattr(entrypoint.container.service_cls, entrypoint.method_name)
+            parameters = list(inspect.signature(method).parameters)[1:]  # not self
+        except (AttributeError, TypeError, ValueError):
+            parameters = []
+        return {
+            "paths": list(paths),
+            "parameters": parameters,
+            # An RPC body is {"args": [...], "kwargs": {...}}; others are the
+            # method's one argument.
+            "layout": "message" if message.subscriber is entrypoint else "rpc",
+        }
+
+    def _entrypoint_of(self, message: Delivery) -> Any:
+        subscriber = message.subscriber
+        if isinstance(subscriber, Entrypoint):
+            return subscriber
+        # A shared consumer (RPC): the entrypoint is named by the routing key.
+        method_name = str(message.delivery_info.get("routing_key", "")).rsplit(".")[-1]
+        for entrypoint in self.container.entrypoints:
+            if entrypoint.method_name == method_name and any(
+                value is subscriber for value in vars(entrypoint).values()
+            ):
+                return entrypoint
+        return None
 
     def _republish(
         self,
@@ -365,24 +487,94 @@ class QueueConsumer(SharedExtension, ProviderCollector):
             **properties,
         )
 
-    def retry_or_dead_letter(self, message: Delivery, reason: str) -> None:
-        """Redeliver a failed message, at most ``MAX_REDELIVERIES`` times.
+    # -- redelivery -----------------------------------------------------------------
 
-        Re-published to the tail of its own queue with a count in its headers, since a
-        plain requeue carries no count and would loop forever on a poison message.
+    def retry_or_dead_letter(self, message: Delivery, reason: str) -> None:
+        """Redeliver a failed message later, at most ``MAX_REDELIVERIES`` times.
+
+        The n-th redelivery waits ``redelivery_delay(n)``: the message is parked
+        in a queue whose message TTL is that delay and which dead-letters back
+        to the source queue, so a message whose dependency is down for a minute
+        is not dead-lettered in a second, and nothing waits in this process (a
+        restart loses nothing). A plain requeue would carry no count and loop
+        forever on a poison message.
         """
-        count = int(message.headers.get(REDELIVERY_COUNT_HEADER, 0))
+        count = redelivery_count(message.headers)
         if count >= self.max_redeliveries:
             self.dead_letter(message, f"failed {count + 1} times: {reason}")
             return
+        queue_name = message.subscriber.queue.name
         headers = {**message.headers, REDELIVERY_COUNT_HEADER: count + 1}
+        delay = redelivery_delay(self.container.config, count + 1)
         try:
-            self._republish(message, "", message.subscriber.queue.name, headers)
-        except Exception:
-            log.exception("could not re-publish a failed message; requeueing it")
-            message.requeue()
+            if self.loop.emulated or delay <= 0:
+                # kombu's in-memory broker has neither TTLs nor dead-lettering:
+                # back to the tail of the queue at once.
+                self._republish(message, "", queue_name, headers)
+            else:
+                parking = delay_queue(queue_name, delay)
+                self._republish(message, "", parking.name, headers, redeclare=[parking])
+        except Exception as exc:
+            log.error(
+                "could not re-publish a failed message; requeueing it",
+                extra={**self._describe(message), "error_type": type(exc).__name__},
+            )
+            message.requeue_later()
             return
+        log.info(
+            "message will be redelivered",
+            extra={
+                **self._describe(message),
+                "reason": reason,
+                "redelivery": count + 1,
+                "delay_s": delay,
+            },
+        )
         message.ack()
+
+
+def redelivery_count(headers: dict[str, Any]) -> int:
+    """The ``x-redelivery-count`` of a message; anything but a count is 0."""
+    value = headers.get(REDELIVERY_COUNT_HEADER, 0)
+    if isinstance(value, bool) or not isinstance(value, int):
+        return 0
+    return max(value, 0)
+
+
+def redelivery_delay(config: dict[str, Any], redelivery: int) -> float:
+    """Seconds before the ``redelivery``-th redelivery (1 for the first):
+    ``REDELIVERY_DELAY * REDELIVERY_BACKOFF ** (n - 1)``, at most
+    ``REDELIVERY_MAX_DELAY``."""
+    first = float(config.get(REDELIVERY_DELAY_CONFIG_KEY, DEFAULT_REDELIVERY_DELAY))
+    factor = float(
+        config.get(REDELIVERY_BACKOFF_CONFIG_KEY, DEFAULT_REDELIVERY_BACKOFF)
+    )
+    ceiling = float(
+        config.get(REDELIVERY_MAX_DELAY_CONFIG_KEY, DEFAULT_REDELIVERY_MAX_DELAY)
+    )
+    return max(0.0, min(first * factor ** max(redelivery - 1, 0), ceiling))
+
+
+def delay_queue(queue_name: str, delay: float) -> kombu.Queue:
+    """Where a message waits ``delay`` seconds before going back to ``queue_name``.
+
+    One queue per source queue and delay (a queue's TTL applies at its head, so
+    one TTL per queue keeps them in order). It expires once unused for the delay
+    plus five minutes; it is redeclared with every message parked in it, which
+    counts as use, so it never expires with a message inside.
+    """
+    ttl = max(int(delay * 1000), 1)
+    return kombu.Queue(
+        f"{queue_name}.redelivery-{ttl}ms",
+        routing_key=f"{queue_name}.redelivery-{ttl}ms",
+        durable=True,
+        queue_arguments={
+            "x-message-ttl": ttl,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": queue_name,
+            "x-expires": ttl + 300_000,
+        },
+    )
 
 
 # -- the Publisher dependency ------------------------------------------------------------
@@ -489,9 +681,13 @@ class Consumer(Entrypoint, HeaderDecoder):
         self, message: Delivery, worker_ctx: WorkerContext, result: Any, exc_info: Any
     ) -> tuple[Any, Any]:
         if exc_info is not None and self.requeue_on_error:
-            self.queue_consumer.retry_or_dead_letter(
-                message, f"{exc_info[0].__name__}: {exc_info[1]}"
-            )
+            # An expected exception's message is part of the service's API; an
+            # unexpected one's may quote anything (SQL parameters...).
+            expected = self.expected_exceptions
+            reason = exc_info[0].__name__
+            if expected and isinstance(exc_info[1], expected):
+                reason = f"{reason}: {exc_info[1]}"
+            self.queue_consumer.retry_or_dead_letter(message, reason)
         else:
             message.ack()
         return result, exc_info

@@ -26,14 +26,35 @@ from framework.utils import sanitize_url
 log = logging.getLogger(__name__)
 
 #: Errors that mean "this connection is gone; reconnect and carry on".
+#: Not ``AttributeError``: py-amqp raises one when its transport was torn down
+#: underneath it, but so does every bug; ``is_connection_error`` tells them apart.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     EOFError,
     amqp.exceptions.ConnectionError,
     amqp.exceptions.RecoverableConnectionError,
     kombu.exceptions.OperationalError,
-    AttributeError,  # py-amqp after its transport was torn down underneath it
 )
+
+
+def is_connection_error(
+    exc: BaseException, connection: kombu.Connection | None
+) -> bool:
+    """Whether ``exc`` means ``connection`` is gone (reconnect) rather than a bug.
+
+    An ``AttributeError`` counts only when the connection is indeed down (py-amqp
+    sets its transport to ``None`` on teardown, and the next use trips over it);
+    raised on a live connection it is a bug, and reconnecting would only meet it
+    again.
+    """
+    if isinstance(exc, CONNECTION_ERRORS):
+        return True
+    if isinstance(exc, AttributeError):
+        try:
+            return connection is None or not connection.connected
+        except Exception:  # noqa: BLE001 - a half torn down connection
+            return True
+    return False
 
 
 MEMORY_POLLING_INTERVAL = 0.005  # seconds
@@ -326,8 +347,16 @@ class DrainedConnection:
         try:
             while True:
                 connection.drain_events()
-        except CONNECTION_ERRORS as exc:
-            error = ConnectionLost(f"connection lost: {exc}")
+        except Exception as exc:
+            if not is_connection_error(exc, connection):
+                # E.g. a frame py-amqp cannot parse: the connection's state is
+                # unknown, so it is dropped like a lost one (the next user opens
+                # another), and logged as what it is.
+                log.error(
+                    "unexpected error reading from the broker; dropping the connection",
+                    extra={"purpose": self.purpose, "error_type": type(exc).__name__},
+                )
+            error = ConnectionLost(f"connection lost: {type(exc).__name__}")
         finally:
             if generation == self.generation:
                 self._reader = None

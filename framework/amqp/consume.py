@@ -20,10 +20,10 @@ import kombu.serialization
 from framework import concurrency, serialization
 from framework.amqp import channels
 from framework.amqp.connection import (
-    CONNECTION_ERRORS,
     close_quietly,
     connect_with_retry,
     heartbeat_interval,
+    is_connection_error,
     make_connection,
     tune_transport,
 )
@@ -36,13 +36,20 @@ log = logging.getLogger(__name__)
 #: ``framework.metrics`` counts messages here; observers must be cheap and not raise.
 consume_observers: list[Callable[[ConsumeLoop, str], None]] = []
 
+#: What a body that cannot be decoded raises; kept for callers that name them.
+#: The loop itself catches every ``Exception`` from decoding: a JSON body nested
+#: a thousand deep raises ``RecursionError``, a custom codec anything at all.
 DECODE_ERRORS = (
     kombu.exceptions.ContentDisallowed,
     kombu.exceptions.DecodeError,
     ValueError,
     TypeError,
     UnicodeDecodeError,
+    RecursionError,
 )
+
+#: ``on_failed(delivery, exc)``: the subscriber's ``handle_message`` raised.
+FailureHandler = Callable[["Delivery", BaseException], None]
 
 
 class Subscriber(Protocol):
@@ -124,6 +131,7 @@ class ConsumeLoop:
         name: str,
         spawn: Callable[[Callable[[], Any], str], Any],
         on_undecodable: Callable[[Delivery, BaseException], None],
+        on_failed: FailureHandler | None = None,
     ) -> None:
         self.config = config
         # kombu checks content types, while config speaks serializer names.
@@ -131,6 +139,7 @@ class ConsumeLoop:
         self.name = name
         self._spawn = spawn
         self._on_undecodable = on_undecodable
+        self._on_failed = on_failed
         self._subscribers: dict[Any, str | None] = {}  # subscriber -> consumer tag
         self._pending_ops: list[Callable[[], None]] = []
         self._connection: kombu.Connection | None = None
@@ -159,6 +168,11 @@ class ConsumeLoop:
         close_quietly(self._connection)
         self._connection = None
 
+    @property
+    def emulated(self) -> bool:
+        """Consuming from kombu's in-memory broker (no TTLs, no dead-lettering)."""
+        return not self._amqp
+
     # -- subscribers -------------------------------------------------------------------
 
     def add(self, subscriber: Any) -> None:
@@ -173,8 +187,9 @@ class ConsumeLoop:
         if tag is not None and channel is not None and self.connected:
             try:
                 channels.cancel(channel, tag, amqp=self._amqp)
-            except CONNECTION_ERRORS:
-                pass
+            except Exception as exc:
+                if not is_connection_error(exc, self._connection):
+                    raise
 
     # -- settling ---------------------------------------------------------------------
 
@@ -196,7 +211,9 @@ class ConsumeLoop:
                 self._channel.basic_reject(
                     delivery.delivery_tag, requeue=(how == "requeue")
                 )
-        except CONNECTION_ERRORS as exc:
+        except Exception as exc:
+            if not is_connection_error(exc, self._connection):
+                raise
             log.warning(
                 "could not %s a delivery: %s", how, exc, extra={"loop": self.name}
             )
@@ -253,7 +270,16 @@ class ConsumeLoop:
                         next_heartbeat_check = time.monotonic() + tick
                     while self._pending_ops:
                         self._pending_ops.pop(0)()
-            except CONNECTION_ERRORS as exc:
+            except Exception as exc:
+                if not is_connection_error(exc, connection):
+                    # Not a lost connection but a refusal, e.g. PRECONDITION_FAILED
+                    # for a queue that exists with other arguments: fatal. start()
+                    # is waiting on `ready`; fail it too, or it waits forever on a
+                    # dead loop. (Errors of single messages never get here: see
+                    # _on_message.)
+                    if not self.ready.ready():
+                        self.ready.send_exception(exc)
+                    raise
                 if self._stopping:
                     break
                 log.warning(
@@ -262,13 +288,6 @@ class ConsumeLoop:
                     exc,
                     extra={"loop": self.name},
                 )
-            except Exception as exc:
-                # Not a lost connection but a refusal, e.g. PRECONDITION_FAILED for a
-                # queue that exists with other arguments: fatal. start() is waiting
-                # on `ready`; fail it too, or it waits forever on a dead loop.
-                if not self.ready.ready():
-                    self.ready.send_exception(exc)
-                raise
             finally:
                 self.connected = False
                 self._channel = None
@@ -294,6 +313,13 @@ class ConsumeLoop:
         self._subscribers[subscriber] = tag
 
     def _on_message(self, subscriber: Any, raw: Any, generation: int) -> None:
+        """Decode one message and hand it to its subscriber; never raises.
+
+        This runs inside ``drain_events``: anything escaping it would end the
+        loop (and the service), or pass for a lost connection, reconnect, and
+        meet the same message again. So whatever one message does, it ends
+        acked, dead-lettered or rejected here, and the loop carries on.
+        """
         for observer in consume_observers:
             observer(self, subscriber.queue.name)
         delivery = Delivery(raw, self, generation, subscriber)
@@ -303,7 +329,35 @@ class ConsumeLoop:
             return
         try:
             body = delivery.decode(self.accept)
-        except DECODE_ERRORS as exc:
-            self._on_undecodable(delivery, exc)
+        except Exception as exc:
+            self._guarded(self._on_undecodable, delivery, exc)
             return
-        subscriber.handle_message(body, delivery)
+        try:
+            subscriber.handle_message(body, delivery)
+        except Exception as exc:
+            if self._on_failed is None:
+                raise
+            self._guarded(self._on_failed, delivery, exc)
+
+    def _guarded(
+        self,
+        handler: Callable[[Delivery, BaseException], None],
+        delivery: Delivery,
+        exc: BaseException,
+    ) -> None:
+        try:
+            handler(delivery, exc)
+        except Exception as failure:
+            # The last resort: the message is dropped rather than left unacked
+            # (holding a prefetch slot) or looping. Type names only: an
+            # unexpected error's text may quote the message.
+            log.error(
+                "could not dispose of a bad message; rejecting it",
+                extra={
+                    "loop": self.name,
+                    "queue": delivery.subscriber.queue.name,
+                    "error_type": type(exc).__name__,
+                    "handler_error_type": type(failure).__name__,
+                },
+            )
+            delivery.reject()

@@ -22,10 +22,10 @@ from amqp import spec
 from framework import concurrency, serialization
 from framework.amqp import channels
 from framework.amqp.connection import (
-    CONNECTION_ERRORS,
     ConnectionLost,
     DrainedConnection,
     Waiter,
+    is_connection_error,
 )
 from framework.constants import (
     DEFAULT_PUBLISH_CONFIRM_TIMEOUT,
@@ -207,6 +207,7 @@ class Publisher:
         expiration: float | None = None,
         headers: dict[str, Any] | None = None,
         declare: Iterable[Any] = (),
+        redeclare: Iterable[Any] = (),
         retry: bool = True,
         retry_policy: dict[str, Any] | None = None,
         timeout: float | None = None,
@@ -220,6 +221,10 @@ class Publisher:
         for its confirm; should the broker refuse it, return it (``mandatory``) or
         the connection fail before it confirms, ``on_failure(error)`` is called.
         RPC requests use it: their reply is a better confirm than the confirm.
+
+        ``declare`` is declared once per connection; ``redeclare`` before every
+        publish (a queue with ``x-expires`` must be used to stay alive, and
+        publishing to it does not count).
         """
         if compression:
             body, compressed_type = kombu.compression.compress(body, compression)
@@ -255,8 +260,11 @@ class Publisher:
                     declare,
                     timeout,
                     on_failure,
+                    redeclare,
                 )
-            except CONNECTION_ERRORS as exc:
+            except Exception as exc:
+                if not is_connection_error(exc, self.connection.connection):
+                    raise
                 self.connection.reset(generation)
                 if attempt == attempts:
                     raise
@@ -290,9 +298,13 @@ class Publisher:
         declare: Iterable[Any],
         timeout: float | None,
         on_failure: Callable[[BaseException], None] | None = None,
+        redeclare: Iterable[Any] = (),
     ) -> None:
         self.connection.ensure_connected()
         self._declare(declare)
+        for entity in redeclare:
+            self._declared.discard(_entity_key(entity))
+        self._declare(redeclare)
         if self._emulated:
             with self._publish_lock:
                 channels.publish_emulated(

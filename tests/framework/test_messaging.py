@@ -12,7 +12,13 @@ import pytest
 
 from framework import deadletters
 from framework.events import event_handler
-from framework.messaging import Publisher, consume
+from framework.logs import JsonFormatter
+from framework.messaging import (
+    Publisher,
+    consume,
+    redelivery_count,
+    redelivery_delay,
+)
 from framework.rpc import rpc
 from framework.standalone.events import event_dispatcher
 from framework.standalone.rpc import ClusterRpcProxy
@@ -125,14 +131,16 @@ def test_content_type_not_accepted_is_dead_lettered(rabbit_config, runner_factor
     assert received == []
 
 
-def test_without_a_dead_letter_exchange_bad_messages_are_logged_and_dropped(
+def test_without_a_dead_letter_exchange_bad_messages_are_rejected_and_only_their_metadata_logged(
     rabbit_config, runner_factory, caplog, rabbit_manager
 ):
     config = {**rabbit_config, "DEAD_LETTER_EXCHANGE": None}
     runner_factory(config, Worker).start()
-    with caplog.at_level(logging.ERROR):
+    # A create_user-like body cut short: undecodable, with a password inside.
+    broken = b'{"email": "ann@example.com", "password": "hunter2-secret'
+    with caplog.at_level(logging.DEBUG):
         publish_raw(
-            rabbit_config["AMQP_URI"], b"{broken", "application/json", "jobs", "job.bad"
+            rabbit_config["AMQP_URI"], broken, "application/json", "jobs", "job.bad"
         )
         publish_raw(
             rabbit_config["AMQP_URI"],
@@ -142,7 +150,20 @@ def test_without_a_dead_letter_exchange_bad_messages_are_logged_and_dropped(
             "job.good",
         )
         wait_for(lambda: received == [{"after": 1}])
-    assert "dropping message" in caplog.text
+        wait_for(lambda: "rejecting a message" in caplog.text)
+    (rejected,) = [r for r in caplog.records if r.message.startswith("rejecting")]
+    assert rejected.levelno == logging.ERROR
+    assert (rejected.queue, rejected.routing_key, rejected.size) == (
+        "jobs-queue",
+        "job.bad",
+        len(broken),
+    )
+    assert rejected.content_type == "application/json"
+    assert rejected.reason == "undecodable (JSONDecodeError)"
+    formatter = JsonFormatter()
+    for record in caplog.records:
+        line = formatter.format(record)
+        assert "hunter2" not in line and "ann@example.com" not in line, line
     wait_for(
         lambda: (
             rabbit_manager.get_queue(rabbit_config["vhost"], "jobs-queue").get(
@@ -153,10 +174,10 @@ def test_without_a_dead_letter_exchange_bad_messages_are_logged_and_dropped(
     )
 
 
-def test_poison_message_is_redelivered_a_bounded_number_of_times_then_dead_lettered(
-    rabbit_config, runner_factory
+def test_poison_message_is_redelivered_with_growing_delays_then_dead_lettered(
+    rabbit_config, runner_factory, rabbit_manager
 ):
-    config = {**rabbit_config, "MAX_REDELIVERIES": 3}
+    config = {**rabbit_config, "MAX_REDELIVERIES": 3, "REDELIVERY_DELAY": 0.1}
     runner_factory(config, Poisoned).start()
     dispatch = event_dispatcher(rabbit_config)
     dispatch("source", "boom", {"id": "poison"})
@@ -164,8 +185,41 @@ def test_poison_message_is_redelivered_a_bounded_number_of_times_then_dead_lette
     wait_for(lambda: len(deadletters.peek(rabbit_config, source_queue)) == 1)
     assert attempts == [{"id": "poison"}] * 4  # the first delivery and 3 redeliveries
     (letter,) = deadletters.peek(rabbit_config, source_queue)
-    assert "failed 4 times" in letter.reason and "always fails" in letter.reason
+    # The type, not the text: an unexpected error's message may quote anything.
+    assert letter.reason == "failed 4 times: RuntimeError"
+    # Each redelivery waited in a queue whose TTL doubles, which dead-letters
+    # back to the source queue; none holds anything now.
+    parking = {
+        q["name"]: q
+        for q in rabbit_manager.get_queues(rabbit_config["vhost"])
+        if ".redelivery-" in q["name"]
+    }
+    assert sorted(parking) == [
+        f"{source_queue}.redelivery-{ms}ms" for ms in (100, 200, 400)
+    ]
+    for name, queue_info in parking.items():
+        arguments = queue_info["arguments"]
+        assert name.endswith(f"-{arguments['x-message-ttl']}ms")
+        assert arguments["x-dead-letter-exchange"] == ""
+        assert arguments["x-dead-letter-routing-key"] == source_queue
+    deaths = {d["queue"]: d["count"] for d in letter.headers["x-death"]}
+    assert set(deaths) == set(parking)
     dispatch.close()
+
+
+def test_the_default_redelivery_delays_span_about_a_minute():
+    delays = [redelivery_delay({}, n) for n in range(1, 6)]
+    assert delays == sorted(delays) and delays[0] < delays[-1]
+    assert sum(delays) >= 60
+    capped = {"REDELIVERY_DELAY": 10, "REDELIVERY_MAX_DELAY": 15}
+    assert [redelivery_delay(capped, n) for n in (1, 2, 3)] == [10, 15, 15]
+
+
+def test_a_forged_redelivery_count_cannot_buy_extra_redeliveries():
+    assert redelivery_count({"x-redelivery-count": -(10**9)}) == 0
+    assert redelivery_count({"x-redelivery-count": "abc"}) == 0
+    assert redelivery_count({"x-redelivery-count": 2}) == 2
+    assert redelivery_count({}) == 0
 
 
 def test_dead_letters_can_be_replayed_to_their_original_destination(

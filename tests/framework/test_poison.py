@@ -1,0 +1,298 @@
+"""Poison messages against a running service (real broker).
+
+Every shape of bad message we could think of goes to a service's RPC queue and to
+its ``@consume`` queue; each must end acked (answered), dead-lettered or rejected,
+and the service must keep answering. Today's bugs this guards against: a JSON body
+nested a thousand deep killed the consume loop (``RecursionError``), a malformed
+``nameko.call_id_stack`` left a message unacked for good while the pool was full,
+and a bug in routing passed for a lost connection and looped forever.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import amqp
+import kombu
+import pytest
+
+from framework import concurrency, deadletters
+from framework.logs import JsonFormatter
+from framework.messaging import Consumer, consume
+from framework.rpc import rpc
+from framework.standalone.rpc import ClusterRpcProxy
+from tests.helpers import wait_for
+
+exchange = kombu.Exchange("poison", type="topic", durable=True)
+queue = kombu.Queue("poison-queue", exchange=exchange, routing_key="p.*", durable=True)
+taken: list[Any] = []
+gates: list[concurrency.Event] = [concurrency.Event()]
+
+
+class Target:
+    name = "target"
+
+    @rpc
+    def echo(self, value):
+        return value
+
+    @rpc
+    def hold(self):
+        gates[-1].wait()
+        return "released"
+
+    @consume(queue)
+    def take(self, body):
+        taken.append(body)
+
+
+def deep_list(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+# Undecodable bodies: dead-lettered at once, on either queue.
+UNDECODABLE: list[tuple[str, bytes, dict[str, Any]]] = [
+    ("nested 1,000 deep", deep_list(1000), {}),
+    ("nested 100,000 deep", deep_list(100_000), {}),
+    (
+        "nested deep, kombu's typed JSON path",
+        b'{"__type__": "x", "v": ' + deep_list(100_000) + b"}",
+        {},
+    ),
+    ("truncated JSON", b'{"args": ["a@example.com", "pw', {}),
+    ("empty body", b"", {}),
+    ("not UTF-8", b"\xff\xfe\xfa", {}),
+    ("an integer of 100,000 digits", b"1" * 100_000, {}),
+    ("pickle", b"\x80\x04K\x01.", {"content_type": "application/x-python-serialize"}),
+    ("unknown content type", b"hello", {"content_type": "text/x-unknown"}),
+    ("unknown encoding", b'{"a": "\xff"}', {"content_encoding": "nope"}),
+]
+
+# Decodable, but not what the entrypoint expects: answered with an error.
+MALFORMED_REQUESTS: list[tuple[str, bytes, str]] = [
+    ("a list", b"[1, 2]", "target.echo"),
+    ("a string", b'"hello"', "target.echo"),
+    ("null", b"null", "target.echo"),
+    ("args not a list", b'{"args": 5, "kwargs": {}}', "target.echo"),
+    ("kwargs not a mapping", b'{"args": [], "kwargs": []}', "target.echo"),
+    ("wrong arity", b'{"args": [1, 2, 3], "kwargs": {}}', "target.echo"),
+    ("unknown method", b'{"args": [], "kwargs": {}}', "target.nope"),
+]
+
+# Well-formed calls with odd headers: served (the bad context is ignored).
+ODD_HEADERS: list[dict[str, Any]] = [
+    {"nameko.call_id_stack": 5},
+    {"nameko.call_id_stack": [1, None, {"a": 1}, "x" * 100_000]},
+    {"nameko.call_id_stack": {"a": "b"}},
+    {"nameko.call_id_stack": ["caller.method.1"] * 5_000},
+    {"nameko.call_id_stack": "x" * 100_000},
+    {"nameko.language": "x" * 100_000},
+    {"nameko.language": {"nested": {"deeper": [1, 2, {"x": None}]}}},
+    {"nameko.user_id": b"\x00\xff"},
+    {"x-redelivery-count": "abc"},
+    {"x-redelivery-count": -(2**40)},
+]
+
+
+@pytest.fixture(autouse=True)
+def reset():
+    taken.clear()
+    gates.append(concurrency.Event())
+    yield
+    if not gates[-1].ready():
+        gates[-1].send(None)
+
+
+@pytest.fixture
+def raw_channel(rabbit_config):
+    connection = kombu.Connection(rabbit_config["AMQP_URI"])
+    channel = connection.channel()
+    yield channel
+    connection.close()
+
+
+def send(channel, body, routing_key, exchange_name="nameko-rpc", **properties):
+    properties.setdefault("content_type", "application/json")
+    properties.setdefault("content_encoding", "utf-8")
+    channel.basic_publish(
+        amqp.Message(body, **properties),
+        exchange=exchange_name,
+        routing_key=routing_key,
+    )
+
+
+def queue_settled(rabbit_manager, vhost: str, name: str) -> bool:
+    """Nothing ready and nothing unacked (the management API's view)."""
+    info = rabbit_manager.get_queue(vhost, name)
+    return info.get("messages") == 0 and info.get("messages_unacknowledged") == 0
+
+
+def call_reply_queue(channel) -> str:
+    name, _, _ = channel.queue_declare("", exclusive=True)
+    channel.queue_bind(name, "nameko-rpc", routing_key=name)
+    return name
+
+
+def test_every_poison_shape_ends_settled_and_the_service_keeps_answering(
+    rabbit_config, runner_factory, rabbit_manager, raw_channel, caplog, capfd
+):
+    runner_factory(rabbit_config, Target).start()
+    reply_to = call_reply_queue(raw_channel)
+    vhost = rabbit_config["vhost"]
+    with caplog.at_level(logging.INFO):
+        for _, body, properties in UNDECODABLE:
+            send(raw_channel, body, "target.echo", reply_to=reply_to, **properties)
+            send(raw_channel, body, "p.bad", exchange_name="poison", **properties)
+        for _, body, routing_key in MALFORMED_REQUESTS:
+            send(raw_channel, body, routing_key, reply_to=reply_to, correlation_id="m")
+        good = json.dumps({"args": ["fine"], "kwargs": {}}).encode()
+        for headers in ODD_HEADERS:
+            send(
+                raw_channel,
+                good,
+                "target.echo",
+                reply_to=reply_to,
+                correlation_id="odd",
+                application_headers=headers,
+            )
+            send(
+                raw_channel,
+                b'{"odd": true}',
+                "p.odd",
+                exchange_name="poison",
+                application_headers=headers,
+            )
+
+        with ClusterRpcProxy(rabbit_config, timeout=10) as cluster:
+            assert cluster.target.echo("still here") == "still here"
+        wait_for(lambda: len(taken) == len(ODD_HEADERS))
+        assert taken == [{"odd": True}] * len(ODD_HEADERS)
+
+        for source in ("rpc-target", "poison-queue"):
+            wait_for(lambda s=source: queue_settled(rabbit_manager, vhost, s), 20)
+            dead = deadletters.peek(rabbit_config, source)
+            assert len(dead) == len(UNDECODABLE), source
+            assert all(d.reason.startswith("undecodable (") for d in dead)
+
+        # Every malformed request and every odd-headered call got its answer.
+        replies = []
+        wait_for(
+            lambda: (
+                replies.extend(_drain(raw_channel, reply_to))
+                or len(replies) >= len(MALFORMED_REQUESTS) + len(ODD_HEADERS)
+            ),
+            20,
+        )
+    assert len(replies) == len(MALFORMED_REQUESTS) + len(ODD_HEADERS)
+    by_correlation: dict[str, list[Any]] = {"m": [], "odd": []}
+    for reply in replies:
+        by_correlation[reply.properties["correlation_id"]].append(
+            json.loads(reply.body)
+        )
+    assert all(r["error"] is not None for r in by_correlation["m"])
+    assert by_correlation["odd"] == [{"result": "fine", "error": None}] * len(
+        ODD_HEADERS
+    )
+    # Nothing went to stderr outside the log format (eventlet prints the
+    # tracebacks of green threads that die), and no body reached a log line.
+    assert "Traceback" not in capfd.readouterr().err
+    formatter = JsonFormatter()
+    for record in caplog.records:
+        assert "a@example.com" not in formatter.format(record)
+
+
+def _drain(channel, queue_name: str) -> list[Any]:
+    got = []
+    while (message := channel.basic_get(queue_name, no_ack=True)) is not None:
+        got.append(message)
+    return got
+
+
+def test_a_malformed_call_id_stack_while_the_pool_is_full_is_served(
+    rabbit_config, runner_factory, rabbit_manager, raw_channel, capfd
+):
+    # One worker, but messages are prefetched beyond it: the second waits for a
+    # free worker on a thread of its own.
+    config = {**rabbit_config, "max_workers": 1, "PREFETCH_COUNT": 5}
+    runner_factory(config, Target).start()
+    reply_to = call_reply_queue(raw_channel)
+    hold = json.dumps({"args": [], "kwargs": {}}).encode()
+    send(raw_channel, hold, "target.hold", reply_to=reply_to, correlation_id="hold")
+    wait_for(
+        lambda: (
+            rabbit_manager.get_queue(rabbit_config["vhost"], "rpc-target").get(
+                "messages_unacknowledged"
+            )
+            == 1
+        ),
+        20,
+    )
+    send(
+        raw_channel,
+        json.dumps({"args": ["queued"], "kwargs": {}}).encode(),
+        "target.echo",
+        reply_to=reply_to,
+        correlation_id="queued",
+        application_headers={"nameko.call_id_stack": 5},
+    )
+    wait_for(
+        lambda: (
+            rabbit_manager.get_queue(rabbit_config["vhost"], "rpc-target").get(
+                "messages_unacknowledged"
+            )
+            == 2
+        ),
+        20,
+    )
+    gates[-1].send(None)
+    replies: list[Any] = []
+    wait_for(lambda: replies.extend(_drain(raw_channel, reply_to)) or len(replies) == 2)
+    assert sorted(json.loads(r.body)["result"] for r in replies) == [
+        "queued",
+        "released",
+    ]
+    wait_for(
+        lambda: queue_settled(rabbit_manager, rabbit_config["vhost"], "rpc-target"), 20
+    )
+    assert "Traceback" not in capfd.readouterr().err
+
+
+class BrokenRouting(Consumer):
+    """An entrypoint whose routing has a bug (as a custom one might)."""
+
+    def handle_message(self, body, message):
+        if "bug" in body:
+            getattr(body, body["bug"])  # the bug: AttributeError naming the value
+        super().handle_message(body, message)
+
+
+class Buggy:
+    name = "buggy"
+
+    @BrokenRouting.decorator(queue)
+    def take(self, body):
+        taken.append(body)
+
+
+def test_a_bug_while_routing_is_not_a_lost_connection(
+    rabbit_config, runner_factory, rabbit_manager, caplog
+):
+    config = {**rabbit_config, "MAX_REDELIVERIES": 1, "REDELIVERY_DELAY": 0.05}
+    runner_factory(config, Buggy).start()
+    with kombu.Connection(rabbit_config["AMQP_URI"]) as connection:
+        producer = connection.Producer()
+        producer.publish({"bug": "secret-text"}, exchange=exchange, routing_key="p.x")
+        producer.publish({"ok": 1}, exchange=exchange, routing_key="p.y")
+    with caplog.at_level(logging.INFO):
+        wait_for(lambda: len(deadletters.peek(rabbit_config, "poison-queue")) == 1, 20)
+    assert taken == [{"ok": 1}]
+    (letter,) = deadletters.peek(rabbit_config, "poison-queue")
+    assert letter.reason == (
+        "failed 2 times: AttributeError while routing to the entrypoint"
+    )
+    errors = [r for r in caplog.records if r.message == "error handling a message"]
+    assert len(errors) == 2 and {r.error_type for r in errors} == {"AttributeError"}
+    assert not any("lost connection" in r.message for r in caplog.records)
+    assert "secret-text" not in caplog.text
