@@ -52,6 +52,9 @@ __all__ = [
     "OVERLAP_POLICIES",
     "OVERLAP_QUEUE_ONE",
     "OVERLAP_SKIP",
+    "RUN_ID_CONTEXT_KEY",
+    "SCHEDULED_FOR_CONTEXT_KEY",
+    "SCHEDULE_ID_CONTEXT_KEY",
     "SCHEDULE_RUN_FINISHED",
     "SCHEDULE_RUN_STARTED",
     "SCHEDULER_SERVICE",
@@ -68,6 +71,8 @@ __all__ = [
     "ScheduleRunEvent",
     "ScheduleSpec",
     "Target",
+    "dump_run",
+    "dump_schedule",
     "parse_changes",
     "parse_page",
     "parse_preview",
@@ -95,6 +100,12 @@ OVERLAP_POLICIES = (OVERLAP_SKIP, OVERLAP_ALLOW, OVERLAP_QUEUE_ONE)
 
 TARGET_RPC = "rpc"
 TARGET_EVENT = "event"
+
+# Context data of a run's RPC request or event (headers ``nameko.<key>``), so a
+# target knows which tick it serves: e.g. to make its work idempotent per tick.
+RUN_ID_CONTEXT_KEY = "scheduler_run_id"
+SCHEDULE_ID_CONTEXT_KEY = "scheduler_schedule_id"
+SCHEDULED_FOR_CONTEXT_KEY = "scheduler_scheduled_for"  # ISO 8601, UTC
 
 # How a run ended. ``lost``: its replica died mid-run, and another marked it after
 # the timeout (it is never re-fired). ``skipped``: not fired, by overlap policy.
@@ -407,6 +418,48 @@ def parse_page(page: Any, per_page: Any) -> tuple[int, int]:
     if errors:
         raise InvalidSchedule("invalid page", errors)
     return page, per_page
+
+
+def dump_schedule(schedule: Any) -> dict[str, Any]:
+    """The payload of a schedule row (anything with the model's attributes)."""
+    return {
+        "id": schedule.id,
+        "name": schedule.name,
+        "cron": schedule.cron,
+        "timezone": schedule.timezone,
+        "target": dict(schedule.target),
+        "enabled": schedule.enabled,
+        "missed_run_policy": schedule.missed_run_policy,
+        "catchup_window_seconds": schedule.catchup_window_seconds,
+        "overlap_policy": schedule.overlap_policy,
+        "jitter_seconds": schedule.jitter_seconds,
+        "timeout_seconds": schedule.timeout_seconds,
+        "history_limit": schedule.history_limit,
+        "created_at": timestamp(schedule.created_at),
+        "updated_at": timestamp(schedule.updated_at),
+    }
+
+
+def dump_run(run: Any) -> dict[str, Any]:
+    return {
+        "id": run.id,
+        "schedule_id": run.schedule_id,
+        "scheduled_for": timestamp(run.scheduled_for),
+        "started_at": timestamp(run.started_at),
+        "finished_at": timestamp(run.finished_at),
+        "replica": run.replica,
+        "outcome": run.outcome,
+        "result_summary": run.result_summary,
+        "error": run.error,
+    }
+
+
+def spec_of(schedule: Any) -> ScheduleSpec:
+    """A stored schedule as the input it was made from (for ``parse_changes``)."""
+    payload = dump_schedule(schedule)
+    return ScheduleSpec.model_validate(
+        {name: payload[name] for name in ScheduleSpec.model_fields}
+    )
 
 
 def timestamp(value: datetime | None) -> str | None:

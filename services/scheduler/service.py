@@ -1,0 +1,200 @@
+"""The scheduler service: cron schedules whose every tick runs once across replicas.
+
+Any number of replicas run together on one database. Each claims due ticks in a
+transaction (``ScheduleRepository.claim_due``) and only then calls their targets,
+each run in a worker of its own; see ``dependencies.py`` for how the claim works
+and ``planning.py`` for the missed-run and overlap policies.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from framework import concurrency
+from framework.events import EventDispatcher
+from framework.rpc import ClusterRpc, rpc
+from services.scheduler.dependencies import (
+    RunLauncher,
+    ScheduleStore,
+    call_target,
+    run_target,
+    ticker,
+)
+from services.scheduler.exceptions import InvalidSchedule, ScheduleNotFound
+from services.scheduler.models import Base, Run, Schedule
+from services.scheduler.schemas import (
+    DEFAULT_PER_PAGE,
+    FIRE_TIMES_SHOWN,
+    LAST_RUNS_SHOWN,
+    SCHEDULE_RUN_FINISHED,
+    SCHEDULE_RUN_STARTED,
+    SCHEDULER_SERVICE,
+    dump_run,
+    dump_schedule,
+    parse_changes,
+    parse_page,
+    parse_preview,
+    parse_schedule,
+    parse_schedule_id,
+    spec_of,
+)
+
+log = logging.getLogger(__name__)
+
+NOT_FOUND_OR_INVALID = (ScheduleNotFound, InvalidSchedule)
+
+
+class SchedulerService:
+    name = SCHEDULER_SERVICE
+
+    # ORM objects stay readable after their commit: a run is dumped into an
+    # event after the transaction that recorded it.
+    schedules = ScheduleStore(Base, session_options={"expire_on_commit": False})
+    cluster = ClusterRpc()
+    dispatch = EventDispatcher()
+    launch = RunLauncher()
+
+    # -- the API --------------------------------------------------------------------------
+
+    @rpc(expected_exceptions=InvalidSchedule)
+    def list_schedules(
+        self, page: int = 1, per_page: int = DEFAULT_PER_PAGE
+    ) -> dict[str, Any]:
+        page, per_page = parse_page(page, per_page)
+        rows, total = self.schedules.page(page, per_page)
+        return {
+            "items": [dump_schedule(row) for row in rows],
+            "total": total,
+            "page": page,
+            "per_page": per_page,
+        }
+
+    @rpc(expected_exceptions=NOT_FOUND_OR_INVALID)
+    def get_schedule(self, schedule_id: int) -> dict[str, Any]:
+        schedule = self.schedules.get(parse_schedule_id(schedule_id))
+        runs, _ = self.schedules.runs(schedule.id, 1, LAST_RUNS_SHOWN)
+        fire_times = (
+            spec_of(schedule)
+            .cron_schedule()
+            .next_times(self.schedules.now(), FIRE_TIMES_SHOWN)
+        )
+        return {
+            **dump_schedule(schedule),
+            "next_fire_times": [moment.isoformat() for moment in fire_times],
+            "last_runs": [dump_run(run) for run in runs],
+        }
+
+    @rpc(expected_exceptions=InvalidSchedule)
+    def create_schedule(self, schedule: dict[str, Any]) -> dict[str, Any]:
+        created = self.schedules.add(parse_schedule(schedule))
+        log.info("schedule created", extra={"schedule_id": created.id})
+        return dump_schedule(created)
+
+    @rpc(expected_exceptions=NOT_FOUND_OR_INVALID)
+    def update_schedule(
+        self, schedule_id: int, changes: dict[str, Any]
+    ) -> dict[str, Any]:
+        schedule = self.schedules.get(parse_schedule_id(schedule_id))
+        spec = parse_changes(spec_of(schedule), changes)
+        return dump_schedule(self.schedules.update(schedule, spec))
+
+    @rpc(expected_exceptions=NOT_FOUND_OR_INVALID)
+    def delete_schedule(self, schedule_id: int) -> None:
+        self.schedules.delete(self.schedules.get(parse_schedule_id(schedule_id)))
+        log.info("schedule deleted", extra={"schedule_id": schedule_id})
+
+    @rpc(expected_exceptions=NOT_FOUND_OR_INVALID)
+    def pause(self, schedule_id: int) -> dict[str, Any]:
+        return self.update_schedule(schedule_id, {"enabled": False})
+
+    @rpc(expected_exceptions=NOT_FOUND_OR_INVALID)
+    def resume(self, schedule_id: int) -> dict[str, Any]:
+        """Enable again; ticks that fell while paused are not owed."""
+        return self.update_schedule(schedule_id, {"enabled": True})
+
+    @rpc(expected_exceptions=NOT_FOUND_OR_INVALID)
+    def run_now(self, schedule_id: int) -> dict[str, Any]:
+        """Run the target once now, paused or not: someone asked for it explicitly."""
+        schedule = self.schedules.get(parse_schedule_id(schedule_id))
+        run, launch = self.schedules.add_run_now(schedule)
+        self.launch(launch)
+        return dump_run(run)
+
+    @rpc(expected_exceptions=NOT_FOUND_OR_INVALID)
+    def list_runs(
+        self, schedule_id: int, page: int = 1, per_page: int = DEFAULT_PER_PAGE
+    ) -> dict[str, Any]:
+        schedule = self.schedules.get(parse_schedule_id(schedule_id))
+        page, per_page = parse_page(page, per_page)
+        runs, total = self.schedules.runs(schedule.id, page, per_page)
+        return {
+            "items": [dump_run(run) for run in runs],
+            "total": total,
+            "page": page,
+            "per_page": per_page,
+        }
+
+    @rpc(expected_exceptions=InvalidSchedule)
+    def preview(self, cron: str, timezone: str = "UTC") -> list[str]:
+        """The next fire times of an expression, for a form to show as it is typed."""
+        fire_times = parse_preview(cron, timezone).next_times(
+            self.schedules.now(), FIRE_TIMES_SHOWN
+        )
+        return [moment.isoformat() for moment in fire_times]
+
+    # -- the engine ---------------------------------------------------------------------
+
+    @ticker
+    def claim_due_ticks(self) -> float:
+        """Claim what is due, start those runs; the seconds until the next is due."""
+        claimed = self.schedules.claim_due()
+        # Started before any event goes out: a broker hiccup must not leave
+        # claimed runs uncalled (they would end as lost).
+        for launch in claimed.launches:
+            self.launch(launch)
+        for schedule, run in claimed.finished:
+            self._announce(SCHEDULE_RUN_FINISHED, schedule, run)
+        return claimed.wait
+
+    @run_target
+    def run(self, run_id: int, delay: float = 0.0) -> None:
+        """Call one claimed run's target and record how it ended."""
+        if delay:
+            concurrency.sleep(delay)  # the schedule's jitter
+        started = self.schedules.start_run(run_id)
+        if started is None:
+            log.warning(
+                "run not started: marked lost meanwhile", extra={"run_id": run_id}
+            )
+            return
+        schedule, run = started
+        self._announce(SCHEDULE_RUN_STARTED, schedule, run)
+        outcome = call_target(
+            self.cluster, self.dispatch, schedule.target, schedule.timeout_seconds
+        )
+        finished = self.schedules.finish_run(run_id, outcome)
+        if finished is None:
+            log.warning(
+                "run finished after another replica marked it lost",
+                extra={"run_id": run_id, "outcome": outcome.outcome},
+            )
+            return
+        schedule, run, queued = finished
+        if queued is not None:
+            self.launch(queued)
+        self._announce(SCHEDULE_RUN_FINISHED, schedule, run)
+
+    def _announce(self, event_type: str, schedule: Schedule, run: Run) -> None:
+        # The run is recorded whatever happens here; a lost event only delays
+        # the admin panel until its next refresh.
+        try:
+            self.dispatch(
+                event_type, {"schedule": dump_schedule(schedule), "run": dump_run(run)}
+            )
+        except Exception:
+            log.warning(
+                "run event not dispatched",
+                extra={"event_type": event_type, "run_id": run.id},
+                exc_info=True,
+            )

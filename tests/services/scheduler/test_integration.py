@@ -1,0 +1,406 @@
+"""The scheduler in a real container, on the real RabbitMQ and PostgreSQL.
+
+Targets are real services on the same broker; schedules fire every second
+(six-field cron), so each test waits a few seconds at most. Missed ticks are made
+the way an outage makes them: by moving a schedule's ``next_fire_at`` into the past.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from framework import concurrency
+from framework.contextdata import ContextDataProvider
+from framework.events import event_handler
+from framework.rpc import rpc
+from framework.standalone.rpc import ClusterRpcProxy
+from services.scheduler.exceptions import InvalidSchedule, ScheduleNotFound
+from services.scheduler.schemas import (
+    SCHEDULE_RUN_FINISHED,
+    SCHEDULE_RUN_STARTED,
+    SCHEDULED_FOR_CONTEXT_KEY,
+)
+from services.scheduler.service import SchedulerService
+from tests.helpers import wait_for
+from tests.services.scheduler.conftest import query
+
+pytestmark = pytest.mark.integration
+
+EVERY_SECOND = "* * * * * *"
+RPC_TIMEOUT = 10
+
+
+class TickFor(ContextDataProvider):
+    context_key = SCHEDULED_FOR_CONTEXT_KEY
+
+
+class TargetService:
+    """Stands in for the services a schedule calls, recording every call."""
+
+    name = "target"
+    calls: list[tuple[str, str | None]] = []
+    events: list[tuple[str, dict[str, Any]]] = []
+    tick = TickFor()
+
+    @rpc
+    def record(self, label: str = "") -> dict[str, Any]:
+        TargetService.calls.append((label, self.tick))
+        return {"recorded": label}
+
+    @rpc
+    def explode(self) -> None:
+        raise ValueError("disk full")
+
+    @rpc
+    def linger(self, seconds: float) -> None:
+        TargetService.calls.append(("linger", self.tick))
+        concurrency.sleep(seconds)
+
+    @event_handler("scheduler", "nightly_report")
+    def on_nightly_report(self, payload: dict[str, Any]) -> None:
+        TargetService.calls.append(("event", self.tick))
+
+    @event_handler("scheduler", SCHEDULE_RUN_STARTED)
+    def on_started(self, payload: dict[str, Any]) -> None:
+        TargetService.events.append((SCHEDULE_RUN_STARTED, payload))
+
+    @event_handler("scheduler", SCHEDULE_RUN_FINISHED)
+    def on_finished(self, payload: dict[str, Any]) -> None:
+        TargetService.events.append((SCHEDULE_RUN_FINISHED, payload))
+
+
+@pytest.fixture(autouse=True)
+def _clear_calls() -> None:
+    TargetService.calls.clear()
+    TargetService.events.clear()
+
+
+@pytest.fixture
+def scheduler(container_factory: Any, config: dict[str, Any]) -> Any:
+    container = container_factory(SchedulerService, config)
+    container.start()
+    return container
+
+
+@pytest.fixture
+def target(container_factory: Any, config: dict[str, Any]) -> Any:
+    container = container_factory(TargetService, config)
+    container.start()
+    return container
+
+
+@pytest.fixture
+def client(config: dict[str, Any]) -> Iterator[Any]:
+    with ClusterRpcProxy(config, timeout=RPC_TIMEOUT) as proxy:
+        yield proxy.scheduler
+
+
+def rpc_target(method: str, **kwargs: Any) -> dict[str, Any]:
+    return {"kind": "rpc", "service": "target", "method": method, "kwargs": kwargs}
+
+
+def new_schedule(client: Any, **fields: Any) -> dict[str, Any]:
+    return client.create_schedule(
+        {
+            "name": "test",
+            "cron": EVERY_SECOND,
+            "target": rpc_target("record", label="a"),
+            **fields,
+        }
+    )
+
+
+def runs(url: str, schedule_id: int) -> list[dict[str, Any]]:
+    rows = query(
+        url,
+        "SELECT scheduled_for, outcome, error, started_at FROM runs "
+        "WHERE schedule_id = %s ORDER BY scheduled_for",
+        schedule_id,
+    )
+    return [
+        {"scheduled_for": row[0], "outcome": row[1], "error": row[2], "started": row[3]}
+        for row in rows
+    ]
+
+
+def outcomes(url: str, schedule_id: int) -> list[str]:
+    return [run["outcome"] for run in runs(url, schedule_id)]
+
+
+# -- the API ---------------------------------------------------------------------------
+
+
+def test_a_schedule_is_created_listed_and_shown_with_its_next_fire_times(
+    scheduler: Any, client: Any
+) -> None:
+    created = new_schedule(
+        client, cron="30 2 * * *", timezone="Europe/Paris", name="nightly"
+    )
+    assert created["missed_run_policy"] == "skip"
+    assert created["target"] == rpc_target("record", label="a")
+
+    shown = client.get_schedule(created["id"])
+    assert len(shown["next_fire_times"]) == 5
+    assert all(t.endswith(("+01:00", "+02:00")) for t in shown["next_fire_times"])
+    assert all("T02:30:00" in t or "T03:00:00" in t for t in shown["next_fire_times"])
+    assert shown["last_runs"] == []
+    page = client.list_schedules()
+    assert [item["name"] for item in page["items"]] == ["nightly"]
+    assert page["total"] == 1
+
+
+def test_a_bad_schedule_is_refused_with_every_reason_and_nothing_is_stored(
+    scheduler: Any, client: Any, pg_scheduler: str
+) -> None:
+    with pytest.raises(InvalidSchedule) as caught:
+        client.create_schedule(
+            {
+                "name": "bad",
+                "cron": "61 * * * *",
+                "timezone": "Atlantis/Capital",
+                "target": {"kind": "rpc", "service": "no such", "method": "x"},
+            }
+        )
+    assert set(caught.value.errors) == {"cron", "timezone", "target.service"}
+    assert query(pg_scheduler, "SELECT count(*) FROM schedules") == [(0,)]
+
+
+def test_an_unknown_schedule_is_reported_as_such(scheduler: Any, client: Any) -> None:
+    with pytest.raises(ScheduleNotFound):
+        client.get_schedule(4242)
+    with pytest.raises(ScheduleNotFound):
+        client.update_schedule(4242, {"name": "x"})
+
+
+def test_preview_lists_the_next_five_fire_times(scheduler: Any, client: Any) -> None:
+    times = client.preview("0 9 * * 1", "America/New_York")
+    assert len(times) == 5
+    assert all("T09:00:00-0" in t for t in times)
+    with pytest.raises(InvalidSchedule) as caught:
+        client.preview("0 9 * *", "UTC")
+    assert list(caught.value.errors) == ["cron"]
+
+
+# -- firing ------------------------------------------------------------------------------
+
+
+def test_every_tick_calls_the_target_once_with_the_tick_in_its_context(
+    scheduler: Any, target: Any, client: Any, pg_scheduler: str
+) -> None:
+    schedule = new_schedule(client)
+    wait_for(lambda: len(TargetService.calls) >= 3, timeout=10)
+    wait_for(lambda: outcomes(pg_scheduler, schedule["id"])[:3] == ["succeeded"] * 3)
+
+    recorded = runs(pg_scheduler, schedule["id"])
+    ticks = [tick for _, tick in TargetService.calls]
+    assert len(ticks) == len(set(ticks))
+    assert ticks[:3] == [run["scheduled_for"].isoformat() for run in recorded[:3]]
+    shown = client.get_schedule(schedule["id"])
+    assert shown["last_runs"][-1]["result_summary"] == '{"recorded": "a"}'
+
+
+def test_run_events_are_dispatched_with_the_schedule_and_the_outcome(
+    scheduler: Any, target: Any, client: Any
+) -> None:
+    schedule = new_schedule(client)
+    wait_for(
+        lambda: any(kind == SCHEDULE_RUN_FINISHED for kind, _ in TargetService.events)
+    )
+    kind, body = next(e for e in TargetService.events if e[0] == SCHEDULE_RUN_FINISHED)
+    assert body["schedule"]["id"] == schedule["id"]
+    assert body["run"]["outcome"] == "succeeded"
+    assert any(kind == SCHEDULE_RUN_STARTED for kind, _ in TargetService.events)
+
+
+def test_an_event_target_is_dispatched_from_the_scheduler(
+    scheduler: Any, target: Any, client: Any, pg_scheduler: str
+) -> None:
+    schedule = new_schedule(
+        client,
+        target={"kind": "event", "event_type": "nightly_report", "payload": {"a": 1}},
+    )
+    wait_for(lambda: "event" in [label for label, _ in TargetService.calls])
+    wait_for(lambda: "succeeded" in outcomes(pg_scheduler, schedule["id"]))
+
+
+@pytest.mark.parametrize(
+    ("target_fields", "reason"),
+    [
+        (rpc_target("explode"), "target.explode raised ValueError"),
+        (rpc_target("linger", seconds=5), "target.linger did not answer within 1s"),
+        (
+            {"kind": "rpc", "service": "absent", "method": "x", "kwargs": {}},
+            "service absent is not running",
+        ),
+    ],
+    ids=["raises", "times-out", "service-down"],
+)
+def test_a_failing_target_is_a_failed_run_with_its_reason_and_others_keep_firing(
+    scheduler: Any,
+    target: Any,
+    client: Any,
+    pg_scheduler: str,
+    target_fields: dict[str, Any],
+    reason: str,
+) -> None:
+    failing = new_schedule(
+        client, target=target_fields, timeout_seconds=1, overlap_policy="allow"
+    )
+    healthy = new_schedule(client, name="healthy")
+
+    wait_for(lambda: "failed" in outcomes(pg_scheduler, failing["id"]), timeout=15)
+    failed = next(
+        r for r in runs(pg_scheduler, failing["id"]) if r["outcome"] == "failed"
+    )
+    assert failed["error"].startswith(reason)
+    count = outcomes(pg_scheduler, healthy["id"]).count("succeeded")
+    wait_for(
+        lambda: outcomes(pg_scheduler, healthy["id"]).count("succeeded") >= count + 2
+    )
+
+
+def test_pause_stops_firing_resume_starts_again_and_run_now_runs_at_once(
+    scheduler: Any, target: Any, client: Any, pg_scheduler: str
+) -> None:
+    schedule = new_schedule(client, cron="0 0 1 1 *")  # once a year
+    paused = client.pause(schedule["id"])
+    assert paused["enabled"] is False
+
+    run = client.run_now(schedule["id"])  # paused or not: asked for
+    assert run["outcome"] == "running"
+    wait_for(lambda: outcomes(pg_scheduler, schedule["id"]) == ["succeeded"])
+
+    client.update_schedule(schedule["id"], {"cron": EVERY_SECOND})
+    concurrency.sleep(1.5)
+    assert outcomes(pg_scheduler, schedule["id"]) == ["succeeded"]  # still paused
+    client.resume(schedule["id"])
+    wait_for(lambda: len(outcomes(pg_scheduler, schedule["id"])) >= 3)
+
+
+# -- missed-run policies -------------------------------------------------------------------
+
+
+def miss_ticks(url: str, schedule_id: int, seconds: int) -> None:
+    """As if no replica had run for ``seconds``: the schedule is that far behind."""
+    query(
+        url,
+        "UPDATE schedules SET enabled = true, next_fire_at = "
+        "date_trunc('second', now()) - make_interval(secs => %s) WHERE id = %s",
+        seconds,
+        schedule_id,
+    )
+
+
+def catch_up(url: str, schedule_id: int) -> tuple[list[float], list[float]]:
+    """Ages (seconds before the first claim) of the ticks run late, and of all runs."""
+    rows = query(
+        url,
+        "SELECT extract(epoch FROM first.claimed - scheduled_for)::float "
+        "FROM runs, (SELECT min(claimed_at) AS claimed FROM runs WHERE schedule_id = %s)"
+        " AS first WHERE schedule_id = %s ORDER BY scheduled_for",
+        schedule_id,
+        schedule_id,
+    )
+    ages = [row[0] for row in rows]
+    return [age for age in ages if age > GRACE], ages
+
+
+GRACE = 5  # SCHEDULER_MISFIRE_GRACE_SECONDS's default
+
+
+@pytest.mark.parametrize(
+    ("policy", "window"),
+    [("skip", 3600), ("run_once", 3600), ("run_all", 3600), ("run_all", 20)],
+    ids=["skip", "run_once", "run_all", "run_all-window"],
+)
+def test_ticks_missed_during_an_outage_follow_the_missed_run_policy(
+    container_factory: Any,
+    config: dict[str, Any],
+    target: Any,
+    client: Any,
+    pg_scheduler: str,
+    policy: str,
+    window: int,
+) -> None:
+    first = container_factory(SchedulerService, config)
+    first.start()
+    schedule = new_schedule(
+        client,
+        enabled=False,
+        missed_run_policy=policy,
+        catchup_window_seconds=window,
+        overlap_policy="allow",
+    )
+    first.stop()
+    miss_ticks(pg_scheduler, schedule["id"], 60)  # no replica ran for a minute
+    container_factory(SchedulerService, config).start()
+    wait_for(lambda: outcomes(pg_scheduler, schedule["id"]).count("succeeded") >= 3)
+
+    late, ages = catch_up(pg_scheduler, schedule["id"])
+    # Whatever the policy: one run per tick, and none of the ticks missed for
+    # less than the grace is left out (they are on time).
+    assert all(round(a - b) == 1 for a, b in itertools.pairwise(ages)), ages
+    if policy == "skip":
+        assert late == []
+    elif policy == "run_once":
+        assert len(late) == 1 and late[0] <= GRACE + 1  # the latest missed tick
+    elif window == 3600:
+        assert 60 <= max(late) < 62  # all of them, from the first missed
+    else:
+        assert window - 1 <= max(late) <= window  # back to the window's start
+
+
+# -- overlap policies ----------------------------------------------------------------------
+
+
+def intervals(url: str, schedule_id: int) -> list[tuple[Any, Any, Any, str]]:
+    return query(
+        url,
+        "SELECT scheduled_for, started_at, finished_at, outcome FROM runs "
+        "WHERE schedule_id = %s ORDER BY scheduled_for",
+        schedule_id,
+    )
+
+
+def overlapping(rows: list[tuple[Any, Any, Any, str]]) -> bool:
+    ran = [(start, end) for _, start, end, outcome in rows if outcome == "succeeded"]
+    return any(b[0] < a[1] for a, b in itertools.pairwise(sorted(ran)))
+
+
+@pytest.mark.parametrize("policy", ["skip", "allow", "queue_one"])
+def test_a_tick_due_while_the_previous_run_goes_follows_the_overlap_policy(
+    scheduler: Any, target: Any, client: Any, pg_scheduler: str, policy: str
+) -> None:
+    # 2.5 s runs on a 1 s schedule: every run overlaps at least two ticks.
+    schedule = new_schedule(
+        client,
+        target=rpc_target("linger", seconds=2.5),
+        overlap_policy=policy,
+        timeout_seconds=10,
+    )
+    wait_for(
+        lambda: (
+            [r[3] for r in intervals(pg_scheduler, schedule["id"])].count("succeeded")
+            >= 2
+        ),
+        timeout=20,
+    )
+    rows = intervals(pg_scheduler, schedule["id"])
+    outcomes_seen = [row[3] for row in rows]
+    if policy == "allow":
+        assert "skipped" not in outcomes_seen
+        assert overlapping(rows)
+        return
+    assert "skipped" in outcomes_seen
+    assert not overlapping(rows)
+    first, second = [row for row in rows if row[3] == "succeeded"][:2]
+    if policy == "queue_one":
+        # The tick right after the first waited for it, keeping its own time.
+        assert (second[0] - first[0]).total_seconds() == 1
+        assert second[1] >= first[2]
+    else:
+        assert (second[0] - first[0]).total_seconds() > 1
