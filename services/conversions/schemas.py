@@ -372,3 +372,110 @@ class JobEvent(BaseModel):
     """The body of every conversion event."""
 
     job: JobPayload
+
+
+# -- validated input ---------------------------------------------------------------
+
+NAME_MAX_LENGTH = 255
+_CONTENT_TYPES = {
+    "text/csv": "csv",
+    "application/csv": "csv",
+    "text/tab-separated-values": "tsv",
+    "application/x-ndjson": "ndjson",
+    "application/jsonl": "ndjson",
+    "application/json": "json",
+    "application/vnd.apache.parquet": "parquet",
+    "application/vnd.apache.arrow.file": "arrow",
+    "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet": "xlsx",
+}
+
+
+def clean_name(name: Any) -> str:
+    """A display name: the last path component, printable, at most 255 characters.
+
+    Only ever shown; storage keys are generated, never derived from it.
+    """
+    if not isinstance(name, str):
+        raise InvalidOptions("invalid file", {"name": "must be a string"})
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    base = "".join(ch for ch in base if ch.isprintable()).strip()
+    if not base or base in (".", ".."):
+        raise InvalidOptions("invalid file", {"name": "must not be empty"})
+    return base[-NAME_MAX_LENGTH:]
+
+
+def detect_format(name: str, head: bytes, content_type: str | None = None) -> str:
+    """The format of a file from its name, else its declared type, else its bytes."""
+    lowered = name.lower()
+    for extension, fmt in FORMAT_EXTENSIONS.items():
+        if lowered.endswith(extension):
+            return fmt
+    if content_type:
+        declared = _CONTENT_TYPES.get(content_type.split(";")[0].strip().lower())
+        if declared:
+            return declared
+    if head.startswith(b"PAR1"):
+        return "parquet"
+    if head.startswith(b"ARROW1"):
+        return "arrow"
+    if head.startswith(b"PK\x03\x04"):
+        return "xlsx"
+    stripped = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    if stripped.startswith(b"["):
+        return "json"
+    if stripped.startswith(b"{"):
+        return "ndjson"
+    first_line = head.split(b"\n", 1)[0]
+    if first_line.count(b"\t") > first_line.count(b","):
+        return "tsv"
+    return "csv"
+
+
+def output_name(input_name: str, target_format: str) -> str:
+    """``sales.csv.gz`` converted to parquet is ``sales.parquet``."""
+    lowered = input_name.lower()
+    stem = input_name
+    for extension in FORMAT_EXTENSIONS:
+        if lowered.endswith(extension):
+            stem = input_name[: -len(extension)]
+            break
+    extension = {"arrow": "arrow"}.get(target_format, target_format)
+    return f"{stem or 'converted'}.{extension}"[-NAME_MAX_LENGTH:]
+
+
+def parse_owner(owner: Any, field: str = "owner") -> int | None:
+    if owner is None:
+        return None
+    if not isinstance(owner, int) or isinstance(owner, bool) or owner < 1:
+        raise InvalidOptions("invalid arguments", {field: "must be a user id or null"})
+    return owner
+
+
+def parse_page(page: Any, per_page: Any, state: Any) -> tuple[int, int]:
+    errors: dict[str, str] = {}
+    if not isinstance(page, int) or isinstance(page, bool) or page < 1:
+        errors["page"] = "must be 1 or more"
+    if (
+        not isinstance(per_page, int)
+        or isinstance(per_page, bool)
+        or not 1 <= per_page <= MAX_PER_PAGE
+    ):
+        errors["per_page"] = f"must be between 1 and {MAX_PER_PAGE}"
+    if state is not None and state not in JOB_STATES:
+        errors["state"] = f"must be one of {', '.join(JOB_STATES)}"
+    if errors:
+        raise InvalidOptions("invalid query", errors)
+    return page, per_page
+
+
+def parse_seconds(value: Any, field: str) -> float:
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or value < 0
+        or value != value
+    ):
+        raise InvalidOptions(
+            "invalid arguments", {field: "must be a number of seconds"}
+        )
+    return float(value)

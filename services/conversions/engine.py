@@ -1,0 +1,795 @@
+"""The conversion engine: one file in, one file out, streaming, in a child process.
+
+``convert`` runs in a child process started through ``framework.concurrency``
+(never in the service's own process: it is CPU-bound and would stall every green
+thread), so this module imports neither eventlet nor the framework's containers.
+
+Every input becomes a polars ``LazyFrame`` and every output is written by a polars
+streaming sink, so memory stays bounded whatever the file size. The formats polars
+cannot stream natively go through a scratch file first, written incrementally:
+compressed or Latin-1 text is decoded to UTF-8, a JSON array becomes NDJSON, an
+XLSX sheet becomes Parquet (and NDJSON becomes a JSON array, a polars batch
+stream becomes an XLSX sheet, on the way out).
+
+Errors a user can fix are raised as ``ConversionFailed`` with a message meant for
+them (no paths, no tracebacks); anything else is a bug and is reported as such.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import io
+import json
+import logging
+import os
+import re
+import resource
+import threading
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ConversionFailed", "convert"]
+
+PROGRESS_INTERVAL = 0.5  # seconds between progress messages from the child
+# polars infers column types from this many rows; more rows, fewer surprises later.
+INFER_SCHEMA_ROWS = 10_000
+# A record longer than this is refused rather than read: a whole file on one line
+# would otherwise be held in memory at once.
+MAX_RECORD_BYTES = 64 << 20
+XLSX_MAX_ROWS = 1_048_576
+XLSX_BATCH_ROWS = 10_000
+# Excel stores numbers as doubles: integers beyond 2**53 would lose digits.
+XLSX_MAX_EXACT_INTEGER = 2**53
+_CHUNK = 1 << 20
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_ZIP_MAGIC = b"PK\x03\x04"
+_PARQUET_MAGIC = b"PAR1"
+_ARROW_MAGIC = b"ARROW1"
+
+
+class ConversionFailed(Exception):
+    """The input cannot be converted as asked; the message says why, for a user."""
+
+
+Send = Callable[[Any], None]
+
+
+def convert(send: Send, job: dict[str, Any]) -> dict[str, Any]:
+    """Convert ``job["input_path"]`` to ``job["output_path"]``; the rows written.
+
+    ``job``: input_path, source_format, output_path, target_format, options (as
+    validated by ``schemas.parse_options``), scratch_dir (a folder the caller
+    removes afterwards). ``send`` reports progress as ``{"bytes", "rows"}``.
+    """
+    progress = _Progress(send, int(job.get("input_size") or 0))
+    progress.start()
+    try:
+        frame = _read(job, progress)
+        frame = _select(frame, job["options"])
+        try:
+            frame.collect_schema()
+        except Exception as exc:  # noqa: BLE001 - explained to the user below
+            raise ConversionFailed(_explain(exc, job)) from None
+        rows = _write(frame, job, progress)
+    except ConversionFailed:
+        raise
+    except Exception as exc:  # noqa: BLE001 - library errors about the data
+        message = _explain(exc, job)
+        raise ConversionFailed(message) from None
+    finally:
+        progress.stop()
+    return {
+        "rows": rows,
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+# -- progress -------------------------------------------------------------------------
+
+
+class _Progress:
+    """Sends how far the child has got, twice a second, from its own thread.
+
+    polars reads and writes in native threads we cannot hook, so "bytes" is what
+    this process has read from files (Linux's ``/proc/self/io``), which follows
+    the input closely for large files; "rows" is counted where the rows pass
+    through Python (XLSX, JSON), else known at the end only.
+    """
+
+    def __init__(self, send: Send, total: int) -> None:
+        self.send = send
+        self.total = total
+        self.rows: int | None = None
+        self._done = threading.Event()
+        self._base = _bytes_read()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=1)
+
+    def _run(self) -> None:
+        while not self._done.wait(PROGRESS_INTERVAL):
+            read = max(_bytes_read() - self._base, 0)
+            if self.total:
+                read = min(read, self.total)
+            self.send({"bytes": read, "rows": self.rows})
+
+
+def _bytes_read() -> int:
+    try:
+        with open("/proc/self/io", encoding="ascii") as stats:
+            for line in stats:
+                if line.startswith("rchar:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+# -- reading ------------------------------------------------------------------------------
+
+
+def _read(job: dict[str, Any], progress: _Progress) -> pl.LazyFrame:
+    fmt = job["source_format"]
+    path = job["input_path"]
+    read = job["options"].get("read", {})
+    scratch = Path(job["scratch_dir"])
+    if os.path.getsize(path) == 0:
+        raise ConversionFailed("the file is empty")
+    if fmt in ("csv", "tsv"):
+        text = _plain_utf8(path, read, scratch, fmt)
+        job["_text_path"] = text
+        _check_records(text, fmt, _record_limit(job))
+        separator = "\t" if fmt == "tsv" else (read.get("delimiter") or ",")
+        return pl.scan_csv(
+            text,
+            separator=separator,
+            has_header=read.get("header", True),
+            quote_char=read.get("quote_char") or '"',
+            null_values=read.get("null_values") or None,
+            infer_schema_length=INFER_SCHEMA_ROWS,
+            try_parse_dates=True,
+            raise_if_empty=True,
+        )
+    if fmt == "ndjson":
+        text = _plain_utf8(path, {**read, "encoding": "utf-8"}, scratch, fmt)
+        _check_records(text, fmt, _record_limit(job))
+        return pl.scan_ndjson(text, infer_schema_length=INFER_SCHEMA_ROWS)
+    if fmt == "json":
+        _check_magic(path, fmt)
+        lines = scratch / "input.ndjson"
+        progress.rows = _json_array_to_ndjson(path, lines)
+        if progress.rows == 0:
+            raise ConversionFailed(
+                "the JSON array is empty: there is nothing to convert"
+            )
+        return pl.scan_ndjson(lines, infer_schema_length=INFER_SCHEMA_ROWS)
+    if fmt == "parquet":
+        _check_magic(path, fmt)
+        return pl.scan_parquet(path)
+    if fmt == "arrow":
+        _check_magic(path, fmt)
+        return pl.scan_ipc(path)
+    if fmt == "xlsx":
+        _check_magic(path, fmt)
+        table = scratch / "sheet.parquet"
+        _xlsx_to_parquet(path, read.get("sheet"), table, progress)
+        return pl.scan_parquet(table)
+    raise ConversionFailed(f"cannot read {fmt} files")
+
+
+def _record_limit(job: dict[str, Any]) -> int:
+    return int(job.get("max_record_bytes") or MAX_RECORD_BYTES)
+
+
+def _compression(path: str, wanted: str) -> str:
+    if wanted != "auto":
+        return wanted
+    with open(path, "rb") as stream:
+        head = stream.read(4)
+    if head.startswith(_GZIP_MAGIC):
+        return "gzip"
+    if head.startswith(_ZSTD_MAGIC):
+        return "zstd"
+    return "none"
+
+
+def _plain_utf8(path: str, read: dict[str, Any], scratch: Path, fmt: str) -> str:
+    """``path`` itself if it is uncompressed UTF-8, else a decoded scratch copy."""
+    compression = _compression(path, read.get("compression", "auto"))
+    encoding = read.get("encoding", "utf-8")
+    if compression == "none" and encoding == "utf-8":
+        _check_not_binary(path, fmt)
+        return path
+    target = scratch / f"input.{fmt}"
+    source: Any
+    if compression == "none":
+        source = open(path, "rb")  # noqa: SIM115 - closed below
+    else:
+        try:
+            source = pa.CompressedInputStream(pa.OSFile(path), compression)
+        except (pa.ArrowException, OSError) as exc:
+            raise ConversionFailed(
+                f"cannot open the {compression} file: {exc}"
+            ) from None
+    try:
+        with open(target, "wb") as out:
+            while True:
+                try:
+                    chunk = source.read(_CHUNK)
+                except (pa.ArrowException, OSError) as exc:
+                    raise ConversionFailed(
+                        f"the {compression} compressed data is damaged or truncated"
+                    ) from exc
+                if not chunk:
+                    break
+                if encoding == "latin-1":
+                    # Latin-1 maps every byte to one character: chunk boundaries
+                    # can never split one.
+                    chunk = chunk.decode("latin-1").encode("utf-8")
+                out.write(chunk)
+    finally:
+        source.close()
+    if os.path.getsize(target) == 0:
+        raise ConversionFailed("the file is empty once decompressed")
+    if encoding == "utf-8":
+        _check_not_binary(str(target), fmt)
+    return str(target)
+
+
+def _check_not_binary(path: str, fmt: str) -> None:
+    """A quick look at the first bytes, for files that are not what their name says."""
+    with open(path, "rb") as stream:
+        head = stream.read(64 << 10)
+    for magic, what in (
+        (_PARQUET_MAGIC, "a Parquet file"),
+        (_ARROW_MAGIC, "an Arrow IPC file"),
+        (_ZIP_MAGIC, "a ZIP archive (an XLSX workbook?)"),
+    ):
+        if head.startswith(magic):
+            raise ConversionFailed(f"this is {what}, not {fmt.upper()} text")
+    if b"\x00" in head:
+        raise ConversionFailed(f"this is a binary file, not {fmt.upper()} text")
+
+
+def _check_magic(path: str, fmt: str) -> None:
+    with open(path, "rb") as stream:
+        head = stream.read(8)
+        stream.seek(max(os.path.getsize(path) - 4, 0))
+        tail = stream.read(4)
+    if fmt == "parquet" and not head.startswith(_PARQUET_MAGIC):
+        raise ConversionFailed("this is not a Parquet file")
+    if fmt == "parquet" and (tail != _PARQUET_MAGIC or len(head) < 8):
+        raise ConversionFailed("the Parquet file is truncated or damaged")
+    if fmt == "arrow" and not head.startswith(_ARROW_MAGIC):
+        raise ConversionFailed("this is not an Arrow IPC (Feather v2) file")
+    if fmt == "xlsx" and not head.startswith(_ZIP_MAGIC):
+        raise ConversionFailed("this is not an XLSX workbook")
+    if fmt == "json" and not head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+        raise ConversionFailed(
+            "this is not a JSON array of objects (it must start with '[')"
+        )
+
+
+def _check_records(path: str, fmt: str, limit: int = MAX_RECORD_BYTES) -> None:
+    """Refuse a line longer than ``limit`` bytes before polars reads it.
+
+    A scan for line ends at memory speed (a few hundred milliseconds a gigabyte),
+    and the only way to keep one gigantic line from being read in one piece.
+    Quoted newlines make a line shorter than its record, never longer, so this
+    never refuses a file polars could read in bounded memory.
+    """
+    line = 1
+    run = 0  # bytes of the current line so far
+    with open(path, "rb") as stream:
+        # Chunks are shorter than the limit, so a line over it spans chunks.
+        while chunk := stream.read(min(_CHUNK * 8, max(limit // 2, 1))):
+            first = chunk.find(b"\n")
+            if first == -1:
+                run += len(chunk)
+            else:
+                if run + first > limit:
+                    run += first
+                    break
+                line += chunk.count(b"\n")
+                run = len(chunk) - chunk.rfind(b"\n") - 1
+            if run > limit:
+                break
+    if run > limit:
+        raise ConversionFailed(
+            f"line {line} is longer than {_size(limit)}; "
+            f"this does not look like {fmt.upper()} with one record a line"
+        )
+
+
+def _size(limit: int) -> str:
+    if limit >= 1 << 20:
+        return f"{limit / (1 << 20):g} MB"
+    return f"{limit:,} bytes"
+
+
+def _json_array_to_ndjson(path: str, target: Path) -> int:
+    """Stream a JSON array of objects into NDJSON, one object at a time."""
+    decoder = json.JSONDecoder()
+    rows = 0
+    with (
+        open(path, encoding="utf-8-sig", errors="strict") as source,
+        open(target, "w", encoding="utf-8") as out,
+    ):
+        buffer = ""
+        offset = 0  # characters consumed before ``buffer``
+        started = ended = False
+        eof = False
+
+        def fill() -> bool:
+            nonlocal buffer, eof
+            if eof:
+                return False
+            chunk = source.read(_CHUNK)
+            if not chunk:
+                eof = True
+                return False
+            buffer += chunk
+            return True
+
+        try:
+            while True:
+                stripped = buffer.lstrip()
+                offset += len(buffer) - len(stripped)
+                buffer = stripped
+                if not buffer:
+                    if not fill():
+                        break
+                    continue
+                if not started:
+                    if buffer[0] != "[":
+                        raise ConversionFailed(
+                            "this is not a JSON array of objects (it must start with '[')"
+                        )
+                    started = True
+                    buffer, offset = buffer[1:], offset + 1
+                    continue
+                if ended:
+                    raise ConversionFailed(
+                        f"unexpected data after the JSON array, at character {offset}"
+                    )
+                if buffer[0] == "]":
+                    ended = True
+                    buffer, offset = buffer[1:], offset + 1
+                    continue
+                if buffer[0] == "," and rows:
+                    buffer, offset = buffer[1:], offset + 1
+                    continue
+                try:
+                    value, end = decoder.raw_decode(buffer)
+                except json.JSONDecodeError as exc:
+                    if len(buffer) > MAX_RECORD_BYTES:
+                        raise ConversionFailed(
+                            f"invalid JSON at character {offset + exc.pos}: {exc.msg}"
+                        ) from None
+                    if fill():
+                        continue
+                    if exc.pos >= len(buffer.rstrip()):
+                        raise ConversionFailed(
+                            "the JSON is truncated: the file ends inside an object"
+                        ) from None
+                    raise ConversionFailed(
+                        f"invalid JSON at character {offset + exc.pos}: {exc.msg}"
+                    ) from None
+                if end == len(buffer) and not eof and fill():
+                    # A number at the end of the buffer may go on in the next chunk.
+                    continue
+                if not isinstance(value, dict):
+                    raise ConversionFailed(
+                        f"item {rows + 1} of the JSON array is not an object"
+                    )
+                out.write(json.dumps(value, ensure_ascii=False))
+                out.write("\n")
+                rows += 1
+                buffer, offset = buffer[end:], offset + end
+        except UnicodeDecodeError:
+            raise ConversionFailed("the file is not valid UTF-8 text") from None
+    if not started:
+        raise ConversionFailed("the file holds no JSON")
+    if not ended:
+        raise ConversionFailed("the JSON array is not closed: the file is truncated")
+    return rows
+
+
+def _xlsx_to_parquet(
+    path: str, sheet: str | None, target: Path, progress: _Progress
+) -> None:
+    """A sheet, read row by row (openpyxl's read-only mode), into a Parquet file.
+
+    Two passes: the first settles each column's type from every value, so the
+    second can write batches of one schema (a column of numbers with one word in
+    it becomes text, not an error halfway through).
+    """
+    import openpyxl
+    from openpyxl.utils.exceptions import InvalidFileException
+
+    try:
+        workbook = openpyxl.load_workbook(path, read_only=True, data_only=True)
+    except (zipfile.BadZipFile, InvalidFileException, KeyError, OSError) as exc:
+        raise ConversionFailed(
+            f"the XLSX workbook cannot be opened: it is damaged or not XLSX ({exc})"
+        ) from None
+    try:
+        if sheet is not None and sheet not in workbook.sheetnames:
+            raise ConversionFailed(
+                f"the workbook has no sheet {sheet!r}; "
+                f"it has: {', '.join(workbook.sheetnames)}"
+            )
+        worksheet = workbook[sheet] if sheet is not None else workbook.worksheets[0]
+        rows = worksheet.iter_rows(values_only=True)
+        header = next(rows, None)
+        if header is None:
+            raise ConversionFailed("the sheet is empty")
+        names = _column_names(header)
+        kinds: list[set[type]] = [set() for _ in names]
+        for row in rows:
+            for i, value in enumerate(row[: len(names)]):
+                if value is not None:
+                    kinds[i].add(type(value))
+                    if (
+                        isinstance(value, datetime.datetime)
+                        and value.time() != _MIDNIGHT
+                    ):
+                        kinds[i].add(_WithTime)
+        types = [_arrow_type(found) for found in kinds]
+        schema = pa.schema(list(zip(names, types, strict=True)))
+        writer = pq.ParquetWriter(str(target), schema, compression="none")
+        try:
+            batch: list[tuple[Any, ...]] = []
+            progress.rows = 0
+            for row in worksheet.iter_rows(min_row=2, values_only=True):
+                batch.append(row)
+                if len(batch) >= XLSX_BATCH_ROWS:
+                    writer.write_table(_xlsx_batch(batch, names, types, schema))
+                    progress.rows += len(batch)
+                    batch = []
+            if batch:
+                writer.write_table(_xlsx_batch(batch, names, types, schema))
+                progress.rows += len(batch)
+        finally:
+            writer.close()
+    except (zipfile.BadZipFile, KeyError, ValueError, TypeError) as exc:
+        raise ConversionFailed(f"the XLSX workbook is damaged: {exc}") from None
+    finally:
+        workbook.close()
+
+
+_MIDNIGHT = datetime.time(0, 0)
+
+
+class _WithTime:
+    """Marks a column holding a datetime whose time is not midnight."""
+
+
+def _column_names(header: tuple[Any, ...]) -> list[str]:
+    names: list[str] = []
+    for i, value in enumerate(header):
+        name = str(value) if value is not None else f"column_{i + 1}"
+        while name in names:
+            name += "_"
+        names.append(name)
+    return names
+
+
+def _arrow_type(found: set[type]) -> pa.DataType:
+    if not found:
+        return pa.string()
+    if found <= {bool}:
+        return pa.bool_()
+    if found <= {int}:
+        return pa.int64()
+    if found <= {int, float}:
+        return pa.float64()
+    if found <= {datetime.datetime, datetime.date}:
+        # Excel has no dates without a time: all at midnight means dates.
+        return pa.date32()
+    if found <= {datetime.datetime, datetime.date, _WithTime}:
+        return pa.timestamp("us")
+    return pa.string()
+
+
+def _xlsx_batch(
+    rows: list[tuple[Any, ...]],
+    names: list[str],
+    types: list[pa.DataType],
+    schema: pa.Schema,
+) -> pa.Table:
+    columns = []
+    for i, kind in enumerate(types):
+        values = [row[i] if i < len(row) else None for row in rows]
+        if kind == pa.string():
+            values = [_cell_text(value) for value in values]
+        elif kind == pa.float64():
+            values = [None if value is None else float(value) for value in values]
+        elif kind == pa.date32():
+            values = [_as_date(value) for value in values]
+        columns.append(pa.array(values, type=kind))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _as_date(value: Any) -> datetime.date | None:
+    if isinstance(value, datetime.datetime):
+        return value.date()
+    return value
+
+
+def _cell_text(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, datetime.datetime | datetime.date | datetime.time):
+        return value.isoformat()
+    return str(value)
+
+
+# -- column selection ---------------------------------------------------------------------
+
+
+def _select(frame: pl.LazyFrame, options: dict[str, Any]) -> pl.LazyFrame:
+    columns = options.get("columns")
+    rename = options.get("rename") or {}
+    if not columns and not rename:
+        return frame
+    try:
+        available = frame.collect_schema().names()
+    except Exception:  # noqa: BLE001 - the same error comes back, explained, later
+        return frame
+    if columns:
+        missing = [name for name in columns if name not in available]
+        if missing:
+            raise ConversionFailed(
+                f"no column {', '.join(map(repr, missing))} in the input; "
+                f"it has: {', '.join(available)}"
+            )
+        frame = frame.select(columns)
+        available = list(columns)
+    unknown = [name for name in rename if name not in available]
+    if unknown:
+        raise ConversionFailed(
+            f"cannot rename {', '.join(map(repr, unknown))}: no such column; "
+            f"the columns are: {', '.join(available)}"
+        )
+    final = [rename.get(name, name) for name in available]
+    if len(set(final)) != len(final):
+        raise ConversionFailed("renaming would give two columns the same name")
+    return frame.rename(rename)
+
+
+# -- writing ------------------------------------------------------------------------------
+
+
+def _write(frame: pl.LazyFrame, job: dict[str, Any], progress: _Progress) -> int | None:
+    fmt = job["target_format"]
+    out = job["output_path"]
+    write = job["options"].get("write", {})
+    if fmt in ("csv", "tsv"):
+        separator = "\t" if fmt == "tsv" else (write.get("delimiter") or ",")
+        frame.sink_csv(
+            out,
+            separator=separator,
+            include_header=write.get("header", True),
+            null_value=write.get("null_value", ""),
+            check_extension=False,
+        )
+        return _count_csv_rows(out, separator, write.get("header", True))
+    if fmt == "ndjson":
+        frame.sink_ndjson(out, check_extension=False)
+        return _count_lines(out)
+    if fmt == "json":
+        lines = Path(job["scratch_dir"]) / "output.ndjson"
+        frame.sink_ndjson(lines, check_extension=False)
+        return _ndjson_to_json_array(lines, out)
+    if fmt == "parquet":
+        compression = write.get("compression") or "zstd"
+        frame.sink_parquet(
+            out, compression="uncompressed" if compression == "none" else compression
+        )
+        return int(pq.ParquetFile(out).metadata.num_rows)
+    if fmt == "arrow":
+        compression = write.get("compression") or "none"
+        frame.sink_ipc(
+            out, compression="uncompressed" if compression == "none" else compression
+        )
+        return int(pl.scan_ipc(out).select(pl.len()).collect().item())
+    if fmt == "xlsx":
+        return _write_xlsx(frame, out, progress)
+    raise ConversionFailed(f"cannot write {fmt} files")
+
+
+def _count_csv_rows(path: str, separator: str, header: bool) -> int:
+    if not os.path.getsize(path):
+        return 0
+    rows = pl.scan_csv(path, separator=separator, has_header=header, infer_schema=False)
+    return int(rows.select(pl.len()).collect().item())
+
+
+def _count_lines(path: str) -> int:
+    count = 0
+    with open(path, "rb") as stream:
+        while chunk := stream.read(_CHUNK * 8):
+            count += chunk.count(b"\n")
+    return count
+
+
+def _ndjson_to_json_array(source: Path, target: str) -> int:
+    rows = 0
+    with open(source, "rb") as lines, open(target, "wb") as out:
+        out.write(b"[")
+        for line in lines:
+            line = line.rstrip(b"\r\n")
+            if not line:
+                continue
+            out.write(b",\n" if rows else b"\n")
+            out.write(line)
+            rows += 1
+        out.write(b"\n]\n")
+    return rows
+
+
+def _write_xlsx(frame: pl.LazyFrame, out: str, progress: _Progress) -> int:
+    import xlsxwriter
+
+    # constant_memory: each row is flushed to disk as it is written.
+    workbook = xlsxwriter.Workbook(
+        out, {"constant_memory": True, "strings_to_numbers": False}
+    )
+    try:
+        sheet = workbook.add_worksheet("data")
+        date_format = workbook.add_format({"num_format": "yyyy-mm-dd"})
+        datetime_format = workbook.add_format({"num_format": "yyyy-mm-dd hh:mm:ss"})
+        names = frame.collect_schema().names()
+        sheet.write_row(0, 0, names)
+        row_number = 0
+        progress.rows = 0
+        for batch in frame.collect_batches(chunk_size=XLSX_BATCH_ROWS):
+            if row_number + batch.height >= XLSX_MAX_ROWS:
+                raise ConversionFailed(
+                    f"the data has more than {XLSX_MAX_ROWS - 1:,} rows, "
+                    "more than an XLSX sheet can hold; choose another format"
+                )
+            for row in batch.iter_rows():
+                row_number += 1
+                for column, value in enumerate(row):
+                    _write_cell(
+                        sheet, row_number, column, value, date_format, datetime_format
+                    )
+            progress.rows = row_number
+        return row_number
+    finally:
+        workbook.close()
+
+
+def _write_cell(
+    sheet: Any, row: int, column: int, value: Any, date_format: Any, dt_format: Any
+) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool):
+        sheet.write_boolean(row, column, value)
+    elif isinstance(value, int) and abs(value) > XLSX_MAX_EXACT_INTEGER:
+        # As text, to keep every digit: Excel would round it to a double.
+        sheet.write_string(row, column, str(value))
+    elif isinstance(value, int | float):
+        sheet.write_number(row, column, value)
+    elif isinstance(value, datetime.datetime):
+        sheet.write_datetime(row, column, value.replace(tzinfo=None), dt_format)
+    elif isinstance(value, datetime.date):
+        sheet.write_datetime(row, column, value, date_format)
+    elif isinstance(value, str):
+        sheet.write_string(row, column, value)
+    else:
+        sheet.write_string(row, column, json.dumps(value, default=str))
+
+
+# -- explaining failures ------------------------------------------------------------------
+
+_LINE_NUMBER = re.compile(r"line (\d+)")
+
+
+def _explain(exc: BaseException, job: dict[str, Any]) -> str:
+    """A message for the user: what is wrong with their file, in their terms."""
+    fmt = job["source_format"]
+    text = str(exc)
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    lowered = text.lower()
+    if "utf-8" in lowered or "utf8" in lowered:
+        return (
+            "the file is not valid UTF-8 text; if it is Latin-1, "
+            "set the read option encoding to latin-1"
+        )
+    if fmt in ("csv", "tsv"):
+        located = _locate_csv_error(job)
+        if located:
+            return located
+    if isinstance(exc, pl.exceptions.NoDataError):
+        return "the file has no data"
+    if fmt == "parquet" and ("parquet" in lowered or "footer" in lowered):
+        return "the Parquet file is truncated or damaged"
+    if fmt == "arrow":
+        return "the Arrow IPC file is truncated or damaged"
+    if fmt == "ndjson" and ("json" in lowered or "eof" in lowered):
+        return f"invalid NDJSON: {_scrub(first, job)}"
+    if isinstance(exc, pl.exceptions.PolarsError | pa.ArrowException):
+        return f"the {fmt} data cannot be converted: {_scrub(first, job)}"
+    log.exception("unexpected error in a conversion")
+    return "the conversion failed because of an internal error"
+
+
+def _scrub(message: str, job: dict[str, Any]) -> str:
+    """No paths of ours in a message a user sees."""
+    for key in ("input_path", "output_path", "scratch_dir"):
+        value = job.get(key)
+        if value:
+            message = message.replace(str(value), "<file>")
+    return message[:300]
+
+
+def _locate_csv_error(job: dict[str, Any]) -> str | None:
+    """The first record with the wrong number of fields, found with Python's csv.
+
+    Only run after polars failed, so it costs nothing on good files. Reads the
+    decoded text polars read; stops at the first problem.
+    """
+    read = job["options"].get("read", {})
+    path = job.get("_text_path")
+    if path is None:
+        return None
+    separator = (
+        "\t" if job["source_format"] == "tsv" else (read.get("delimiter") or ",")
+    )
+    try:
+        with open(path, encoding="utf-8", newline="") as stream:
+            reader = csv.reader(
+                _bounded_lines(stream),
+                delimiter=separator,
+                quotechar=read.get("quote_char") or '"',
+                strict=True,
+            )
+            expected: int | None = None
+            for record in reader:
+                if expected is None:
+                    expected = len(record)
+                    continue
+                if record and len(record) != expected:
+                    return (
+                        f"malformed {job['source_format'].upper()}: line "
+                        f"{reader.line_num} has {len(record)} fields, "
+                        f"the first line has {expected}"
+                    )
+    except csv.Error as exc:
+        return f"malformed {job['source_format'].upper()} near line {_line(exc)}: {exc}"
+    except (UnicodeDecodeError, OSError):
+        return None
+    return None
+
+
+def _line(exc: csv.Error) -> str:
+    match = _LINE_NUMBER.search(str(exc))
+    return match.group(1) if match else "?"
+
+
+def _bounded_lines(stream: io.TextIOBase) -> Iterator[str]:
+    while True:
+        line = stream.readline(MAX_RECORD_BYTES)
+        if not line:
+            return
+        yield line
