@@ -194,6 +194,20 @@ class FileStorage:
             return False
         return True
 
+    def remove_partials(self, key: str) -> int:
+        """Remove temporary files left for ``key`` by writers that died; how many.
+
+        For a writer about to write ``key`` again after a crash: only one writer
+        of a key may run at a time, so every partial of it is dead.
+        """
+        prefix = f"{self.check_key(key)}{PARTIAL_MARKER}"
+        removed = 0
+        for name in self.fs.ls(self.root, detail=False):
+            if str(name).rstrip("/").rsplit("/", 1)[-1].startswith(prefix):
+                self._remove_quietly(str(name))
+                removed += 1
+        return removed
+
     def remove_stale_partials(self, older_than_seconds: float) -> int:
         """Remove temporary files of writers that died (``kill -9``); how many."""
         cutoff = time.time() - older_than_seconds

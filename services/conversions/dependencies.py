@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 MAX_CONCURRENT_CONVERSIONS_CONFIG_KEY = "MAX_CONCURRENT_CONVERSIONS"
 HEARTBEAT_INTERVAL_CONFIG_KEY = "CONVERSION_HEARTBEAT_INTERVAL"
 STALE_AFTER_CONFIG_KEY = "CONVERSION_STALE_AFTER"
+MAX_LINE_BYTES_CONFIG_KEY = "CONVERSION_MAX_LINE_BYTES"
 
 DEFAULT_HEARTBEAT_INTERVAL = 0.5  # seconds; also the progress events' interval
 # A running job whose heartbeat is older than this has lost its replica.
@@ -345,10 +346,12 @@ class JobRunner:
         heartbeat_interval: float,
         stale_after: float,
         slots: Any,
+        max_line_bytes: int = engine.MAX_RECORD_BYTES,
     ) -> None:
         self.replica = replica
         self.heartbeat_interval = heartbeat_interval
         self.stale_after = stale_after
+        self.max_line_bytes = max_line_bytes
         self._slots = slots
 
     def run(
@@ -415,6 +418,10 @@ class JobRunner:
         scratch = tempfile.mkdtemp(prefix="conversion-")
         watch = _Watch(self, job_id, jobs, dispatch, job.input_size)
         try:
+            if job.attempts > 1:
+                # An earlier run died mid-write (kill -9): its temporary output
+                # is garbage now, and nobody else is writing this key.
+                storage.remove_partials(job.output_key)
             input_path = self._input_path(storage, source.storage_key, scratch)
             with storage.staging_path(job.output_key) as output_path:
                 spec = {
@@ -425,6 +432,7 @@ class JobRunner:
                     "options": job.options or {},
                     "scratch_dir": scratch,
                     "input_size": job.input_size,
+                    "max_record_bytes": self.max_line_bytes,
                 }
                 result = concurrency.run_in_process(
                     engine.convert,
@@ -604,6 +612,9 @@ class ConversionRunner(DependencyProvider):
             stale_after = float(
                 config.get(STALE_AFTER_CONFIG_KEY) or DEFAULT_STALE_AFTER
             )
+            max_line = int(
+                config.get(MAX_LINE_BYTES_CONFIG_KEY) or engine.MAX_RECORD_BYTES
+            )
         except (TypeError, ValueError):
             raise ConfigurationError(
                 f"{HEARTBEAT_INTERVAL_CONFIG_KEY} and {STALE_AFTER_CONFIG_KEY} "
@@ -625,7 +636,7 @@ class ConversionRunner(DependencyProvider):
         concurrency.preload_for_processes([engine.__name__])
         replica = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.runner = JobRunner(
-            replica, heartbeat, stale_after, concurrency.Semaphore(limit)
+            replica, heartbeat, stale_after, concurrency.Semaphore(limit), max_line
         )
 
     def get_dependency(self, worker_ctx: WorkerContext) -> JobRunner:

@@ -165,6 +165,17 @@ def test_stale_partials_of_a_dead_writer_are_removed(local: FileStorage) -> None
     assert local.exists(kept)
 
 
+def test_partials_of_one_key_are_removed_and_no_others(local: FileStorage) -> None:
+    key, other = local.new_key(), local.new_key()
+    (Path(local.root) / f"{key}.partial-a").write_bytes(b"half")
+    (Path(local.root) / f"{other}.partial-b").write_bytes(b"half")
+    local.write_bytes(key, b"whole")
+
+    assert local.remove_partials(key) == 1
+
+    assert listing(local) == sorted([key, f"{other}.partial-b"])
+
+
 def test_the_provider_injects_storage_at_the_configured_url(
     mock_container: Any, tmp_path: Path
 ) -> None:

@@ -172,3 +172,75 @@ def test_finished_jobs_cannot_be_cancelled_and_only_failed_ones_retried(
     assert not storage.exists(output_key)
     with pytest.raises(JobNotFound):
         service.get_job(job["id"])
+
+
+# Each bad input of the issue, as a user would send it: the job fails with a message
+# that names the problem, and the service goes on answering.
+BAD_UPLOADS = [
+    ("ragged.csv", b"a,b\n1,2\n3,4,5\n", "line 3 has 3 fields"),
+    ("empty.csv", b"", "the file is empty"),
+    ("latin1.csv", "name\nJosé\n".encode("latin-1"), "not valid UTF-8"),
+    ("cut.parquet", b"PAR1" + b"\x00" * 64, "truncated or damaged"),
+    ("broken.xlsx", b"PK\x03\x04" + b"\x00" * 64, "XLSX"),
+    ("one-line.csv", b"x" * 300_000, "line 1 is longer than"),
+    ("image.csv", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "binary file"),
+]
+
+
+def test_bad_files_fail_their_jobs_with_clear_messages_and_the_service_goes_on(
+    container_factory: Any, config: dict[str, Any], storage: FileStorage
+) -> None:
+    container = container_factory(
+        ConversionsService, {**config, "CONVERSION_MAX_LINE_BYTES": 100_000}
+    )
+    container.start()
+    with ClusterRpcProxy(config, timeout=RPC_TIMEOUT) as rpc:
+        service = rpc.conversions
+        jobs = {}
+        for name, data, _ in BAD_UPLOADS:
+            registered = service.register_file(upload(storage, data), name, 0, 9)
+            jobs[name] = service.start_conversion(registered["id"], "csv", {}, 9)
+        for name, _, message in BAD_UPLOADS:
+            job = wait_for_state(service, jobs[name]["id"], "succeeded", "failed")
+            assert job["state"] == "failed", name
+            assert message in job["error"], (name, job["error"])
+            assert job["output"] is None and job["finished_at"] is not None
+
+        assert service.formats()["formats"]
+        good = service.register_file(upload(storage, b"a\n1\n"), "good.csv", 0, 9)
+        job = service.start_conversion(good["id"], "json", {}, 9)
+        assert wait_for_state(service, job["id"], "succeeded", "failed")["state"] == (
+            "succeeded"
+        )
+
+
+def test_rpc_is_answered_during_a_long_conversion_which_cancel_stops_cleanly(
+    service: Any, storage: FileStorage, storage_dir: Any, events: list[Any]
+) -> None:
+    # XLSX is written a cell at a time: tens of thousands of rows take seconds.
+    key = upload(storage, csv_bytes(40_000))
+    registered = service.register_file(key, "long.csv", 0, 5)
+    job = service.start_conversion(registered["id"], "xlsx", {}, 5)
+    wait_for(
+        lambda: any(
+            kind == CONVERSION_PROGRESS and payload["job"]["id"] == job["id"]
+            for kind, payload in events
+        ),
+        timeout=30,
+    )
+
+    # The conversion runs in this replica now; its RPC keeps answering.
+    answering = service.get_job.with_timeout(10)(job["id"])
+    assert answering["state"] == "running"
+    assert service.formats.with_timeout(10)()["pairs"]
+
+    cancelled = service.cancel_job(job["id"])
+    assert cancelled["state"] == "cancelled"
+
+    # No output and no temporary file: only the input is left in storage.
+    wait_for(lambda: sorted(p.name for p in storage_dir.iterdir()) == [key], timeout=2)
+    assert service.get_job(job["id"])["state"] == "cancelled"
+    wait_for(lambda: any(kind == CONVERSION_CANCELLED for kind, _ in events))
+    retried = service.retry_job(job["id"])
+    assert retried["state"] == "queued"
+    service.cancel_job(job["id"])
