@@ -6,7 +6,10 @@ Topology: a message a service cannot handle (undecodable, content type not in
 ``DEAD_LETTER_EXCHANGE`` (default ``framework-dlx``) with the source queue's name as
 routing key, into the durable queue ``<source queue>.dead-letter``. Its headers keep
 the original ones plus ``x-dead-letter-reason``, ``x-original-exchange``,
-``x-original-routing-key`` and ``x-original-queue``. Replaying republishes it to its
+``x-original-routing-key`` and ``x-original-queue``. A dead letter of an entrypoint with
+``sensitive_arguments`` also carries ``x-sensitive-arguments`` (the paths, the
+method's parameter names and the body's layout), so that listings can mask those
+arguments: ``display_body``. Replaying republishes it to its
 original routing with the bookkeeping headers removed: RPC requests to their
 exchange and routing key (the service finds the method by routing key), everything
 else straight to its source queue through the default exchange, so an event goes
@@ -15,7 +18,9 @@ back to the one handler that failed it, not to every queue bound to its type.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +29,7 @@ import amqp.exceptions
 
 from framework.amqp.connection import make_connection
 from framework.constants import RPC_QUEUE_TEMPLATE
+from framework.utils import REDACTED
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +40,10 @@ BOOKKEEPING_HEADERS = (
     "x-original-routing-key",
     "x-original-queue",
     "x-redelivery-count",
+    "x-sensitive-arguments",
 )
+SENSITIVE_ARGUMENTS_HEADER = "x-sensitive-arguments"
+_PATH_TOKEN = re.compile(r"\.?([^.\[\]]+)|\[(\d+)\]")
 
 
 @dataclass
@@ -68,6 +77,58 @@ def _describe(raw: Any) -> DeadLetter:
         original_routing_key=str(headers.get("x-original-routing-key", "")),
         headers=headers,
     )
+
+
+def display_body(letter: DeadLetter) -> str:
+    """The body as a listing may show it: the entrypoint's sensitive arguments
+    masked, or nothing but its size when they cannot be found in it."""
+    spec = letter.headers.get(SENSITIVE_ARGUMENTS_HEADER)
+    text = letter.body.decode("utf-8", "replace")
+    if not spec:
+        return text
+    try:
+        return json.dumps(_redacted_arguments(json.loads(letter.body), spec))
+    except Exception:  # noqa: BLE001 - undecodable, or not the expected shape
+        return (
+            f"<{len(letter.body)} bytes withheld: the entrypoint has sensitive "
+            "arguments and they could not be masked>"
+        )
+
+
+def _redacted_arguments(body: Any, spec: dict[str, Any]) -> dict[str, Any]:
+    """The call's arguments by parameter name, sensitive paths masked."""
+    parameters = [str(name) for name in spec.get("parameters") or []]
+    if spec.get("layout") == "rpc":
+        args, kwargs = body["args"], body["kwargs"]
+        if not isinstance(args, list) or not isinstance(kwargs, dict):
+            raise ValueError("not an RPC request")
+    else:
+        args, kwargs = [body], {}
+    arguments: dict[str, Any] = {}
+    for index, value in enumerate(args):
+        name = parameters[index] if index < len(parameters) else f"*args[{index}]"
+        arguments[name] = value
+    arguments.update(kwargs)
+    for path in spec.get("paths") or []:
+        tokens: list[Any] = [
+            key if key else int(index) for key, index in _PATH_TOKEN.findall(path)
+        ]
+        if tokens:
+            _mask(arguments, tokens)
+    return arguments
+
+
+def _mask(target: Any, tokens: list[Any]) -> None:
+    for token in tokens[:-1]:
+        try:
+            target = target[token]
+        except (KeyError, IndexError, TypeError):
+            return
+    last = tokens[-1]
+    if isinstance(target, dict) and last in target:
+        target[last] = REDACTED
+    elif isinstance(target, list) and isinstance(last, int) and last < len(target):
+        target[last] = REDACTED
 
 
 def replay_destination(letter: DeadLetter, queue_name: str) -> tuple[str, str]:

@@ -24,6 +24,7 @@ from framework.constants import (
     PREFETCH_COUNT_CONFIG_KEY,
 )
 from framework.containers import WorkerContext
+from framework.deadletters import SENSITIVE_ARGUMENTS_HEADER
 from framework.exceptions import ContainerBeingKilled
 from framework.extensions import (
     DependencyProvider,
@@ -44,9 +45,7 @@ REDELIVERY_MAX_DELAY_CONFIG_KEY = "REDELIVERY_MAX_DELAY"
 DEFAULT_REDELIVERY_DELAY = 2.0  # seconds before the first redelivery
 DEFAULT_REDELIVERY_BACKOFF = 2.0  # each next delay is this many times the last
 DEFAULT_REDELIVERY_MAX_DELAY = 300.0  # seconds
-#: On a dead letter: the entrypoint's ``sensitive_arguments`` and its parameter
-#: names, so listings can mask them (see ``framework.deadletters``).
-SENSITIVE_ARGUMENTS_HEADER = "x-sensitive-arguments"
+
 # Properties a republished message gets anew rather than copied.
 _REPLACED_PROPERTIES = (
     "application_headers",

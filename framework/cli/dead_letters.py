@@ -35,11 +35,8 @@ def main(args: argparse.Namespace) -> int:
     if args.action == "list":
         letters = deadletters.peek(config, args.queue, limit=args.limit or 100)
         for letter in letters:
-            body = (
-                letter.body.decode("utf-8", "replace")
-                if isinstance(letter.body, bytes)
-                else letter.body
-            )
+            # Sensitive arguments (passwords...) masked: see display_body.
+            body = deadletters.display_body(letter)
             sys.stdout.write(
                 f"{letter.original_exchange or '(default)'} {letter.original_routing_key}"
                 f" [{letter.reason}] {body[:200]}\n"

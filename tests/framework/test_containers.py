@@ -256,3 +256,92 @@ def test_entrypoint_hook_calls_through_the_container(container_factory):
     container.start()
     with entrypoint_hook(container, "method") as hook:
         assert hook(5) == 10
+
+
+@pytest.mark.parametrize(
+    "stack",
+    [5, 3.5, {"a": "b"}, [1, None, {"a": 1}], b"bytes", ["x" * 100_000], [""]],
+)
+def test_a_malformed_call_id_stack_is_ignored_not_fatal(container_factory, stack):
+    container = container_factory(Service, {})
+    entrypoint = next(e for e in container.entrypoints if e.method_name == "method")
+    ctx = WorkerContext(container, None, entrypoint, data={"call_id_stack": stack})
+    assert ctx.call_id_stack == [ctx.call_id]
+    assert ctx.origin_call_id is None
+
+
+def test_an_oversized_call_id_stack_keeps_only_its_latest_ids(container_factory):
+    container = container_factory(Service, {"parent_calls_tracked": 3})
+    entrypoint = next(e for e in container.entrypoints if e.method_name == "method")
+    parent = [f"caller.m.{i}" for i in range(100_000)] + [7, "ok.m.1"]
+    ctx = WorkerContext(container, None, entrypoint, data={"call_id_stack": parent})
+    assert ctx.call_id_stack == [
+        "caller.m.99998",
+        "caller.m.99999",
+        "ok.m.1",
+        ctx.call_id,
+    ]
+    assert len(ctx._parent_call_id_stack) <= 256
+
+
+def test_graceful_stop_waits_for_worker_related_threads_before_stopping_dependencies(
+    container_factory,
+):
+    events: list[str] = []
+
+    class Publisher(DependencyProvider):
+        def stop(self):
+            events.append("dependencies stopped")
+
+    class WithPublisher:
+        name = "with_publisher"
+        publisher = Publisher()
+
+        @entrypoint
+        def work(self):
+            pass
+
+    container = container_factory(WithPublisher, {})
+    container.start()
+    release = concurrency.Event()
+
+    def error_reply():  # e.g. an error reply waiting for its publisher confirm
+        release.wait()
+        events.append("reply sent")
+
+    container.spawn_worker_related(error_reply)
+    stopper = concurrency.spawn(container.stop)
+    for _ in range(20):  # let stop() run as far as it can
+        concurrency.sleep(0)
+    assert events == [] and not stopper.dead
+    release.send(None)
+    with concurrency.Timeout(5):
+        stopper.wait()
+    assert events == ["reply sent", "dependencies stopped"]
+
+
+def test_a_failing_worker_related_thread_is_logged_by_type_not_printed(
+    container_factory, caplog, capfd
+):
+    container = container_factory(Service, {})
+    container.start()
+
+    def broken():
+        raise ValueError("secret detail")
+
+    with caplog.at_level(logging.ERROR), concurrency.Timeout(5):
+        container.spawn_worker_related(broken).wait()
+    (record,) = [r for r in caplog.records if r.name == "framework.containers"]
+    assert record.error_type == "ValueError"
+    assert "secret detail" not in caplog.text
+    assert "Traceback" not in capfd.readouterr().err
+    with concurrency.Timeout(5):
+        container.stop()
+
+
+def test_kill_kills_worker_related_threads(container_factory):
+    container = container_factory(Service, {})
+    container.start()
+    thread = container.spawn_worker_related(concurrency.Event().wait)
+    container.kill()
+    assert thread.dead and not container.busy
