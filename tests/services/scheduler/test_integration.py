@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from datetime import UTC
 from typing import Any
 
 import pytest
@@ -198,7 +199,9 @@ def test_every_tick_calls_the_target_once_with_the_tick_in_its_context(
     recorded = runs(pg_scheduler, schedule["id"])
     ticks = [tick for _, tick in TargetService.calls]
     assert len(ticks) == len(set(ticks))
-    assert ticks[:3] == [run["scheduled_for"].isoformat() for run in recorded[:3]]
+    assert ticks[:3] == [
+        run["scheduled_for"].astimezone(UTC).isoformat() for run in recorded[:3]
+    ]
     shown = client.get_schedule(schedule["id"])
     assert shown["last_runs"][-1]["result_summary"] == '{"recorded": "a"}'
 
