@@ -27,6 +27,7 @@ from framework.amqp.connection import (
     make_connection,
     tune_transport,
 )
+from framework.amqp.frames import MARKER_HEADER, FrameGuard, UnparsableProperties
 from framework.amqp.heartbeat import HeartbeatGuard
 from framework.utils import sanitize_url
 
@@ -235,6 +236,7 @@ class ConsumeLoop:
                 if self._amqp:
                     guard = HeartbeatGuard.install(connection.connection, heartbeat)
                     tune_transport(connection.connection)
+                    FrameGuard.install(connection.connection)
                 self._channel = connection.channel()
                 self.generation += 1
                 self.connected = True
@@ -326,6 +328,12 @@ class ConsumeLoop:
         if subscriber not in self._subscribers:
             # Delivered before our cancel reached the broker: give it back.
             delivery.requeue()
+            return
+        unparsable = delivery.headers.get(MARKER_HEADER)
+        if unparsable is not None:
+            # Its properties were lost to a parse error (see amqp.frames).
+            exc = UnparsableProperties(str(unparsable)[:100])
+            self._guarded(self._on_undecodable, delivery, exc)
             return
         try:
             body = delivery.decode(self.accept)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from typing import Any
 
 import amqp
@@ -208,6 +209,50 @@ def _drain(channel, queue_name: str) -> list[Any]:
     while (message := channel.basic_get(queue_name, no_ack=True)) is not None:
         got.append(message)
     return got
+
+
+def nested_table(depth: int) -> dict[str, Any]:
+    table: dict[str, Any] = {}
+    for _ in range(depth):
+        table = {"a": table}
+    return table
+
+
+def test_headers_too_deep_for_the_amqp_library_are_dead_lettered(
+    rabbit_config, runner_factory, rabbit_manager, raw_channel
+):
+    """RabbitMQ routes a header nested 1,200 deep; py-amqp's recursive parser
+    cannot read it. It used to drop the connection on every redelivery."""
+    runner_factory(rabbit_config, Target).start()
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(20_000)  # for py-amqp's recursive encoder, in the sender
+    try:
+        headers = {"deep": nested_table(1200)}
+        send(
+            raw_channel,
+            b'{"args": [], "kwargs": {}}',
+            "target.echo",
+            application_headers=headers,
+        )
+        send(
+            raw_channel,
+            b'{"deep": 1}',
+            "p.deep",
+            exchange_name="poison",
+            application_headers=headers,
+        )
+    finally:
+        sys.setrecursionlimit(limit)
+    with ClusterRpcProxy(rabbit_config, timeout=10) as cluster:
+        assert cluster.target.echo("after") == "after"
+    for source in ("rpc-target", "poison-queue"):
+        wait_for(lambda s=source: len(deadletters.peek(rabbit_config, s)) == 1, 20)
+        (letter,) = deadletters.peek(rabbit_config, source)
+        assert letter.reason == "undecodable (UnparsableProperties)"
+    wait_for(
+        lambda: queue_settled(rabbit_manager, rabbit_config["vhost"], "rpc-target"), 20
+    )
+    assert taken == []
 
 
 def test_a_malformed_call_id_stack_while_the_pool_is_full_is_served(
