@@ -116,6 +116,7 @@ DEFAULT_POLL_INTERVAL = 1.0  # seconds
 DEFAULT_BATCH_SIZE = 100
 DEFAULT_RETENTION = 7 * 24 * 3600.0  # seconds a sent row is kept, for inspection
 MAX_RETRY_DELAY = 30.0  # seconds between attempts while the broker or database is down
+STOP_GRACE = 5.0  # seconds a stopping relay may take to finish its batch
 PURGE_INTERVAL = 600.0  # seconds between deletions of rows older than the retention
 
 # For crash tests only: the process SIGKILLs itself right after a transaction
@@ -241,11 +242,17 @@ class OutboxRelay(SharedExtension):
         )
 
     def stop(self) -> None:
-        # Rows not yet published stay in the table for the next start (or
-        # another replica): stopping loses nothing.
+        # The batch under way may finish (a row published but not yet marked
+        # would be published again); rows not yet published stay in the table
+        # for the next start or another replica: stopping loses nothing.
         self._stopping = True
         self.wake()
         if self._thread is not None:
+            try:
+                with concurrency.Timeout(STOP_GRACE, False):
+                    self._thread.wait()
+            except Exception:
+                pass  # the container logs a managed thread's error itself
             concurrency.kill(self._thread)
             self._thread = None
 
