@@ -82,6 +82,7 @@ from sqlalchemy import (
 
 from framework import concurrency, serialization
 from framework.constants import PERSISTENT
+from framework.contextdata import ContextDataProvider
 from framework.database import EngineProvider
 from framework.events import get_event_exchange
 from framework.exceptions import ConfigurationError
@@ -96,6 +97,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "EVENT_ID_CONTEXT_KEY",
     "EVENT_ID_HEADER",
+    "EventId",
     "OutboxDispatcher",
     "OutboxRelay",
     "create_outbox_table",
@@ -485,3 +487,10 @@ def _after_rollback(session: sqlalchemy.orm.Session) -> None:
     relays = session.info.get(_SESSION_FLAG)
     if relays:
         relays.clear()
+
+
+class EventId(ContextDataProvider):
+    """For an event handler: the id of the event being handled (``None`` for
+    events not sent through an outbox), to recognise a redelivered duplicate."""
+
+    context_key = EVENT_ID_CONTEXT_KEY

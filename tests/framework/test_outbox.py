@@ -23,14 +23,16 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from framework.containers import ServiceContainer
 from framework.database import DATABASE_URL_CONFIG_KEY, Database, normalise_url
+from framework.events import event_handler
 from framework.exceptions import ConfigurationError
 from framework.outbox import (
     EVENT_ID_HEADER,
     OUTBOX_POLL_INTERVAL_CONFIG_KEY,
+    EventId,
     OutboxDispatcher,
     outbox_table,
 )
-from framework.testing.services import dummy, entrypoint_hook
+from framework.testing.services import dummy, entrypoint_hook, entrypoint_waiter
 from tests.helpers import TcpProxy, wait_for
 
 PG_SERVER = "postgresql://postgres@127.0.0.1:5432"
@@ -71,6 +73,15 @@ class Shop:
     def event(self, item: str, n: int) -> None:
         self.dispatch("item_changed", {"item": item, "n": n})
         self.db.session.commit()
+
+
+class ShopListener:
+    name = "shop_listener"
+    event_id = EventId()
+
+    @event_handler("shop", "item_added")
+    def on_item_added(self, payload: dict[str, Any]) -> str | None:
+        return self.event_id
 
 
 class NoOutboxBase(DeclarativeBase):
@@ -158,18 +169,26 @@ def through(proxy: TcpProxy, url: str) -> str:
 
 
 def test_an_event_is_published_once_its_transaction_commits(
-    start: Any, shop_config: dict[str, Any], spy: Any, pg_shop: str
+    start: Any,
+    shop_config: dict[str, Any],
+    spy: Any,
+    pg_shop: str,
+    container_factory: Any,
 ) -> None:
     listener = spy("shop.events", "item_added")
+    handler = container_factory(ShopListener, shop_config)
+    handler.start()
     container = start(shop_config)
 
-    call(container, "add", "apple")
+    with entrypoint_waiter(handler, "on_item_added", timeout=10) as handled:
+        call(container, "add", "apple")
 
     message = listener.get()
     assert json.loads(message.body) == {"item": "apple", "n": 0}
     assert message.delivery_info["routing_key"] == "item_added"
     # Handlers deduplicate on it: a uuid, in their context data as event_id.
     assert uuid.UUID(message.headers[EVENT_ID_HEADER])
+    assert handled.get() == message.headers[EVENT_ID_HEADER]
     assert message.properties["delivery_mode"] == 2  # persistent
     wait_for(lambda: outbox_rows(pg_shop) == [("item_added", True)])
 
