@@ -156,6 +156,25 @@ class CronSchedule:
                 continue
             yield candidate
 
+    def iter_before(self, moment: datetime) -> Iterator[datetime]:
+        """Fire times at or before ``moment``, latest first, forever."""
+        if moment.tzinfo is None:
+            raise ValueError("moment must be timezone-aware")
+        ceiling = moment.astimezone(UTC)
+        # croniter's get_prev is strictly before its start: start just after.
+        iterator = croniter(
+            self._fields,
+            (moment + timedelta(microseconds=1)).astimezone(self.tz),
+            second_at_beginning=self.has_seconds,
+        )
+        while True:
+            candidate = iterator.get_prev(datetime)
+            if candidate.astimezone(UTC) > ceiling:
+                continue
+            if self._wall_clock and _second_pass(candidate):
+                continue
+            yield candidate
+
     def next_times(self, moment: datetime, count: int) -> list[datetime]:
         """The next ``count`` fire times after ``moment``."""
         times = self.iter_after(moment)

@@ -12,7 +12,6 @@ A tick at most ``grace`` late is on time and always runs; older ones were missed
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -58,29 +57,31 @@ def plan_ticks(
     catchup_window: timedelta,
     grace: timedelta,
 ) -> TickPlan:
-    """The ticks in ``[next_fire_at, now]`` to run, by the missed-run policy."""
-    # Ticks older than both the window and the grace can never run: start there
-    # instead of walking a long outage tick by tick.
-    horizon = now - max(catchup_window, grace)
-    start = max(next_fire_at, horizon) - timedelta(microseconds=1)
-    late: deque[datetime] = deque(maxlen=MAX_CATCHUP_RUNS)
+    """The ticks in ``[next_fire_at, now]`` to run, by the missed-run policy.
+
+    Walks back from ``now``, so a long outage costs at most ``MAX_CATCHUP_RUNS``
+    steps, not one per tick missed; ``missed`` is counted up to that bound.
+    """
+    # Ticks older than both the window and the grace can never run.
+    floor = max(next_fire_at, now - max(catchup_window, grace))
+    wanted = {MISSED_RUN_RUN_ALL: MAX_CATCHUP_RUNS, MISSED_RUN_RUN_ONCE: 1}.get(
+        missed_run_policy, 0
+    )
     on_time: list[datetime] = []
-    late_count = 0
-    for tick in cron.between(start, now):
+    late: list[datetime] = []
+    late_seen = 0
+    for tick in cron.iter_before(now):
+        if tick < floor or late_seen > MAX_CATCHUP_RUNS:
+            break
         if now - tick <= grace:
             on_time.append(tick)
-        else:
+            continue
+        late_seen += 1
+        if len(late) < wanted:
             late.append(tick)
-            late_count += 1
-    if missed_run_policy == MISSED_RUN_RUN_ALL:
-        chosen = list(late)
-    elif missed_run_policy == MISSED_RUN_RUN_ONCE:
-        chosen = list(late)[-1:]
-    else:
-        chosen = []
     return TickPlan(
-        fire=chosen + on_time,
-        missed=late_count - len(chosen),
+        fire=late[::-1] + on_time[::-1],
+        missed=late_seen - len(late),
         next_fire_at=cron.next_after(now),
     )
 

@@ -325,3 +325,23 @@ def test_cluster_once_runs_each_tick_on_one_replica_postgres(
         f"2026-01-01T10:0{minute}:00+00:00" for minute in range(1, 6)
     ]
     assert sorted(row[0] for row in claims(pg_cron_url)) == ["scheduled.tick"] * 5
+
+
+@pytest.mark.parametrize(
+    ("start", "end"),
+    [
+        (paris(2026, 3, 28, 12), paris(2026, 3, 30, 12)),
+        (paris(2026, 10, 24, 12), paris(2026, 10, 26, 12)),
+    ],
+    ids=["clocks-skip", "clocks-repeat"],
+)
+@pytest.mark.parametrize("expression", ["30 2 * * *", "*/20 * * * *"])
+def test_walking_back_finds_the_same_fire_times_as_walking_forward(
+    expression: str, start: datetime, end: datetime
+) -> None:
+    schedule = CronSchedule(expression, "Europe/Paris")
+    forward = list(schedule.between(start, end))
+    backward = list(itertools.takewhile(lambda t: t > start, schedule.iter_before(end)))
+    assert [t.astimezone(UTC) for t in backward[::-1]] == [
+        t.astimezone(UTC) for t in forward
+    ]
