@@ -243,7 +243,9 @@ class Passwords:
         # Stand-in hashes by parameters: verified against when there is no
         # account, so that "no such email" costs what "wrong password" costs.
         self._stand_ins: dict[str, str] = {}
-        self._current_parameters = hash_parameters(hasher.hash(STAND_IN_PASSWORD))
+        self._current_parameters = (
+            f"m={hasher.memory_cost},t={hasher.time_cost},p={hasher.parallelism}"
+        )
         self._usual: tuple[float, str | None] | None = None
 
     def hash(self, password: str) -> str:
@@ -286,12 +288,11 @@ class Passwords:
             self._usual = (now, usual_parameters())
         return self._stand_in(self._usual[1] or self._current_parameters)
 
-    def _stand_in(self, parameters: str | None) -> str:
-        key = parameters or ""
-        stand_in = self._stand_ins.get(key)
+    def _stand_in(self, parameters: str) -> str:
+        stand_in = self._stand_ins.get(parameters)
         if stand_in is None:
             hasher = _hasher_with(parameters, self._hasher)
-            stand_in = self._stand_ins[key] = concurrency.run_in_thread(
+            stand_in = self._stand_ins[parameters] = concurrency.run_in_thread(
                 hasher.hash, STAND_IN_PASSWORD
             )
         return stand_in
@@ -304,12 +305,8 @@ class Passwords:
 STAND_IN_PASSWORD = "no account has this password"
 
 
-def _hasher_with(
-    parameters: str | None, like: argon2.PasswordHasher
-) -> argon2.PasswordHasher:
+def _hasher_with(parameters: str, like: argon2.PasswordHasher) -> argon2.PasswordHasher:
     """A hasher making hashes with ``parameters`` (``m=...,t=...,p=...``)."""
-    if parameters is None:
-        return like
     values = dict(item.split("=", 1) for item in parameters.split(","))
     return argon2.PasswordHasher(
         time_cost=int(values["t"]),
