@@ -178,7 +178,8 @@ def test_an_event_is_published_once_its_transaction_commits(
     listener = spy("shop.events", "item_added")
     handler = container_factory(ShopListener, shop_config)
     handler.start()
-    container = start(shop_config)
+    # A poll far beyond the wait below: the commit itself wakes the relay.
+    container = start({**shop_config, OUTBOX_POLL_INTERVAL_CONFIG_KEY: 600})
 
     with entrypoint_waiter(handler, "on_item_added", timeout=10) as handled:
         call(container, "add", "apple")
