@@ -459,34 +459,40 @@ class LocalApp:
 
     def up(self, names: Iterable[str] | None = None) -> None:
         """Start ``names`` (default: every application service) and what they need,
-        in depends_on order, each waited for as compose would."""
-        wanted = set(names) if names is not None else None
+        in depends_on order, each waited for as compose would: services whose
+        dependencies are met start together, as compose starts them."""
         needed: set[str] = set()
 
         def need(name: str) -> None:
-            if name in needed:
-                return
-            needed.add(name)
-            for dependency in self.compose[name].depends_on:
-                need(dependency)
+            if name not in needed:
+                needed.add(name)
+                for dependency in self.compose[name].depends_on:
+                    need(dependency)
 
-        for name in wanted or [s.name for s in self.compose.application]:
+        for name in names or [s.name for s in self.compose.application]:
             need(name)
         one_shot = self.compose.one_shot()
-        for name in self.compose.start_order():
-            service = self.compose[name]
-            if (
-                name not in needed
-                or service.is_infrastructure
-                or name in self.processes
-            ):
-                continue
-            if name in one_shot:
-                self.run_to_completion(name)
-                continue
-            process = self.start(name)
-            if service.healthcheck is not None:
-                self.wait_healthy(process)
+        done = {
+            name
+            for name in needed
+            if self.compose[name].is_infrastructure or name in self.processes
+        }
+        pending = [name for name in self.compose.start_order() if name in needed - done]
+        while pending:
+            wave = [
+                name
+                for name in pending
+                if all(dep in done for dep in self.compose[name].depends_on)
+            ]
+            for name in wave:
+                if name in one_shot:
+                    self.run_to_completion(name)
+            started = [self.start(name) for name in wave if name not in one_shot]
+            for process in started:
+                if self.compose[process.service].healthcheck is not None:
+                    self.wait_healthy(process)
+            done.update(wave)
+            pending = [name for name in pending if name not in done]
 
     def replicas(self, name: str) -> list[Process]:
         return [process for process in self.processes.get(name, []) if process.alive()]
