@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pyarrow.csv
@@ -18,6 +19,7 @@ from .compose import LocalApp
 
 ADMIN_EMAIL = "admin@example.com"  # compose.yaml's development defaults
 ADMIN_PASSWORD = "admin-dev-password"
+CHROMIUM = "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
@@ -142,3 +144,53 @@ def test_a_schedule_run_now_and_a_per_second_schedule_record_their_runs(
     fired = [run["scheduled_for"] for run in ticks]
     assert len(fired) == len(set(fired))
     admin.call("POST", f"/api/v1/schedules/{every_second['id']}/pause", expect=(200,))
+
+
+def test_in_a_browser_a_csv_is_uploaded_converted_live_and_downloaded(
+    base_url: str, tmp_path: Path
+) -> None:
+    """The panel in Debian's Chromium (CI installs it; missing, the test fails)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    data = csv_bytes(800)
+    manager = sync_playwright()
+    playwright = manager.start()
+    browser = playwright.chromium.launch(executable_path=CHROMIUM)
+    page = browser.new_context(accept_downloads=True).new_page()
+    page.set_default_timeout(30_000)
+    try:
+        page.goto(base_url + "/login")
+        page.get_by_label("Email").fill(ADMIN_EMAIL)
+        page.get_by_label("Password").fill(ADMIN_PASSWORD)
+        page.get_by_role("button", name="Log in").click()
+        expect(page.get_by_role("heading", name="Dashboard")).to_be_visible()
+
+        page.goto(base_url + "/conversions")
+        expect(page.locator("body")).to_have_attribute("data-live", "connected")
+        page.set_input_files(
+            "#upload-file",
+            files=[{"name": "browser.csv", "mimeType": "text/csv", "buffer": data}],
+        )
+        page.get_by_role("button", name="Upload").click()
+        page.get_by_label("Convert to").select_option("parquet")
+        page.get_by_role("button", name="Start conversion").click()
+        job = page.locator("#job")
+        expect(job.locator('[data-field="state"]')).to_have_text("succeeded")
+        job_id = job.get_attribute("data-job-id")
+
+        page.goto(base_url + "/conversions")
+        row = page.locator(f'tr[data-job-id="{job_id}"]')
+        expect(row.locator('[data-field="percent"]')).to_have_text("100%")
+        with page.expect_download() as download_info:
+            row.get_by_role("link", name="Download").click()
+        path = Path(download_info.value.path())
+        table = pyarrow.parquet.read_table(io.BytesIO(path.read_bytes()))
+        assert table.to_pylist() == pyarrow.csv.read_csv(io.BytesIO(data)).to_pylist()
+    except Exception:
+        page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
+        raise
+    finally:
+        browser.close()
+        # Not manager.stop(), which can wait for ever for the driver's exit (see
+        # tests/services/web/test_browser.py); killing the driver ends it as well.
+        manager._client._transport._proc.kill()  # type: ignore[attr-defined]
