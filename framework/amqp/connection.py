@@ -424,6 +424,12 @@ class DrainedConnection:
                     )
                 except TimeoutError:
                     pass
+                except AttributeError as exc:
+                    # py-amqp's torn-down transport: a lost connection to callers
+                    # (which catch CONNECTION_ERRORS); on a live one, a bug.
+                    if is_connection_error(exc, connection):
+                        raise ConnectionLost("connection lost") from exc
+                    raise
             finally:
                 self.drain_lock.release()
 
