@@ -281,10 +281,12 @@ class QueueConsumer(SharedExtension, ProviderCollector):
         it as for a worker.
         """
         if self.container.free_workers > 0:
+            # Errors go to the caller: RPC answers them, the loop disposes of
+            # the message (see ConsumeLoop._on_message).
             self._spawn(entrypoint, message, args, kwargs, context_data, handle_result)
         else:
             self.container.spawn_worker_related(
-                self._spawn,
+                self._spawn_when_free,
                 entrypoint,
                 message,
                 args,
@@ -312,10 +314,14 @@ class QueueConsumer(SharedExtension, ProviderCollector):
             )
         except ContainerBeingKilled:
             message.requeue()
+
+    def _spawn_when_free(self, *spawn_args: Any) -> None:
+        try:
+            self._spawn(*spawn_args)
         except Exception as exc:
-            # E.g. the service class's constructor failed. Here, not in the loop:
-            # this may run on a thread that waited for a free worker.
-            self._on_failed(message, exc)
+            # E.g. the service class's constructor failed. No caller to tell on
+            # this thread: the message follows the redelivery policy.
+            self._on_failed(spawn_args[1], exc)
 
     # -- messages that cannot be handled -----------------------------------------------
 
