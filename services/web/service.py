@@ -21,14 +21,19 @@ from services.web.dependencies import (
     Routes,
 )
 from services.web.http import SESSION_CONTEXT_KEY, EdgeHub
-from services.web.routes.auth import AuthRoutes
-from services.web.routes.conversions import ConversionRoutes
-from services.web.routes.dashboard import DashboardRoutes
-from services.web.routes.docs import DocsRoutes
-from services.web.routes.live import LiveRoutes
-from services.web.routes.schedules import ScheduleRoutes
-from services.web.routes.system import SystemRoutes
-from services.web.routes.users import UserRoutes
+
+# Modules, not their classes: `framework run services.web.service` runs every class
+# with entrypoints found in this module's namespace, and the mixins have some.
+from services.web.routes import (
+    auth,
+    conversions,
+    dashboard,
+    docs,
+    live,
+    schedules,
+    system,
+    users,
+)
 
 # The edge waits this long for another service before answering 503: a page
 # must not hang because a service is down.
@@ -42,14 +47,14 @@ class SessionHandle(ContextDataProvider):
 
 
 class WebService(
-    AuthRoutes,
-    DashboardRoutes,
-    ConversionRoutes,
-    UserRoutes,
-    ScheduleRoutes,
-    SystemRoutes,
-    DocsRoutes,
-    LiveRoutes,
+    auth.AuthRoutes,
+    dashboard.DashboardRoutes,
+    conversions.ConversionRoutes,
+    users.UserRoutes,
+    schedules.ScheduleRoutes,
+    system.SystemRoutes,
+    docs.DocsRoutes,
+    live.LiveRoutes,
 ):
     name = "web"
 

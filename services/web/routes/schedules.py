@@ -21,6 +21,7 @@ from services.web.http import (
     redirect,
     render,
     route,
+    wants_json,
 )
 from services.web.schemas import (
     Run,
@@ -165,6 +166,8 @@ class ScheduleRoutes:
     @route("GET", "/schedules/<int:schedule_id>", access=ADMIN)
     def schedule_page(self, request: Request, schedule_id: int) -> Response:
         schedule = self.scheduler.get_schedule(schedule_id)
+        if wants_json(request):
+            return json_response(schedule)  # the page catching up after a reconnect
         return self._form(request, schedule, form_from_schedule(schedule), {})
 
     @route("POST", "/schedules/<int:schedule_id>", access=ADMIN)

@@ -377,15 +377,15 @@
     const runs = document.getElementById("runs");
     if (runs) {
       const body = runs.querySelector("tbody");
-      Live(["schedule:" + runs.dataset.scheduleId], function (type, data) {
-        if (type !== "run") return;
-        const run = data.run;
+      const scheduleId = runs.dataset.scheduleId;
+      const showRun = function (run) {
         let row = body.querySelector('tr[data-run-id="' + CSS.escape(String(run.id)) + '"]');
         if (!row) {
           const empty = body.querySelector("tr.empty");
           if (empty) empty.remove();
           row = el("tr", { "data-run-id": String(run.id) });
-          body.insertBefore(row, body.firstChild);
+          const newer = Array.from(body.querySelectorAll("tr[data-run-id]")).find((other) => Number(other.dataset.runId) < run.id);
+          body.insertBefore(row, newer || null);
         }
         row.replaceChildren();
         row.appendChild(el("td", {}, run.scheduled_for));
@@ -395,7 +395,14 @@
         row.appendChild(el("td", {}, run.started_at || ""));
         row.appendChild(el("td", {}, run.finished_at || ""));
         row.appendChild(el("td", {}, run.error || run.result_summary || ""));
-      }, null);
+      };
+      const poll = function () {
+        fetch("/schedules/" + encodeURIComponent(scheduleId), { headers: { Accept: "application/json" }, credentials: "same-origin" })
+          .then((response) => (response.ok ? response.json() : null))
+          .then((schedule) => { if (schedule) schedule.last_runs.slice().reverse().forEach(showRun); })
+          .catch(() => {});
+      };
+      Live(["schedule:" + scheduleId], function (type, data) { if (type === "run") showRun(data.run); }, poll);
     }
   }
 

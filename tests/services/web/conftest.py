@@ -41,6 +41,15 @@ _CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
 _META_CSRF = re.compile(r'<meta name="csrf-token" content="([^"]*)"')
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
+    """Keeps each phase's report on the test item, so fixtures can tell whether
+    the test failed (the browser tests keep a screenshot then)."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"report_{report.when}", report)
+
+
 def migrate(service_dir: Path, url: str) -> None:
     ServiceMigrations.find(service_dir, config={"DATABASE_URL": url}).upgrade()
 

@@ -1,0 +1,403 @@
+"""Journeys through the panel in a real browser: Playwright driving Debian's
+Chromium (``/usr/bin/chromium``; CI installs it, and a missing browser fails these
+tests rather than skipping them), against the real users, conversions, scheduler
+and web services, each run as deployed (``framework run``) on a fresh RabbitMQ
+vhost, with SQLite databases and a storage folder of their own.
+
+A screenshot of the page is kept for every failing test, under
+``tests/services/web/browser-failures/`` (gitignored).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet
+import pytest
+import requests
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+import services.conversions
+import services.scheduler
+import services.users
+import services.web
+from framework.migrations import ServiceMigrations
+from framework.testing.utils import find_free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
+
+CHROMIUM = "/usr/bin/chromium"
+PROJECT_DIR = Path(services.web.__file__).parent.parent.parent
+FRAMEWORK = str(Path(sys.executable).parent / "framework")
+FAILURES_DIR = Path(__file__).parent / "browser-failures"
+SERVICES = {
+    "users": services.users,
+    "conversions": services.conversions,
+    "scheduler": services.scheduler,
+    "web": services.web,
+}
+ADMIN_EMAIL = "admin@example.com"
+ADMIN_PASSWORD = "admin browser password"
+START_TIMEOUT = 90.0
+TIMEOUT_MS = 20_000
+expect.set_options(timeout=TIMEOUT_MS)
+
+
+class System:
+    """The four services, running as processes."""
+
+    def __init__(self, base_url: str, health_urls: dict[str, str], logs: Path) -> None:
+        self.base_url = base_url
+        self.health_urls = health_urls
+        self.logs = logs
+
+    def token(self, email: str = ADMIN_EMAIL, password: str = ADMIN_PASSWORD) -> str:
+        response = requests.post(
+            self.base_url + "/api/v1/tokens",
+            json={"email": email, "password": password, "name": "browser tests"},
+            timeout=10,
+        )
+        assert response.status_code == 201, response.text
+        return response.json()["token"]
+
+    def api(self, token: str) -> requests.Session:
+        session = requests.Session()
+        session.headers["Authorization"] = f"Bearer {token}"
+        return session
+
+
+def wait_until(check: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if check():
+                return
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def system(
+    vhost_pipeline: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[System]:
+    vhost = vhost_pipeline.get()
+    folder = tmp_path_factory.mktemp("browser-system")
+    web_port = find_free_port()
+    health_ports = {name: find_free_port() for name in SERVICES}
+    health_urls = {
+        name: f"http://127.0.0.1:{port}/health/ready"
+        for name, port in health_ports.items()
+    }
+    environment = {
+        **os.environ,
+        "AMQP_URI": f"amqp://guest:guest@127.0.0.1:5672/{vhost}",
+        "STORAGE_URL": str(folder / "storage"),
+        "WEB_SERVER_ADDRESS": f"127.0.0.1:{web_port}",
+        "ADMIN_EMAIL": ADMIN_EMAIL,
+        "ADMIN_PASSWORD": ADMIN_PASSWORD,
+        "ARGON2_TIME_COST": "1",
+        "ARGON2_MEMORY_COST": "8",
+        "ARGON2_PARALLELISM": "1",
+        "SECRET_KEY": "browser tests secret key, long enough",
+        "MAX_CONCURRENT_CONVERSIONS": "1",
+        "CONVERSION_HEARTBEAT_INTERVAL": "0.2",
+    }
+    processes = []
+    logs = folder / "services.log"
+    try:
+        for name, package in SERVICES.items():
+            url = f"sqlite:///{folder / name}.sqlite3"
+            ServiceMigrations.find(
+                Path(package.__file__).parent, config={"DATABASE_URL": url}
+            ).upgrade()
+            health_map = (
+                "{" + ", ".join(f"{k}: {v}" for k, v in health_urls.items()) + "}"
+            )
+            with open(logs, "ab") as output:
+                processes.append(
+                    subprocess.Popen(
+                        [
+                            FRAMEWORK,
+                            "run",
+                            f"services.{name}.service",
+                            "--config",
+                            f"services/{name}/config.yaml",
+                            "--define",
+                            f"HEALTH_SERVER_ADDRESS=127.0.0.1:{health_ports[name]}",
+                            "--define",
+                            f"SERVICE_HEALTH_URLS={health_map}",
+                        ],
+                        cwd=PROJECT_DIR,
+                        env={**environment, "DATABASE_URL": url},
+                        stdout=output,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
+        base_url = f"http://127.0.0.1:{web_port}"
+        for url in health_urls.values():
+            wait_until(
+                lambda url=url: requests.get(url, timeout=2).status_code == 200,
+                START_TIMEOUT,
+                f"{url} (log: {logs})",
+            )
+        system = System(base_url, health_urls, logs)
+        # Ready also means the users service created the admin at its start.
+        wait_until(
+            lambda: (
+                requests.post(
+                    base_url + "/api/v1/tokens",
+                    json={
+                        "email": ADMIN_EMAIL,
+                        "password": ADMIN_PASSWORD,
+                        "name": "probe",
+                    },
+                    timeout=5,
+                ).status_code
+                == 201
+            ),
+            START_TIMEOUT,
+            "the first admin",
+        )
+        yield system
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        vhost_pipeline.discard(vhost)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    manager = sync_playwright()
+    playwright = manager.start()
+    browser = playwright.chromium.launch(executable_path=CHROMIUM)
+    yield browser
+    browser.close()
+    # Not manager.stop(): under eventlet's monkey patching it waits for ever for
+    # the driver's exit; killing the driver process ends it the same way.
+    try:
+        manager._client._transport._proc.kill()  # type: ignore[attr-defined]
+    except Exception:
+        pass
+
+
+@pytest.fixture
+def new_page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Any]:
+    """``new_page()``: a page in a fresh browser context (its own cookies)."""
+    pages: list[Page] = []
+    contexts = []
+
+    def make() -> Page:
+        context = browser.new_context(
+            viewport={"width": 1100, "height": 800}, accept_downloads=True
+        )
+        context.set_default_timeout(TIMEOUT_MS)
+        contexts.append(context)
+        page = context.new_page()
+        pages.append(page)
+        return page
+
+    yield make
+    report = getattr(request.node, "report_call", None)
+    if report is not None and report.failed:
+        FAILURES_DIR.mkdir(exist_ok=True)
+        for index, page in enumerate(pages):
+            try:
+                page.screenshot(
+                    path=str(FAILURES_DIR / f"{request.node.name}-{index}.png"),
+                    full_page=True,
+                )
+            except Exception:
+                pass
+    for context in contexts:
+        context.close()
+
+
+def log_in(
+    page: Page, system: System, email: str = ADMIN_EMAIL, password: str = ADMIN_PASSWORD
+) -> None:
+    page.goto(system.base_url + "/login")
+    page.get_by_label("Email").fill(email)
+    page.get_by_label("Password").fill(password)
+    page.get_by_role("button", name="Log in").click()
+    expect(page.get_by_role("heading", name="Dashboard")).to_be_visible()
+
+
+def csv_rows(count: int) -> bytes:
+    lines = ["id,name,score"] + [f"{i},name {i},{i * 0.5}" for i in range(count)]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def upload_in_page(page: Page, name: str, data: bytes) -> None:
+    page.set_input_files(
+        "#upload-file", files=[{"name": name, "mimeType": "text/csv", "buffer": data}]
+    )
+    page.get_by_role("button", name="Upload").click()
+    expect(page.locator("#start-form")).to_be_visible()
+
+
+# -- the journeys ---------------------------------------------------------------------------
+
+
+def test_log_in_with_a_wrong_password_then_the_right_one_then_log_out(
+    system: System, new_page: Any
+) -> None:
+    page = new_page()
+    page.goto(system.base_url + "/conversions")
+    expect(page).to_have_url(system.base_url + "/login?next=/conversions")
+    page.get_by_label("Email").fill(ADMIN_EMAIL)
+    page.get_by_label("Password").fill("not the password")
+    page.get_by_role("button", name="Log in").click()
+    expect(page.get_by_role("alert")).to_have_text("Wrong email or password.")
+    page.get_by_label("Password").fill(ADMIN_PASSWORD)
+    page.get_by_role("button", name="Log in").click()
+    expect(page).to_have_url(system.base_url + "/conversions")
+    page.get_by_role("button", name="Log out").click()
+    expect(page.get_by_role("heading", name="Log in")).to_be_visible()
+    page.goto(system.base_url + "/")
+    expect(page.get_by_role("heading", name="Log in")).to_be_visible()
+
+
+def test_upload_a_csv_convert_it_to_parquet_live_and_download_it(
+    system: System, new_page: Any
+) -> None:
+    watcher = new_page()
+    log_in(watcher, system)
+    watcher.goto(system.base_url + "/conversions")
+    expect(watcher.locator("body")).to_have_attribute("data-live", "connected")
+    # A marker the page would lose if it reloaded: what follows arrives live.
+    watcher.evaluate("window.notReloaded = true")
+
+    page = watcher.context.new_page()
+    page.goto(system.base_url + "/conversions")
+    upload_in_page(page, "people.csv", csv_rows(500))
+    page.get_by_label("Convert to").select_option("parquet")
+    page.get_by_role("button", name="Start conversion").click()
+    expect(page.get_by_role("heading", name="Conversion of people.csv")).to_be_visible()
+    job_id = page.locator("#job").get_attribute("data-job-id")
+
+    row = watcher.locator(f'tr[data-job-id="{job_id}"]')
+    expect(row.locator('[data-field="state"]')).to_have_text("succeeded")
+    expect(row.locator('[data-field="percent"]')).to_have_text("100%")
+    assert row.locator("progress").evaluate("node => node.value") == 100
+    assert watcher.evaluate("window.notReloaded") is True
+
+    with watcher.expect_download() as download_info:
+        row.get_by_role("link", name="Download").click()
+    download = download_info.value
+    assert download.suggested_filename.endswith(".parquet")
+    table = pyarrow.parquet.read_table(io.BytesIO(Path(download.path()).read_bytes()))
+    assert table.num_rows == 500
+    assert table.column_names == ["id", "name", "score"]
+    assert table.column("name")[499].as_py() == "name 499"
+
+
+def test_cancel_a_long_conversion(system: System, new_page: Any) -> None:
+    page = new_page()
+    log_in(page, system)
+    page.goto(system.base_url + "/conversions")
+    # XLSX is written a cell at a time: this takes many seconds.
+    upload_in_page(page, "long.csv", csv_rows(400_000))
+    page.get_by_label("Convert to").select_option("xlsx")
+    page.get_by_role("button", name="Start conversion").click()
+    state = page.locator('#job [data-field="state"]')
+    expect(state).to_have_text("running")
+    page.on("dialog", lambda dialog: dialog.accept())
+    page.locator("#job").get_by_role("button", name="Cancel").click()
+    expect(state).to_have_text("cancelled")
+    expect(page.locator("#job").get_by_role("button", name="Retry")).to_be_visible()
+
+
+def test_a_new_member_gets_403_on_admin_pages_and_404_on_others_jobs(
+    system: System, new_page: Any
+) -> None:
+    admin_api = system.api(system.token())
+    uploaded = admin_api.post(
+        system.base_url + "/api/v1/files?name=admins.csv", data=csv_rows(3)
+    )
+    admins_job = admin_api.post(
+        system.base_url + "/api/v1/conversions",
+        json={"file_id": uploaded.json()["id"], "target_format": "json"},
+    ).json()
+
+    admin = new_page()
+    log_in(admin, system)
+    admin.goto(system.base_url + "/users")
+    admin.get_by_role("link", name="New user").click()
+    admin.get_by_label("Email").fill("newbie@example.com")
+    admin.get_by_label("Initial password").fill("newbie password")
+    admin.get_by_label("Name").fill("New Member")
+    admin.get_by_role("button", name="Create user").click()
+    expect(admin.get_by_role("heading", name="New Member")).to_be_visible()
+
+    member = new_page()
+    log_in(member, system, "newbie@example.com", "newbie password")
+    expect(member.get_by_role("link", name="Users")).to_have_count(0)
+    for path in ("/users", "/schedules", "/system", "/users/new"):
+        response = member.goto(system.base_url + path)
+        assert response is not None and response.status == 403, path
+        expect(member.get_by_role("heading")).to_contain_text("403")
+    response = member.goto(system.base_url + f"/conversions/{admins_job['id']}")
+    assert response is not None and response.status == 404
+    response = member.goto(
+        system.base_url + f"/conversions/{admins_job['id']}/download"
+    )
+    assert response is not None and response.status == 404
+
+
+def test_create_a_schedule_run_it_now_and_see_the_run_appear(
+    system: System, new_page: Any
+) -> None:
+    page = new_page()
+    log_in(page, system)
+    page.goto(system.base_url + "/schedules/new")
+    page.get_by_label("Name").fill("user count")
+    page.get_by_label("Cron expression").fill("0 3 * * *")
+    page.get_by_label("Time zone").fill("Europe/Paris")
+    expect(page.locator("#cron-preview li")).to_have_count(5)
+    expect(page.locator("#cron-preview li").first).to_contain_text("03:00:00+01:00")
+    page.get_by_label("Cron expression").fill("61 * * * *")
+    expect(page.locator("#cron-preview")).to_contain_text("Invalid")
+    page.get_by_label("Cron expression").fill("0 3 * * *")
+    page.get_by_label("Service", exact=True).fill("users")
+    page.get_by_label("Method", exact=True).fill("list_users")
+    page.get_by_role("button", name="Create schedule").click()
+    expect(page.get_by_role("heading", name="user count")).to_be_visible()
+    expect(page.locator("#runs tr[data-run-id]")).to_have_count(0)
+    expect(page.locator("body")).to_have_attribute("data-live", "connected")
+    page.get_by_role("button", name="Run now").click()
+    run = page.locator("#runs tr[data-run-id]")
+    expect(run).to_have_count(1)
+    expect(run.locator('[data-field="state"]')).to_have_text("succeeded")
+
+
+def test_a_form_posted_without_its_csrf_token_is_refused(
+    system: System, new_page: Any
+) -> None:
+    page = new_page()
+    log_in(page, system)
+    page.goto(system.base_url + "/users/new")
+    page.evaluate("document.querySelector('main form input[name=csrf_token]').remove()")
+    page.get_by_label("Email").fill("csrf@example.com")
+    page.get_by_label("Initial password").fill("csrf password")
+    page.get_by_label("Name").fill("Forged")
+    page.get_by_role("button", name="Create user").click()
+    expect(page.get_by_role("heading")).to_have_text("403 · CSRF check failed")
+    page.goto(system.base_url + "/users?text=csrf")
+    expect(page.locator("#users")).to_contain_text("No users found.")
