@@ -404,7 +404,9 @@ def preload_for_processes(modules: Sequence[str]) -> None:
 
 def _process_context() -> Any:
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(list(_process_preload))
+    # This module too: the child runs ``_child_main`` from it, and importing
+    # eventlet (imported, never patched, in the children) costs most of a second.
+    context.set_forkserver_preload([__name__, *_process_preload])
     return context
 
 
@@ -485,9 +487,10 @@ class _RemoteTraceback(Exception):
 def _child_main(
     conn: Any, fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any]
 ) -> None:
-    # Runs in the child: plain threads, no eventlet (the forkserver never imported
-    # it unless preloaded, and never patched anything).
-    import threading
+    # Runs in the child, which nothing monkey-patched (unless the parent's main
+    # module patches at import, outside ``if __name__ == "__main__"``: children
+    # import it). Real threads regardless, so that the watcher can block.
+    threading = eventlet.patcher.original("threading")
 
     # The parent's eventlet made the socket non-blocking, and the flag travels
     # with the descriptor: without this the reads and writes below fail with
