@@ -326,7 +326,11 @@ def run_client(
 
 @contextmanager
 def raw_server(
-    registry: ProcessRegistry, amqp_uri: str, confirms: str, prefetch: int
+    registry: ProcessRegistry,
+    amqp_uri: str,
+    confirms: str,
+    prefetch: int,
+    transient: bool = False,
 ) -> Iterator[subprocess.Popen[Any]]:
     command = [
         sys.executable,
@@ -339,7 +343,7 @@ def raw_server(
         confirms,
         "--prefetch",
         str(prefetch),
-    ]
+    ] + (["--transient"] if transient else [])
     process = registry.start(command, "raw-server", stdout=subprocess.PIPE)
     try:
         assert process.stdout is not None

@@ -14,6 +14,9 @@ confirmed. ``--confirms`` picks how publisher confirms are handled:
   arrive (the server acks a request when its reply's confirm arrives);
 * ``none``: no publisher confirms at all (not nameko's semantics; for scale).
 
+``--transient`` publishes requests and replies with delivery mode 1: what
+persistence costs the broker, everything else equal.
+
 Both sides are single-threaded. The client keeps ``--concurrency`` requests in
 flight on one connection and sends a new one whenever a reply arrives.
 """
@@ -118,7 +121,7 @@ def serve(args: argparse.Namespace) -> int:
                 json.dumps({"result": body["args"][0], "error": None}),
                 content_type="application/json",
                 content_encoding="utf-8",
-                delivery_mode=2,
+                delivery_mode=args.delivery_mode,
                 correlation_id=request.properties.get("correlation_id"),
             )
             delivery_tag = request.delivery_info["delivery_tag"]
@@ -152,7 +155,7 @@ def run_client(args: argparse.Namespace) -> int:
             body,
             content_type="application/json",
             content_encoding="utf-8",
-            delivery_mode=2,
+            delivery_mode=args.delivery_mode,
             reply_to=routing_key,
             correlation_id=correlation_id,
         )
@@ -208,6 +211,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--concurrency", type=int, default=1, help="client: requests in flight"
     )
     parser.add_argument("--payload", choices=PAYLOAD_NAMES, default=TINY)
+    parser.add_argument(
+        "--transient",
+        dest="delivery_mode",
+        action="store_const",
+        const=1,
+        default=2,
+        help="publish requests and replies transient (delivery mode 1), not persistent",
+    )
     parser.add_argument(
         "--duration", type=float, default=3.0, help="client: seconds measured"
     )

@@ -158,7 +158,9 @@ class Bench:
     def raw_client(self, confirms: str, payload: str, c: int) -> dict[str, Any]:
         """The raw py-amqp loop (server and client), with ``c`` requests in flight."""
         uri = self.uris[RAW]
-        options = {
+        # "async-transient": asynchronous confirms, messages not persistent.
+        confirms, _, transient = confirms.partition("-")
+        options: dict[str, Any] = {
             "amqp-uri": uri,
             "confirms": confirms,
             "payload": payload,
@@ -166,8 +168,10 @@ class Bench:
             "duration": self.settings.duration,
         }
         python = self.frameworks[OURS].python
-        with raw_server(self.registry, uri, confirms, RAW_PREFETCH):
+        with raw_server(self.registry, uri, confirms, RAW_PREFETCH, bool(transient)):
             argv = ["client", *as_options(options)]
+            if transient:
+                argv.append("--transient")
             return run_client(self.registry, python, "bench.raw", argv, "raw-client")
 
     def record(self, key: str, side: str, value: float, run: int) -> None:
@@ -213,6 +217,10 @@ RAW_CASES = (
     ("async", TINY, 50),
     ("async", LARGE, 10),
     ("async", LARGE, 50),
+    # What persistence costs the broker: the same loop, messages transient.
+    ("async-transient", TINY, 10),
+    ("async-transient", TINY, 50),
+    ("async-transient", LARGE, 10),
     ("none", TINY, 1),
     ("none", TINY, 10),
     ("none", TINY, 50),
@@ -221,6 +229,7 @@ RAW_PREFETCH = 10  # what both frameworks' services use (max_workers)
 CONFIRM_LABELS = {
     "turn": "confirms waited in turn",
     "async": "asynchronous confirms",
+    "async-transient": "asynchronous confirms, transient messages",
     "none": "no confirms",
 }
 
