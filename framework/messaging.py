@@ -13,6 +13,7 @@ import kombu
 
 from framework.amqp.connection import CONNECTION_ERRORS, close_quietly, make_connection
 from framework.amqp.consume import ConsumeLoop, Delivery
+from framework.amqp.frames import fit_headers
 from framework.amqp.publish import Publisher as AmqpPublisher
 from framework.constants import (
     DEAD_LETTER_EXCHANGE_CONFIG_KEY,
@@ -24,7 +25,7 @@ from framework.constants import (
     PREFETCH_COUNT_CONFIG_KEY,
 )
 from framework.containers import WorkerContext
-from framework.deadletters import SENSITIVE_ARGUMENTS_HEADER
+from framework.deadletters import BOOKKEEPING_HEADERS, SENSITIVE_ARGUMENTS_HEADER
 from framework.exceptions import ContainerBeingKilled
 from framework.extensions import (
     DependencyProvider,
@@ -46,6 +47,10 @@ DEFAULT_REDELIVERY_DELAY = 2.0  # seconds before the first redelivery
 DEFAULT_REDELIVERY_BACKOFF = 2.0  # each next delay is this many times the last
 DEFAULT_REDELIVERY_MAX_DELAY = 300.0  # seconds
 
+#: A message this process failed to dead-letter this many times is rejected.
+MAX_DEAD_LETTER_ATTEMPTS = 5
+# Headers of ours a republished message must keep, whatever else it loses.
+_BOOKKEEPING_HEADERS = (*BOOKKEEPING_HEADERS, "nameko.call_id_stack")
 # Properties a republished message gets anew rather than copied.
 _REPLACED_PROPERTIES = (
     "application_headers",
@@ -196,6 +201,7 @@ class QueueConsumer(SharedExtension, ProviderCollector):
     publisher = ContainerPublisher()
 
     _loop: ConsumeLoop | None = None
+    _dead_letter_failures: dict[tuple[Any, ...], int] | None = None
 
     @property
     def loop(self) -> ConsumeLoop:
@@ -416,6 +422,17 @@ class QueueConsumer(SharedExtension, ProviderCollector):
                 mandatory=True,
             )
         except Exception as exc:
+            failures = self._count_dead_letter_failure(message)
+            if failures >= MAX_DEAD_LETTER_ATTEMPTS:
+                # Something about this message keeps it from being published:
+                # dropping it is better than bringing it back forever.
+                log.error(
+                    "could not dead-letter a message %d times; rejecting it",
+                    failures,
+                    extra={**self._describe(message), "error_type": type(exc).__name__},
+                )
+                message.reject()
+                return
             # Given back to the broker (after a pause, not to spin) rather than lost.
             log.error(
                 "could not dead-letter a message; requeueing it",
@@ -432,6 +449,22 @@ class QueueConsumer(SharedExtension, ProviderCollector):
             },
         )
         message.ack()
+
+    def _count_dead_letter_failure(self, message: Delivery) -> int:
+        """How many times this process failed to dead-letter ``message`` (by its
+        queue, routing key and body), this time included."""
+        if self._dead_letter_failures is None:
+            self._dead_letter_failures = {}
+        failures = self._dead_letter_failures
+        key = (
+            message.subscriber.queue.name,
+            message.delivery_info.get("routing_key"),
+            hash(message.body),
+        )
+        failures[key] = failures.pop(key, 0) + 1
+        while len(failures) > 1000:  # bounded: forget the oldest
+            del failures[next(iter(failures))]
+        return failures[key]
 
     def _sensitive_arguments(self, message: Delivery) -> dict[str, Any] | None:
         """What ``framework dead-letters list`` needs to mask the entrypoint's
@@ -480,6 +513,15 @@ class QueueConsumer(SharedExtension, ProviderCollector):
         properties = {
             k: v for k, v in message.properties.items() if k not in _REPLACED_PROPERTIES
         }
+        headers = fit_headers(
+            headers,
+            {
+                **properties,
+                "content_type": message.content_type,
+                "content_encoding": message.content_encoding,
+            },
+            protected=_BOOKKEEPING_HEADERS,
+        )
         self.publisher.publisher.publish_encoded(
             message.body,
             content_type=message.content_type,

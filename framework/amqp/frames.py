@@ -76,3 +76,65 @@ def _stand_in_header(buf: Any, error: str) -> bytes:
         application_headers={MARKER_HEADER: error}
     )._serialize_properties()
     return pack(_HEADER_PREFIX, class_id, body_size) + properties
+
+
+#: The frame size RabbitMQ negotiates by default; a message's properties (its
+#: headers included) must fit in one frame of it, or the broker closes the
+#: connection (FRAME_ERROR).
+DEFAULT_FRAME_MAX = 131072
+# Frame header and end, the content header's class/weight/body size, and slack.
+_HEADER_FRAME_OVERHEAD = 8 + 12 + 64
+DROPPED_HEADERS_HEADER = "x-dropped-headers"
+
+
+def properties_size(properties: dict[str, Any]) -> int:
+    """Bytes ``properties`` take in a content header frame (raises if they cannot
+    be encoded at all, e.g. a table too deep for py-amqp's recursive encoder)."""
+    return len(amqp.basic_message.Message(**properties)._serialize_properties())
+
+
+def fit_headers(
+    headers: dict[str, Any],
+    properties: dict[str, Any],
+    protected: tuple[str, ...] = (),
+    frame_max: int = DEFAULT_FRAME_MAX,
+) -> dict[str, Any]:
+    """``headers``, less what keeps them from being published with ``properties``.
+
+    A message republished as received (dead-lettered, redelivered) gains headers
+    of ours; one whose headers nearly filled a frame, or cannot be encoded again,
+    would then fail to publish, and be retried forever, taking the publishing
+    connection down each time. Such a message keeps its ``protected`` headers and
+    as many others as fit, smallest first; the names of the dropped ones go in
+    ``x-dropped-headers``.
+    """
+    limit = frame_max - _HEADER_FRAME_OVERHEAD
+    try:
+        if properties_size({**properties, "application_headers": headers}) <= limit:
+            return headers
+    except Exception:  # noqa: BLE001 - unencodable: handled below
+        pass
+    kept = {key: headers[key] for key in protected if key in headers}
+    base: float = properties_size({**properties, "application_headers": kept}) + 1024
+    sizes: dict[str, float] = {}
+    for key, value in headers.items():
+        if key in kept:
+            continue
+        try:
+            sizes[key] = properties_size({"application_headers": {key: value}})
+        except Exception:  # noqa: BLE001
+            sizes[key] = float("inf")
+    dropped: list[str] = []
+    total = base
+    for key in sorted(sizes, key=sizes.__getitem__):
+        if total + sizes[key] <= limit:
+            kept[key] = headers[key]
+            total += sizes[key]
+        else:
+            dropped.append(str(key)[:100])
+    kept[DROPPED_HEADERS_HEADER] = dropped[:20]
+    log.warning(
+        "headers dropped to republish a message",
+        extra={"dropped_headers": dropped[:20], "count": len(dropped)},
+    )
+    return kept

@@ -304,3 +304,38 @@ def test_replaying_an_event_reaches_only_the_handler_that_failed_it(
     wait_for(lambda: len(deadletters.peek(rabbit_config, source_queue)) == 1)
     assert received == [{"id": "once"}]  # the bystander did not get it twice
     dispatch.close()
+
+
+def test_a_message_that_cannot_be_dead_lettered_is_rejected_after_a_few_tries(
+    memory_config, runner_factory, monkeypatch, caplog
+):
+    """Rather than come back forever (in-memory broker; the publish is made to fail)."""
+    from framework.amqp import publish
+
+    monkeypatch.setattr("framework.messaging.MAX_DEAD_LETTER_ATTEMPTS", 2)
+    real_publish = publish.Publisher.publish_encoded
+    refused: list[str] = []
+
+    def refuse_dead_letters(self, body, **options):
+        exchange = options.get("exchange")
+        if getattr(exchange, "name", exchange) == "framework-dlx":
+            refused.append(body)
+            raise RuntimeError("refused")
+        return real_publish(self, body, **options)
+
+    monkeypatch.setattr(publish.Publisher, "publish_encoded", refuse_dead_letters)
+    runner_factory(memory_config, Worker).start()
+    with (
+        caplog.at_level(logging.ERROR),
+        kombu.Connection(memory_config["AMQP_URI"]) as connection,
+    ):
+        connection.Producer().publish(
+            b"{bad",
+            exchange=exchange,
+            routing_key="job.x",
+            content_type="application/json",
+        )
+        wait_for(lambda: "rejecting it" in caplog.text)
+        connection.Producer().publish({"n": 2}, exchange=exchange, routing_key="job.y")
+        wait_for(lambda: received == [{"n": 2}])
+    assert len(refused) == 2

@@ -255,6 +255,31 @@ def test_headers_too_deep_for_the_amqp_library_are_dead_lettered(
     assert taken == []
 
 
+def test_headers_filling_a_frame_do_not_keep_the_dead_letter_from_being_published(
+    rabbit_config, runner_factory, raw_channel, caplog
+):
+    """Dead-lettering adds headers; with the original ones nearly filling a frame
+    the copy did not fit, the broker closed the publishing connection (every
+    reply and event of the service with it), and the message came back every
+    ten seconds to do it again."""
+    runner_factory(rabbit_config, Target).start()
+    big = "x" * (131072 - 8 - 60)
+    with caplog.at_level(logging.INFO):
+        send(
+            raw_channel,
+            b"{broken",
+            "p.big",
+            exchange_name="poison",
+            application_headers={"big": big, "small": 1},
+        )
+        wait_for(lambda: len(deadletters.peek(rabbit_config, "poison-queue")) == 1)
+    (letter,) = deadletters.peek(rabbit_config, "poison-queue")
+    assert letter.body == b"{broken"
+    assert letter.headers["x-dropped-headers"] == ["big"]
+    assert letter.headers["small"] == 1
+    assert not [r for r in caplog.records if r.message.startswith("publish failed")]
+
+
 def test_a_malformed_call_id_stack_while_the_pool_is_full_is_served(
     rabbit_config, runner_factory, rabbit_manager, raw_channel, capfd
 ):
