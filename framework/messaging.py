@@ -58,6 +58,11 @@ _REPLACED_PROPERTIES = (
     "content_encoding",
     "delivery_mode",
     "priority",
+    # Dropped: a dead letter must not expire (and ``publish_encoded`` takes
+    # seconds where the property holds milliseconds), and RabbitMQ refuses a
+    # ``user_id`` other than the publishing connection's user.
+    "expiration",
+    "user_id",
 )
 
 

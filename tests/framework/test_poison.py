@@ -69,6 +69,9 @@ UNDECODABLE: list[tuple[str, bytes, dict[str, Any]]] = [
     ("pickle", b"\x80\x04K\x01.", {"content_type": "application/x-python-serialize"}),
     ("unknown content type", b"hello", {"content_type": "text/x-unknown"}),
     ("unknown encoding", b'{"a": "\xff"}', {"content_encoding": "nope"}),
+    # Properties a republished copy must not take over as they are.
+    ("expiring", b"{", {"expiration": "600000"}),
+    ("another user's", b"{", {"user_id": "guest", "priority": 250}),
 ]
 
 # Decodable, but not what the entrypoint expects: answered with an error.
@@ -202,6 +205,10 @@ def test_every_poison_shape_ends_settled_and_the_service_keeps_answering(
     formatter = JsonFormatter()
     for record in caplog.records:
         assert "a@example.com" not in formatter.format(record)
+    # A dead letter never expires (the "expiring" one came with an expiration).
+    letters = _drain(raw_channel, "poison-queue.dead-letter")
+    assert len(letters) == len(UNDECODABLE)
+    assert not [m for m in letters if "expiration" in m.properties]
 
 
 def _drain(channel, queue_name: str) -> list[Any]:
