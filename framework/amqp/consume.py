@@ -53,6 +53,10 @@ DECODE_ERRORS = (
 FailureHandler = Callable[["Delivery", BaseException], None]
 
 
+def _no_handler(delivery: Delivery, exc: BaseException) -> None:
+    raise exc
+
+
 class Subscriber(Protocol):
     """What the loop needs from an entrypoint that consumes a queue."""
 
@@ -343,9 +347,8 @@ class ConsumeLoop:
         try:
             subscriber.handle_message(body, delivery)
         except Exception as exc:
-            if self._on_failed is None:
-                raise
-            self._guarded(self._on_failed, delivery, exc)
+            # Without a handler of its own, _guarded's last resort rejects it.
+            self._guarded(self._on_failed or _no_handler, delivery, exc)
 
     def _guarded(
         self,
