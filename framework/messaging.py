@@ -89,44 +89,57 @@ def decode_from_headers(
     headers such as ``x-death`` must not leak into context and be re-published
     downstream as ``nameko.x-death``. Context travels with every downstream call
     and into logs, so a value that is not a plain scalar (or a short list of
-    them) or is oversized is dropped, with a warning naming the key only: a
-    malformed header costs its sender that value, never the message.
+    them) or is oversized is dropped, and so is whatever exceeds
+    ``MAX_CONTEXT_SIZE`` in all (downstream, it must still fit in a frame with
+    headers of ours), each with a warning naming the key only: a malformed
+    header costs its sender that value, never the message.
     """
     if not headers:
         return {}
     start = len(prefix) + 1
     context: dict[str, Any] = {}
+    budget = MAX_CONTEXT_SIZE
     for key, value in headers.items():
         if not isinstance(key, str) or not key.startswith(prefix + "."):
             continue
-        if _valid_context_value(value):
-            context[key[start:]] = value
-        else:
+        size = _context_value_size(value)
+        if size is None or size + len(key) > budget:
             log.warning(
                 "ignoring a malformed context header",
                 extra={"header": key[:100], "value_type": type(value).__name__},
             )
+            continue
+        budget -= size + len(key)
+        context[key[start:]] = value
     return context
 
 
-#: Bounds of one context value carried in a header (see ``decode_from_headers``).
-MAX_CONTEXT_VALUE_LENGTH = 4096
-MAX_CONTEXT_LIST_LENGTH = 256
+#: Bounds of context carried in headers (see ``decode_from_headers``).
+MAX_CONTEXT_VALUE_LENGTH = 4096  # characters of one string
+MAX_CONTEXT_LIST_LENGTH = 256  # items of one list
+MAX_CONTEXT_SIZE = 32768  # roughly bytes, every key and value together
 _CONTEXT_SCALARS = (str, int, float, bool)
 
 
-def _valid_context_value(value: Any) -> bool:
+def _context_value_size(value: Any) -> int | None:
+    """About how many bytes ``value`` takes, or None if it is no context value."""
     if value is None:
-        return True
+        return 1
+    if isinstance(value, str):
+        return len(value) if len(value) <= MAX_CONTEXT_VALUE_LENGTH else None
     if isinstance(value, _CONTEXT_SCALARS):
-        return not isinstance(value, str) or len(value) <= MAX_CONTEXT_VALUE_LENGTH
-    if isinstance(value, list | tuple):
-        return len(value) <= MAX_CONTEXT_LIST_LENGTH and all(
-            isinstance(item, _CONTEXT_SCALARS)
-            and (not isinstance(item, str) or len(item) <= MAX_CONTEXT_VALUE_LENGTH)
-            for item in value
-        )
-    return False
+        return 8
+    if isinstance(value, list | tuple) and len(value) <= MAX_CONTEXT_LIST_LENGTH:
+        total = 0
+        for item in value:
+            if isinstance(item, list | tuple) or item is None:
+                return None
+            size = _context_value_size(item)
+            if size is None:
+                return None
+            total += size
+        return total
+    return None
 
 
 class HeaderEncoder:

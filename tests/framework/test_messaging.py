@@ -16,6 +16,7 @@ from framework.logs import JsonFormatter
 from framework.messaging import (
     Publisher,
     consume,
+    decode_from_headers,
     redelivery_count,
     redelivery_delay,
 )
@@ -339,3 +340,28 @@ def test_a_message_that_cannot_be_dead_lettered_is_rejected_after_a_few_tries(
         connection.Producer().publish({"n": 2}, exchange=exchange, routing_key="job.y")
         wait_for(lambda: received == [{"n": 2}])
     assert len(refused) == 2
+
+
+def test_context_headers_keep_plain_values_and_drop_the_rest():
+    headers = {
+        "nameko.language": "nl",
+        "nameko.user_id": 7,
+        "nameko.call_id_stack": ["a.b.1", "c.d.2"],
+        "nameko.nested": {"a": {"b": 1}},
+        "nameko.huge": "x" * 100_000,
+        "nameko.long_list": ["a"] * 10_000,
+        "nameko.mixed": [1, None, ["x"]],
+        "x-death": [{"count": 1}],
+    }
+    assert decode_from_headers(headers) == {
+        "language": "nl",
+        "user_id": 7,
+        "call_id_stack": ["a.b.1", "c.d.2"],
+    }
+
+
+def test_context_headers_are_bounded_in_total():
+    headers = {f"nameko.k{i}": "v" * 4000 for i in range(100)}
+    context = decode_from_headers(headers)
+    assert 0 < len(context) < 100
+    assert sum(len(v) for v in context.values()) <= 32768
