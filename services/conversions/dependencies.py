@@ -639,5 +639,16 @@ class ConversionRunner(DependencyProvider):
             replica, heartbeat, stale_after, concurrency.Semaphore(limit), max_line
         )
 
+    def start(self) -> None:
+        # Starting the forkserver (a fresh interpreter importing polars) takes a
+        # second or more: done now, not in the first user's job.
+        self.container.spawn_managed_thread(self._warm_up)
+
+    def _warm_up(self) -> None:
+        try:
+            concurrency.run_in_process(engine.warm_up)
+        except Exception:
+            log.warning("could not start the conversion process server", exc_info=True)
+
     def get_dependency(self, worker_ctx: WorkerContext) -> JobRunner:
         return self.runner
