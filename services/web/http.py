@@ -386,10 +386,15 @@ def parse_json(request: Request, model: Any) -> Any:
     return model.model_validate(data)
 
 
-def parse_args(request: Request, model: Any) -> Any:
-    """The query string validated by ``model``; a repeated key counts once (the last)."""
+def parse_args(request: Request, model: Any, ignore: tuple[str, ...] = ()) -> Any:
+    """The query string validated by ``model``; a repeated key counts once (the
+    last); keys in ``ignore`` are for the page, not the model."""
     return model.model_validate(
-        {key: request.args.getlist(key)[-1] for key in request.args}
+        {
+            key: request.args.getlist(key)[-1]
+            for key in request.args
+            if key not in ignore
+        }
     )
 
 

@@ -1,0 +1,397 @@
+"""The web service under load: the conversions list (page and API) with 10,000 jobs,
+and the latency from an event to the websocket frame a browser receives.
+
+    .venv/bin/python -m bench.web [--duration 5] [--connections 10] [--sockets 100]
+
+Runs the real users, conversions and web services as processes (``framework
+run``, as deployed) on a fresh RabbitMQ vhost, with SQLite databases in a
+temporary folder. The 10,000 jobs are written straight into the conversions
+database (finished jobs, so nothing runs), since queuing that many conversions
+would measure the conversions service instead.
+
+* List: ``wrk`` (Debian's package, a C client) on keep-alive connections, with the
+  admin's session cookie for the page and a bearer token for the API, on the first
+  page and on a page deep in the list (server-side pagination, 20 a page).
+* Events to browser: ``--sockets`` websocket clients, logged in and subscribed to
+  the jobs channel; ``conversion_progress`` events are dispatched to the broker
+  with the time they were sent, and each client records when its frame arrived.
+  The latency is from dispatch (before the publish) to the frame's arrival.
+
+Prints a markdown table and writes it to ``bench/results/web.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import requests
+import sqlalchemy
+import sqlalchemy.orm
+import websocket
+
+from bench.http import free_port
+from bench.processes import ROOT, child_env, die_with_parent
+
+JOBS = 10_000
+ADMIN_EMAIL = "bench@example.com"
+ADMIN_PASSWORD = "bench admin password"
+MANAGEMENT = "http://127.0.0.1:15672/api"
+AUTH = ("guest", "guest")
+START_TIMEOUT = 60.0
+FRAMEWORK = str(Path(sys.executable).parent / "framework")
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def create_vhost() -> str:
+    vhost = "bench_web_" + uuid.uuid4().hex[:8]
+    requests.put(
+        f"{MANAGEMENT}/vhosts/{vhost}", auth=AUTH, timeout=10
+    ).raise_for_status()
+    requests.put(
+        f"{MANAGEMENT}/permissions/{vhost}/guest",
+        json={"configure": ".*", "write": ".*", "read": ".*"},
+        auth=AUTH,
+        timeout=10,
+    ).raise_for_status()
+    return vhost
+
+
+def delete_vhost(vhost: str) -> None:
+    requests.delete(f"{MANAGEMENT}/vhosts/{vhost}", auth=AUTH, timeout=30)
+
+
+def migrate(name: str, url: str) -> None:
+    from framework.migrations import ServiceMigrations
+
+    ServiceMigrations.find(
+        ROOT / "services" / name, config={"DATABASE_URL": url}
+    ).upgrade()
+
+
+def seed_jobs(url: str, count: int, owner: int) -> None:
+    """``count`` finished jobs of one file, straight into the conversions database."""
+    from services.conversions.models import ConversionJob, StoredFile
+
+    engine = sqlalchemy.create_engine(url)
+    now = datetime.now(UTC)
+    with sqlalchemy.orm.Session(engine) as session, session.begin():
+        file = StoredFile(
+            id=str(uuid.uuid4()),
+            name="seed.csv",
+            size=100,
+            format="csv",
+            owner=owner,
+            storage_key=uuid.uuid4().hex,
+            created_at=now,
+        )
+        session.add(file)
+        session.flush()
+        session.bulk_insert_mappings(
+            ConversionJob,  # type: ignore[arg-type]
+            [
+                {
+                    "id": str(uuid.uuid4()),
+                    "state": "succeeded",
+                    "owner": owner,
+                    "file_id": file.id,
+                    "input_name": f"seed-{i}.csv",
+                    "input_format": "csv",
+                    "input_size": 100,
+                    "target_format": "parquet",
+                    "options": {},
+                    "output_key": uuid.uuid4().hex,
+                    "output_name": f"seed-{i}.parquet",
+                    "output_size": 80,
+                    "output_rows": 3,
+                    "progress_bytes": 100,
+                    "progress_rows": 3,
+                    "progress_percent": 100.0,
+                    "attempts": 1,
+                    "created_at": now - timedelta(seconds=count - i),
+                    "started_at": now - timedelta(seconds=count - i),
+                    "finished_at": now - timedelta(seconds=count - i),
+                }
+                for i in range(count)
+            ],
+        )
+    engine.dispose()
+
+
+class App:
+    def __init__(self, folder: Path, vhost: str) -> None:
+        self.folder = folder
+        self.vhost = vhost
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.amqp_uri = f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+        self.processes: list[subprocess.Popen] = []
+        self.log = folder / "services.log"
+
+    def url(self, name: str) -> str:
+        return f"sqlite:///{self.folder / name}.sqlite3"
+
+    def start(self) -> None:
+        env = {
+            **child_env(),
+            "AMQP_URI": self.amqp_uri,
+            "STORAGE_URL": str(self.folder / "storage"),
+            "WEB_SERVER_ADDRESS": f"127.0.0.1:{self.port}",
+            "ADMIN_EMAIL": ADMIN_EMAIL,
+            "ADMIN_PASSWORD": ADMIN_PASSWORD,
+            "SECRET_KEY": "bench secret key, long enough",
+            "MAX_WORKERS": "50",
+        }
+        for name in ("users", "conversions", "web"):
+            with open(self.log, "ab") as output:
+                self.processes.append(
+                    subprocess.Popen(
+                        [
+                            FRAMEWORK,
+                            "run",
+                            f"services.{name}.service",
+                            "--config",
+                            f"services/{name}/config.yaml",
+                            # Each its own readiness port: the default is shared.
+                            "--define",
+                            f"HEALTH_SERVER_ADDRESS=127.0.0.1:{free_port()}",
+                        ],
+                        cwd=ROOT,
+                        env={**env, "DATABASE_URL": self.url(name)},
+                        stdout=output,
+                        stderr=subprocess.STDOUT,
+                        preexec_fn=die_with_parent,
+                    )
+                )
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                response = requests.post(
+                    self.base + "/api/v1/tokens",
+                    json={
+                        "email": ADMIN_EMAIL,
+                        "password": ADMIN_PASSWORD,
+                        "name": "bench",
+                    },
+                    timeout=5,
+                )
+                if response.status_code == 201:
+                    self.token = response.json()["token"]
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                tail = self.log.read_text()[-3000:]
+                raise SystemExit(f"the services did not start:\n{tail}")
+            time.sleep(0.3)
+        self.cookie = self.login()
+
+    def login(self) -> str:
+        session = requests.Session()
+        page = session.get(self.base + "/login", timeout=10).text
+        token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+        response = session.post(
+            self.base + "/login",
+            data={
+                "email": ADMIN_EMAIL,
+                "password": ADMIN_PASSWORD,
+                "csrf_token": token,
+            },
+            allow_redirects=False,
+            timeout=10,
+        )
+        assert response.status_code == 303, response.text
+        return session.cookies["web_session"]
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def wrk(
+    url: str, header: str, connections: int, duration: float
+) -> tuple[float, float, float]:
+    """``(requests/s, p50 ms, p99 ms)`` from one wrk window."""
+    out = subprocess.run(
+        [
+            "wrk",
+            f"-t{min(2, connections)}",
+            f"-c{connections}",
+            f"-d{max(1, round(duration))}s",
+            "--latency",
+            "-H",
+            header,
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=duration + 60,
+        check=True,
+    ).stdout
+    if re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: .*", out):
+        raise SystemExit(f"wrk saw errors:\n{out}")
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+
+    def percentile(label: str) -> float:
+        value, unit = re.search(label + r"%\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
+        return float(value) * _UNITS[unit]
+
+    return rate, percentile("50"), percentile("99")
+
+
+def socket_latencies(app: App, sockets: int, events: int, rate: float) -> list[float]:
+    from framework.standalone.events import event_dispatcher
+
+    received: list[float] = []
+    lock = threading.Lock()
+    ready = threading.Barrier(sockets + 1)
+    connections = []
+    for _ in range(sockets):
+        ws = websocket.create_connection(
+            app.base.replace("http", "ws") + "/ws",
+            cookie=f"web_session={app.cookie}",
+            timeout=30,
+        )
+        json.loads(ws.recv())  # connected
+        ws.send(
+            json.dumps(
+                {
+                    "method": "subscribe",
+                    "data": {"channel": "jobs"},
+                    "correlation_id": 1,
+                }
+            )
+        )
+        assert json.loads(ws.recv())["success"]
+        connections.append(ws)
+
+    def listen(ws: Any) -> None:
+        ready.wait()
+        got = 0
+        while got < events:
+            frame = json.loads(ws.recv())
+            arrived = time.time()
+            if frame.get("event") == "job":
+                with lock:
+                    received.append((arrived - frame["data"]["sent_at"]) * 1000)
+                got += 1
+
+    threads = [
+        threading.Thread(target=listen, args=(ws,), daemon=True) for ws in connections
+    ]
+    for thread in threads:
+        thread.start()
+    dispatch = event_dispatcher({"AMQP_URI": app.amqp_uri})
+    ready.wait()
+    time.sleep(0.5)
+    job = {"id": str(uuid.uuid4()), "owner": None, "state": "running"}
+    for _ in range(events):
+        dispatch(
+            "conversions",
+            "conversion_progress",
+            {"job": {**job, "sent_at": time.time()}},
+        )
+        time.sleep(1 / rate)
+    for thread in threads:
+        thread.join(timeout=60)
+    dispatch.close()
+    for ws in connections:
+        ws.close()
+    return received
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--connections", type=int, default=10)
+    parser.add_argument("--sockets", type=int, default=100)
+    parser.add_argument("--events", type=int, default=200)
+    parser.add_argument(
+        "--event-rate", type=float, default=20.0, help="events per second"
+    )
+    args = parser.parse_args(argv)
+    if shutil.which("wrk") is None:
+        print("wrk is missing: apt-get install wrk", file=sys.stderr)
+        return 1
+    vhost = create_vhost()
+    folder = Path(tempfile.mkdtemp(prefix="bench-web-"))
+    app = App(folder, vhost)
+    try:
+        for name in ("users", "conversions", "web"):
+            migrate(name, app.url(name))
+        app.start()
+        admin_id = requests.get(
+            app.base + "/api/v1/users?text=bench@",
+            headers={"Authorization": f"Bearer {app.token}"},
+            timeout=10,
+        ).json()["items"][0]["id"]
+        seed_jobs(app.url("conversions"), JOBS, admin_id)
+        cookie = f"Cookie: web_session={app.cookie}"
+        bearer = f"Authorization: Bearer {app.token}"
+        rows = []
+        deep = JOBS // 20 // 2
+        for what, path, header in (
+            ("list page, page 1", "/conversions", cookie),
+            (f"list page, page {deep}", f"/conversions?page={deep}", cookie),
+            ("list API, page 1", "/api/v1/conversions", bearer),
+            (f"list API, page {deep}", f"/api/v1/conversions?page={deep}", bearer),
+        ):
+            wrk(app.base + path, header, args.connections, 1)  # warm up
+            rate, p50, p99 = wrk(
+                app.base + path, header, args.connections, args.duration
+            )
+            rows.append(f"| {what} | {rate:.0f} req/s | {p50:.1f} ms | {p99:.1f} ms |")
+        latencies = socket_latencies(app, args.sockets, args.events, args.event_rate)
+        expected = args.sockets * args.events
+        rows.append(
+            f"| event → websocket frame, {args.sockets} sockets ({len(latencies)}/{expected} frames) | "
+            f"{args.event_rate:.0f} events/s | {statistics.median(latencies):.1f} ms | "
+            f"{percentile(latencies, 0.99):.1f} ms |"
+        )
+    finally:
+        app.stop()
+        delete_vhost(vhost)
+        shutil.rmtree(folder, ignore_errors=True)
+    table = "\n".join(
+        [
+            f"{JOBS} jobs; `python -m bench.web --duration {args.duration:g} --connections "
+            f"{args.connections} --sockets {args.sockets}`; {os.cpu_count()} cores",
+            "",
+            "| what | throughput | p50 | p99 |",
+            "| --- | --- | --- | --- |",
+            *rows,
+        ]
+    )
+    print(table)
+    results = ROOT / "bench" / "results"
+    results.mkdir(exist_ok=True)
+    (results / "web.md").write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
