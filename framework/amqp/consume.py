@@ -122,7 +122,17 @@ class Delivery:
 
     def requeue_later(self, delay: float = 1.0) -> None:
         """Requeue after ``delay`` seconds: for failures that would otherwise loop hot."""
-        concurrency.spawn_after(delay, self.requeue)
+        concurrency.spawn_after(delay, self._requeue_quietly)
+
+    def _requeue_quietly(self) -> None:
+        # On a timer's green thread: an error would only be printed to stderr.
+        try:
+            self.requeue()
+        except Exception as exc:
+            log.error(
+                "could not requeue a delivery",
+                extra={"loop": self.loop.name, "error_type": type(exc).__name__},
+            )
 
 
 class ConsumeLoop:

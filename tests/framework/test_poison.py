@@ -373,3 +373,43 @@ def test_a_bug_while_routing_is_not_a_lost_connection(
     assert len(errors) == 2 and {r.error_type for r in errors} == {"AttributeError"}
     assert not any("lost connection" in r.message for r in caplog.records)
     assert "secret-text" not in caplog.text
+
+
+def test_a_graceful_stop_serves_the_message_waiting_for_a_free_worker(
+    rabbit_config, runner_factory, rabbit_manager, raw_channel
+):
+    config = {**rabbit_config, "max_workers": 1, "PREFETCH_COUNT": 5}
+    runner = runner_factory(config, Target)
+    runner.start()
+    reply_to = call_reply_queue(raw_channel)
+    request = json.dumps({"args": [], "kwargs": {}}).encode()
+    send(raw_channel, request, "target.hold", reply_to=reply_to, correlation_id="1")
+    send(
+        raw_channel,
+        json.dumps({"args": ["waited"], "kwargs": {}}).encode(),
+        "target.echo",
+        reply_to=reply_to,
+        correlation_id="2",
+    )
+    # Both delivered: the second waits for the one worker, on a thread of its own.
+    wait_for(
+        lambda: (
+            rabbit_manager.get_queue(rabbit_config["vhost"], "rpc-target").get(
+                "messages_unacknowledged"
+            )
+            == 2
+        ),
+        20,
+    )
+    stopper = concurrency.spawn(runner.stop)
+    for _ in range(20):
+        concurrency.sleep(0)
+    gates[-1].send(None)
+    with concurrency.Timeout(20):
+        stopper.wait()
+    replies: list[Any] = []
+    wait_for(lambda: replies.extend(_drain(raw_channel, reply_to)) or len(replies) == 2)
+    assert sorted(json.loads(r.body)["result"] for r in replies) == [
+        "released",
+        "waited",
+    ]
