@@ -9,12 +9,14 @@ and ``planning.py`` for the missed-run and overlap policies.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Any
 
 from framework import concurrency
 from framework.events import EventDispatcher
 from framework.rpc import ClusterRpc, rpc
 from services.scheduler.dependencies import (
+    Launch,
     RunLauncher,
     ScheduleStore,
     call_target,
@@ -22,7 +24,7 @@ from services.scheduler.dependencies import (
     ticker,
 )
 from services.scheduler.exceptions import InvalidSchedule, ScheduleNotFound
-from services.scheduler.models import Base, Run, Schedule
+from services.scheduler.models import Base, Run
 from services.scheduler.schemas import (
     DEFAULT_PER_PAGE,
     FIRE_TIMES_SHOWN,
@@ -158,40 +160,42 @@ class SchedulerService:
         return claimed.wait
 
     @run_target
-    def run(self, run_id: int, delay: float = 0.0) -> None:
-        """Call one claimed run's target and record how it ended."""
-        if delay:
-            concurrency.sleep(delay)  # the schedule's jitter
-        started = self.schedules.start_run(run_id)
-        if started is None:
+    def run(self, launch: Launch) -> None:
+        """Call one claimed run's target at its time and record how it ended."""
+        if launch.delay > 0:
+            concurrency.sleep(launch.delay)  # until the tick, plus jitter
+        schedule = launch.schedule
+        run = self.schedules.start_run(launch.run_id)
+        if run is None:
             log.warning(
-                "run not started: marked lost meanwhile", extra={"run_id": run_id}
+                "run not started: marked lost meanwhile",
+                extra={"run_id": launch.run_id},
             )
             return
-        schedule, run = started
-        self._announce(SCHEDULE_RUN_STARTED, schedule, run)
         outcome = call_target(
-            self.cluster, self.dispatch, schedule.target, schedule.timeout_seconds
+            self.cluster,
+            self.dispatch,
+            schedule["target"],
+            schedule["timeout_seconds"],
+            on_sent=partial(self._announce, SCHEDULE_RUN_STARTED, schedule, run),
         )
-        finished = self.schedules.finish_run(run_id, outcome)
+        finished = self.schedules.finish_run(launch.run_id, outcome, schedule)
         if finished is None:
             log.warning(
                 "run finished after another replica marked it lost",
-                extra={"run_id": run_id, "outcome": outcome.outcome},
+                extra={"run_id": launch.run_id, "outcome": outcome.outcome},
             )
             return
-        schedule, run, queued = finished
+        run, queued = finished
         if queued is not None:
             self.launch(queued)
         self._announce(SCHEDULE_RUN_FINISHED, schedule, run)
 
-    def _announce(self, event_type: str, schedule: Schedule, run: Run) -> None:
+    def _announce(self, event_type: str, schedule: dict[str, Any], run: Run) -> None:
         # The run is recorded whatever happens here; a lost event only delays
         # the admin panel until its next refresh.
         try:
-            self.dispatch(
-                event_type, {"schedule": dump_schedule(schedule), "run": dump_run(run)}
-            )
+            self.dispatch(event_type, {"schedule": schedule, "run": dump_run(run)})
         except Exception:
             log.warning(
                 "run event not dispatched",
