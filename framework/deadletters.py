@@ -27,6 +27,7 @@ from typing import Any
 import amqp
 import amqp.exceptions
 
+from framework.amqp import channels
 from framework.amqp.connection import make_connection
 from framework.constants import RPC_QUEUE_TEMPLATE
 from framework.utils import REDACTED
@@ -65,13 +66,15 @@ def dead_letter_queue(queue_name: str) -> str:
 
 
 def _describe(raw: Any) -> DeadLetter:
-    headers = dict(raw.properties.get("application_headers") or {})
+    # One shape whichever transport (RabbitMQ, or the in-memory one) brought it.
+    properties = channels.parts(raw).properties
+    headers = dict(properties.get("application_headers") or {})
     body = raw.body
     if isinstance(body, str):  # py-amqp decodes bodies that declare an encoding
-        body = body.encode(raw.properties.get("content_encoding") or "utf-8")
+        body = body.encode(properties.get("content_encoding") or "utf-8")
     return DeadLetter(
         body=body,
-        content_type=raw.properties.get("content_type"),
+        content_type=properties.get("content_type"),
         reason=str(headers.get("x-dead-letter-reason", "")),
         original_exchange=str(headers.get("x-original-exchange", "")),
         original_routing_key=str(headers.get("x-original-routing-key", "")),

@@ -47,7 +47,8 @@ DEFAULT_REDELIVERY_DELAY = 2.0  # seconds before the first redelivery
 DEFAULT_REDELIVERY_BACKOFF = 2.0  # each next delay is this many times the last
 DEFAULT_REDELIVERY_MAX_DELAY = 300.0  # seconds
 
-#: A message this process failed to dead-letter this many times is rejected.
+#: A message this process failed to dead-letter this many times is rejected; one
+#: it failed to redeliver this many times is dead-lettered.
 MAX_DEAD_LETTER_ATTEMPTS = 5
 # Headers of ours a republished message must keep, whatever else it loses.
 _BOOKKEEPING_HEADERS = (*BOOKKEEPING_HEADERS, "nameko.call_id_stack")
@@ -440,7 +441,7 @@ class QueueConsumer(SharedExtension, ProviderCollector):
                 mandatory=True,
             )
         except Exception as exc:
-            failures = self._count_dead_letter_failure(message)
+            failures = self._count_failure(message, "dead-letter")
             if failures >= MAX_DEAD_LETTER_ATTEMPTS:
                 # Something about this message keeps it from being published:
                 # dropping it is better than bringing it back forever.
@@ -468,13 +469,15 @@ class QueueConsumer(SharedExtension, ProviderCollector):
         )
         message.ack()
 
-    def _count_dead_letter_failure(self, message: Delivery) -> int:
-        """How many times this process failed to dead-letter ``message`` (by its
-        queue, routing key and body), this time included."""
+    def _count_failure(self, message: Delivery, what: str) -> int:
+        """How many times this process failed to ``what`` (dead-letter,
+        redeliver) ``message`` (by its queue, routing key and body), this time
+        included."""
         if self._dead_letter_failures is None:
             self._dead_letter_failures = {}
         failures = self._dead_letter_failures
         key = (
+            what,
             message.subscriber.queue.name,
             message.delivery_info.get("routing_key"),
             hash(message.body),
@@ -581,10 +584,14 @@ class QueueConsumer(SharedExtension, ProviderCollector):
                 self._republish(message, "", parking.name, headers, redeclare=[parking])
         except Exception as exc:
             log.error(
-                "could not re-publish a failed message; requeueing it",
+                "could not re-publish a failed message",
                 extra={**self._describe(message), "error_type": type(exc).__name__},
             )
-            message.requeue_later()
+            if self._count_failure(message, "redeliver") >= MAX_DEAD_LETTER_ATTEMPTS:
+                # E.g. its parking queue cannot be declared: no more redeliveries.
+                self.dead_letter(message, f"could not be redelivered: {reason}")
+            else:
+                message.requeue_later()
             return
         log.info(
             "message will be redelivered",

@@ -365,3 +365,38 @@ def test_context_headers_are_bounded_in_total():
     context = decode_from_headers(headers)
     assert 0 < len(context) < 100
     assert sum(len(v) for v in context.values()) <= 32768
+
+
+def test_a_message_that_cannot_be_redelivered_is_dead_lettered_after_a_few_tries(
+    memory_config, runner_factory, monkeypatch
+):
+    """Rather than come back forever (in-memory broker; redeliveries are made to
+    fail, as when a parking queue cannot be declared)."""
+    from framework.amqp import publish
+
+    monkeypatch.setattr("framework.messaging.MAX_DEAD_LETTER_ATTEMPTS", 2)
+    real_publish = publish.Publisher.publish_encoded
+    refused: list[bytes] = []
+
+    def refuse_redeliveries(self, body, **options):
+        if (
+            "x-redelivery-count" in (options.get("headers") or {})
+            and "x-dead-letter-reason" not in options["headers"]
+        ):
+            refused.append(body)
+            raise RuntimeError("refused")
+        return real_publish(self, body, **options)
+
+    monkeypatch.setattr(publish.Publisher, "publish_encoded", refuse_redeliveries)
+    runner_factory(memory_config, Poisoned).start()
+    dispatch = event_dispatcher(memory_config)
+    dispatch("source", "boom", {"id": "stuck"})
+    dispatch.close()
+    source_queue = "evt-source-boom--poisoned.on_boom"
+    letters: list = []
+    wait_for(
+        lambda: letters.extend(deadletters.peek(memory_config, source_queue)) or letters
+    )
+    (letter,) = letters
+    assert letter.reason == "could not be redelivered: RuntimeError"
+    assert len(refused) == 2 and len(attempts) == 2
