@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections import Counter
 from typing import Any
 
 import amqp
@@ -20,6 +21,7 @@ import kombu
 import pytest
 
 from framework import concurrency, deadletters
+from framework.amqp.consume import consume_observers
 from framework.logs import JsonFormatter
 from framework.messaging import Consumer, consume
 from framework.rpc import rpc
@@ -127,10 +129,24 @@ def send(channel, body, routing_key, exchange_name="nameko-rpc", **properties):
     )
 
 
-def queue_settled(rabbit_manager, vhost: str, name: str) -> bool:
-    """Nothing ready and nothing unacked (the management API's view)."""
-    info = rabbit_manager.get_queue(vhost, name)
-    return info.get("messages") == 0 and info.get("messages_unacknowledged") == 0
+@pytest.fixture
+def deliveries():
+    """How many messages each queue delivered to the service so far."""
+    counts: Counter[str] = Counter()
+
+    def observe(loop, queue_name):
+        counts[queue_name] += 1
+
+    consume_observers.append(observe)
+    yield counts
+    consume_observers.remove(observe)
+
+
+def left_in(channel, queue_name: str) -> int:
+    """Messages in a queue; once the service stopped, unacked ones count too (the
+    broker requeues them), so 0 means every message was settled for good."""
+    _, count, _ = channel.queue_declare(queue_name, passive=True)
+    return count
 
 
 def call_reply_queue(channel) -> str:
@@ -140,11 +156,11 @@ def call_reply_queue(channel) -> str:
 
 
 def test_every_poison_shape_ends_settled_and_the_service_keeps_answering(
-    rabbit_config, runner_factory, rabbit_manager, raw_channel, caplog, capfd
+    rabbit_config, runner_factory, raw_channel, caplog, capfd
 ):
-    runner_factory(rabbit_config, Target).start()
+    runner = runner_factory(rabbit_config, Target)
+    runner.start()
     reply_to = call_reply_queue(raw_channel)
-    vhost = rabbit_config["vhost"]
     with caplog.at_level(logging.INFO):
         for _, body, properties in UNDECODABLE:
             send(raw_channel, body, "target.echo", reply_to=reply_to, **properties)
@@ -175,9 +191,13 @@ def test_every_poison_shape_ends_settled_and_the_service_keeps_answering(
         assert taken == [{"odd": True}] * len(ODD_HEADERS)
 
         for source in ("rpc-target", "poison-queue"):
-            wait_for(lambda s=source: queue_settled(rabbit_manager, vhost, s), 20)
+            wait_for(
+                lambda s=source: (
+                    len(deadletters.peek(rabbit_config, s)) == len(UNDECODABLE)
+                ),
+                20,
+            )
             dead = deadletters.peek(rabbit_config, source)
-            assert len(dead) == len(UNDECODABLE), source
             assert all(d.reason.startswith("undecodable (") for d in dead)
 
         # Every malformed request and every odd-headered call got its answer.
@@ -209,6 +229,10 @@ def test_every_poison_shape_ends_settled_and_the_service_keeps_answering(
     letters = _drain(raw_channel, "poison-queue.dead-letter")
     assert len(letters) == len(UNDECODABLE)
     assert not [m for m in letters if "expiration" in m.properties]
+    runner.stop()
+    assert (
+        left_in(raw_channel, "rpc-target") == left_in(raw_channel, "poison-queue") == 0
+    )
 
 
 def _drain(channel, queue_name: str) -> list[Any]:
@@ -226,11 +250,12 @@ def nested_table(depth: int) -> dict[str, Any]:
 
 
 def test_headers_too_deep_for_the_amqp_library_are_dead_lettered(
-    rabbit_config, runner_factory, rabbit_manager, raw_channel
+    rabbit_config, runner_factory, raw_channel
 ):
     """RabbitMQ routes a header nested 1,200 deep; py-amqp's recursive parser
     cannot read it. It used to drop the connection on every redelivery."""
-    runner_factory(rabbit_config, Target).start()
+    runner = runner_factory(rabbit_config, Target)
+    runner.start()
     limit = sys.getrecursionlimit()
     sys.setrecursionlimit(20_000)  # for py-amqp's recursive encoder, in the sender
     try:
@@ -256,10 +281,11 @@ def test_headers_too_deep_for_the_amqp_library_are_dead_lettered(
         wait_for(lambda s=source: len(deadletters.peek(rabbit_config, s)) == 1, 20)
         (letter,) = deadletters.peek(rabbit_config, source)
         assert letter.reason == "undecodable (UnparsableProperties)"
-    wait_for(
-        lambda: queue_settled(rabbit_manager, rabbit_config["vhost"], "rpc-target"), 20
-    )
     assert taken == []
+    runner.stop()
+    assert (
+        left_in(raw_channel, "rpc-target") == left_in(raw_channel, "poison-queue") == 0
+    )
 
 
 def test_headers_filling_a_frame_do_not_keep_the_dead_letter_from_being_published(
@@ -288,24 +314,16 @@ def test_headers_filling_a_frame_do_not_keep_the_dead_letter_from_being_publishe
 
 
 def test_a_malformed_call_id_stack_while_the_pool_is_full_is_served(
-    rabbit_config, runner_factory, rabbit_manager, raw_channel, capfd
+    rabbit_config, runner_factory, raw_channel, deliveries, capfd
 ):
     # One worker, but messages are prefetched beyond it: the second waits for a
     # free worker on a thread of its own.
     config = {**rabbit_config, "max_workers": 1, "PREFETCH_COUNT": 5}
-    runner_factory(config, Target).start()
+    runner = runner_factory(config, Target)
+    runner.start()
     reply_to = call_reply_queue(raw_channel)
     hold = json.dumps({"args": [], "kwargs": {}}).encode()
     send(raw_channel, hold, "target.hold", reply_to=reply_to, correlation_id="hold")
-    wait_for(
-        lambda: (
-            rabbit_manager.get_queue(rabbit_config["vhost"], "rpc-target").get(
-                "messages_unacknowledged"
-            )
-            == 1
-        ),
-        20,
-    )
     send(
         raw_channel,
         json.dumps({"args": ["queued"], "kwargs": {}}).encode(),
@@ -314,15 +332,7 @@ def test_a_malformed_call_id_stack_while_the_pool_is_full_is_served(
         correlation_id="queued",
         application_headers={"nameko.call_id_stack": 5},
     )
-    wait_for(
-        lambda: (
-            rabbit_manager.get_queue(rabbit_config["vhost"], "rpc-target").get(
-                "messages_unacknowledged"
-            )
-            == 2
-        ),
-        20,
-    )
+    wait_for(lambda: deliveries["rpc-target"] == 2)
     gates[-1].send(None)
     replies: list[Any] = []
     wait_for(lambda: replies.extend(_drain(raw_channel, reply_to)) or len(replies) == 2)
@@ -330,9 +340,8 @@ def test_a_malformed_call_id_stack_while_the_pool_is_full_is_served(
         "queued",
         "released",
     ]
-    wait_for(
-        lambda: queue_settled(rabbit_manager, rabbit_config["vhost"], "rpc-target"), 20
-    )
+    runner.stop()
+    assert left_in(raw_channel, "rpc-target") == 0
     assert "Traceback" not in capfd.readouterr().err
 
 
@@ -354,7 +363,7 @@ class Buggy:
 
 
 def test_a_bug_while_routing_is_not_a_lost_connection(
-    rabbit_config, runner_factory, rabbit_manager, caplog
+    rabbit_config, runner_factory, caplog
 ):
     config = {**rabbit_config, "MAX_REDELIVERIES": 1, "REDELIVERY_DELAY": 0.05}
     runner_factory(config, Buggy).start()
@@ -376,7 +385,7 @@ def test_a_bug_while_routing_is_not_a_lost_connection(
 
 
 def test_a_graceful_stop_serves_the_message_waiting_for_a_free_worker(
-    rabbit_config, runner_factory, rabbit_manager, raw_channel
+    rabbit_config, runner_factory, raw_channel, deliveries
 ):
     config = {**rabbit_config, "max_workers": 1, "PREFETCH_COUNT": 5}
     runner = runner_factory(config, Target)
@@ -392,15 +401,7 @@ def test_a_graceful_stop_serves_the_message_waiting_for_a_free_worker(
         correlation_id="2",
     )
     # Both delivered: the second waits for the one worker, on a thread of its own.
-    wait_for(
-        lambda: (
-            rabbit_manager.get_queue(rabbit_config["vhost"], "rpc-target").get(
-                "messages_unacknowledged"
-            )
-            == 2
-        ),
-        20,
-    )
+    wait_for(lambda: deliveries["rpc-target"] == 2)
     stopper = concurrency.spawn(runner.stop)
     for _ in range(20):
         concurrency.sleep(0)
