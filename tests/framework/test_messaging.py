@@ -133,10 +133,11 @@ def test_content_type_not_accepted_is_dead_lettered(rabbit_config, runner_factor
 
 
 def test_without_a_dead_letter_exchange_bad_messages_are_rejected_and_only_their_metadata_logged(
-    rabbit_config, runner_factory, caplog, rabbit_manager
+    rabbit_config, runner_factory, caplog
 ):
     config = {**rabbit_config, "DEAD_LETTER_EXCHANGE": None}
-    runner_factory(config, Worker).start()
+    runner = runner_factory(config, Worker)
+    runner.start()
     # A create_user-like body cut short: undecodable, with a password inside.
     broken = b'{"email": "ann@example.com", "password": "hunter2-secret'
     with caplog.at_level(logging.DEBUG):
@@ -165,14 +166,12 @@ def test_without_a_dead_letter_exchange_bad_messages_are_rejected_and_only_their
     for record in caplog.records:
         line = formatter.format(record)
         assert "hunter2" not in line and "ann@example.com" not in line, line
-    wait_for(
-        lambda: (
-            rabbit_manager.get_queue(rabbit_config["vhost"], "jobs-queue").get(
-                "messages"
-            )
-            == 0
-        )
-    )
+    # Rejected for good: once the service stopped, the broker has nothing to give
+    # back (an unacked message would be requeued).
+    runner.stop()
+    with kombu.Connection(rabbit_config["AMQP_URI"]) as connection:
+        _, waiting, _ = connection.channel().queue_declare("jobs-queue", passive=True)
+    assert waiting == 0
 
 
 def test_poison_message_is_redelivered_with_growing_delays_then_dead_lettered(
