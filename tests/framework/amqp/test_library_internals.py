@@ -173,6 +173,8 @@ def test_eventlet_internals():
     closing = inspect.signature(eventlet.websocket.WebSocket._send_closing_frame)
     assert "ignore_send_errors" in closing.parameters
     assert "eventlet.set_idle" in inspect.getsource(eventlet.wsgi)
-    assert callable(eventlet.wsgi.HttpProtocol._read_request_line)
-    assert callable(eventlet.wsgi.HttpProtocol.parse_request)
+    protocol = eventlet.wsgi.HttpProtocol
+    assert callable(protocol._read_request_line)
+    assert callable(protocol.parse_request) and callable(protocol.get_environ)
+    assert "self.conn_state = conn_state" in inspect.getsource(protocol.__init__)
     assert callable(eventlet.debug.hub_blocking_detection)
