@@ -319,6 +319,18 @@ def socket_latencies(app: App, sockets: int, events: int, rate: float) -> list[f
     return received
 
 
+def sequential(call: Any, count: int) -> tuple[float, float, float]:
+    """``(calls/s, p50 ms, p99 ms)`` of ``count`` calls one after another."""
+    timings = []
+    started = time.perf_counter()
+    for _ in range(count):
+        begin = time.perf_counter()
+        call()
+        timings.append((time.perf_counter() - begin) * 1000)
+    rate = count / (time.perf_counter() - started)
+    return rate, statistics.median(timings), percentile(timings, 0.99)
+
+
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
@@ -365,6 +377,32 @@ def main(argv: list[str] | None = None) -> int:
                 app.base + path, header, args.connections, args.duration
             )
             rows.append(f"| {what} | {rate:.0f} req/s | {p50:.1f} ms | {p99:.1f} ms |")
+        # Where the time goes: the conversions service's own answer, then the same
+        # through the web API, one call at a time.
+        from framework.standalone.rpc import ClusterRpcProxy
+
+        with ClusterRpcProxy({"AMQP_URI": app.amqp_uri}, timeout=30) as rpc:
+            for page in (1, deep):
+                rate, p50, p99 = sequential(
+                    lambda page=page: rpc.conversions.list_jobs(page=page, per_page=20),
+                    200,
+                )
+                rows.append(
+                    f"| `conversions.list_jobs` RPC alone, page {page}, sequential | "
+                    f"{rate:.0f} calls/s | {p50:.1f} ms | {p99:.1f} ms |"
+                )
+        api = requests.Session()
+        api.headers["Authorization"] = f"Bearer {app.token}"
+        for page in (1, deep):
+            rate, p50, p99 = sequential(
+                lambda page=page: api.get(
+                    f"{app.base}/api/v1/conversions?page={page}", timeout=30
+                ),
+                200,
+            )
+            rows.append(
+                f"| list API, page {page}, sequential | {rate:.0f} req/s | {p50:.1f} ms | {p99:.1f} ms |"
+            )
         latencies = socket_latencies(app, args.sockets, args.events, args.event_rate)
         expected = args.sockets * args.events
         rows.append(
