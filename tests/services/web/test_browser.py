@@ -401,3 +401,62 @@ def test_a_form_posted_without_its_csrf_token_is_refused(
     expect(page.get_by_role("heading")).to_have_text("403 · CSRF check failed")
     page.goto(system.base_url + "/users?text=csrf")
     expect(page.locator("#users")).to_contain_text("No users found.")
+
+
+def test_pages_work_from_the_keyboard_are_labelled_and_fit_a_phone(
+    system: System, browser: Browser
+) -> None:
+    context = browser.new_context(viewport={"width": 390, "height": 844})
+    context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    try:
+        page.goto(system.base_url + "/login")
+        page.keyboard.press("Tab")
+        assert page.evaluate("document.activeElement.textContent") == "Skip to content"
+        page.keyboard.press("Tab")  # the brand link
+        page.keyboard.press("Tab")
+        assert page.evaluate("document.activeElement.id") == "email"
+        page.keyboard.type(ADMIN_EMAIL)
+        page.keyboard.press("Tab")
+        page.keyboard.type(ADMIN_PASSWORD)
+        page.keyboard.press("Enter")
+        expect(page.get_by_role("heading", name="Dashboard")).to_be_visible()
+        for path in (
+            "/",
+            "/conversions",
+            "/users",
+            "/users/new",
+            "/schedules/new",
+            "/system",
+            "/tokens",
+        ):
+            page.goto(system.base_url + path)
+            unlabelled = page.evaluate(
+                """() => Array.from(document.querySelectorAll('input, select, textarea'))
+                    .filter((c) => c.type !== 'hidden' && !c.closest('[hidden]'))
+                    .filter((c) => c.labels.length === 0 && !c.getAttribute('aria-label'))
+                    .map((c) => c.name || c.id)"""
+            )
+            assert unlabelled == [], (path, unlabelled)
+            overflow = page.evaluate(
+                "document.documentElement.scrollWidth - window.innerWidth"
+            )
+            assert overflow <= 0, (path, overflow)
+            assert page.locator("main h1").count() == 1, path
+    finally:
+        context.close()
+
+
+def test_the_system_page_shows_every_service_ready_and_the_queues(
+    system: System, new_page: Any
+) -> None:
+    page = new_page()
+    log_in(page, system)
+    page.goto(system.base_url + "/system")
+    services = page.locator("#services tbody tr")
+    expect(services).to_have_count(4)
+    for name in ("conversions", "scheduler", "users", "web"):
+        expect(services.filter(has_text=name)).to_contain_text("ready")
+    users_queue = page.locator("#queues tbody tr").filter(has_text="rpc-users")
+    expect(users_queue).to_have_count(1)
+    assert int(users_queue.locator("td").nth(2).inner_text()) >= 1  # its consumer
