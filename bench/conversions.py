@@ -297,7 +297,7 @@ def place(env: dict[str, Any], source: Path) -> str:
 
 def compare(
     env: dict[str, Any], source: Path, folder: Path, runs: int, log: Path
-) -> tuple[list[float], list[float], int, int]:
+) -> tuple[list[float], list[float], int, int, list[tuple[float, float]]]:
     """Polars alone and the service path, alternating run by run.
 
     The machine is shared: alternating keeps a burst of someone else's load from
@@ -308,6 +308,7 @@ def compare(
     config = {"AMQP_URI": env["AMQP_URI"]}
     alone, service = [], []
     alone_rss = 0
+    phases: list[tuple[float, float]] = []
     with replicas(env, 1, log) as processes, ClusterRpcProxy(config, timeout=60) as rpc:
         wait_until_serving(rpc, 1, env)
         watch = RssWatch([process.pid for process in processes])
@@ -318,9 +319,19 @@ def compare(
             registered = rpc.conversions.register_file(
                 place(env, source), source.name, 0, None
             )
-            elapsed, _ = run_jobs(rpc, [registered["id"]], watch)
+            elapsed, (job,) = run_jobs(rpc, [registered["id"]], watch)
             service.append(elapsed)
-    return alone, service, alone_rss, watch.peak
+            phases.append(_phases(job))
+    return alone, service, alone_rss, watch.peak, phases
+
+
+def _phases(job: dict[str, Any]) -> tuple[float, float]:
+    """Seconds from queued to started, and from started to finished."""
+    created, started, finished = (
+        datetime.datetime.fromisoformat(job[key])
+        for key in ("created_at", "started_at", "finished_at")
+    )
+    return (started - created).total_seconds(), (finished - started).total_seconds()
 
 
 def throughput(
@@ -381,7 +392,7 @@ def main() -> None:
     size = source.stat().st_size
 
     with environment(folder) as env:
-        alone, service, alone_rss, child_rss = compare(
+        alone, service, alone_rss, child_rss, phases = compare(
             env, source, folder, args.runs, log
         )
         note("files per minute, one replica...")
@@ -404,6 +415,10 @@ def main() -> None:
             f"runs {', '.join(f'{s:.2f}' for s in service)}",
         ),
         ("service speed / polars alone", f"{best_alone / best_service:.0%}"),
+        (
+            "service runs: queued → started, started → finished",
+            "; ".join(f"{queued:.2f} s, {ran:.2f} s" for queued, ran in phases),
+        ),
         ("peak RSS, polars alone", f"{alone_rss / (1 << 20):,.0f} MiB"),
         (
             "peak RSS, the conversion's child process",

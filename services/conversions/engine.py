@@ -167,7 +167,7 @@ def _read(job: dict[str, Any], progress: _Progress) -> pl.LazyFrame:
             quote_char=read.get("quote_char") or '"',
             null_values=read.get("null_values") or None,
             infer_schema_length=INFER_SCHEMA_ROWS,
-            try_parse_dates=True,
+            try_parse_dates=read.get("parse_dates", False),
             raise_if_empty=True,
         )
     if fmt == "ndjson":
