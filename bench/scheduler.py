@@ -308,7 +308,7 @@ def measure_claims(url: str, due_count: int) -> dict[str, Any]:
         statements += 1
 
     sqlalchemy.event.listen(engine, "before_cursor_execute", count)
-    durations, counts = [], []
+    durations, counts, ticks = [], [], []
     try:
         for _ in range(CLAIM_REPEATS):
             repo.session.execute(
@@ -325,14 +325,19 @@ def measure_claims(url: str, due_count: int) -> dict[str, Any]:
             claimed = repo.claim_due()
             durations.append((time.perf_counter() - started) * 1000)
             counts.append(statements)
-            assert len(claimed.launches) == due_count, claimed
+            # Claimed half a second ahead: a schedule may have its next tick in too.
+            ticks.append(len(claimed.launches))
+            assert len(claimed.launches) >= due_count, claimed
     finally:
         repo.session.close()
         engine.dispose()
     return {
         "ms": statistics.median(durations),
         "statements": statistics.median(counts),
-        "per_tick_ms": statistics.median(durations) / due_count,
+        "ticks": statistics.median(ticks),
+        "per_tick_ms": statistics.median(
+            duration / count for duration, count in zip(durations, ticks, strict=True)
+        ),
     }
 
 
@@ -363,9 +368,10 @@ def table(results: dict[str, Any], window: float) -> str:
     for due in (1, BURST_SCHEDULES):
         claim = results[f"claim-{due}"]
         lines.append(
-            f"| one claim transaction, {due} of {SPREAD_SCHEDULES} due | "
-            f"{claim['ms']:.1f} ms, {claim['statements']:.0f} SQL statements "
-            f"({claim['per_tick_ms']:.2f} ms per tick) |"
+            f"| one claim transaction, {due} of {SPREAD_SCHEDULES} schedules due | "
+            f"{claim['ms']:.1f} ms, {claim['statements']:.0f} SQL statements, "
+            f"{claim['ticks']:.0f} ticks claimed ({claim['per_tick_ms']:.2f} ms per "
+            "tick) |"
         )
     return "\n".join(lines) + "\n"
 

@@ -24,6 +24,7 @@ import logging
 import os
 import random
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -102,7 +103,12 @@ class Launch:
     run_id: int
     schedule: dict[str, Any]  # its payload when claimed: target, timeout, policies
     scheduled_for: str  # ISO 8601, UTC
-    delay: float  # seconds until the tick (claimed ahead), plus jitter
+    # On this process's monotonic clock: when to call the target (the tick, it
+    # was claimed ahead, plus jitter), and the last moment it may still be called
+    # (after that the run may be marked lost: a process that was stopped that
+    # long leaves the run to be marked lost rather than call the target late).
+    call_at: float
+    call_by: float
 
 
 @dataclass
@@ -137,12 +143,17 @@ class ScheduleRepository:
     def __init__(self, session: Session, settings: SchedulerSettings) -> None:
         self.session = session
         self.settings = settings
+        # The local monotonic clock when ``now()`` last read the database's.
+        self._now_read_at = time.monotonic()
 
     def now(self) -> datetime:
         """The database's clock (PostgreSQL), shared by every replica."""
         if self.session.get_bind().dialect.name == "postgresql":
-            return self.session.scalar(select(func.statement_timestamp()))  # type: ignore[return-value]
-        return datetime.now(UTC)
+            now = self.session.scalar(select(func.statement_timestamp()))
+        else:
+            now = datetime.now(UTC)
+        self._now_read_at = time.monotonic()
+        return now  # type: ignore[return-value]
 
     # -- schedules --------------------------------------------------------------------
 
@@ -214,7 +225,7 @@ class ScheduleRepository:
         now = self.now()
         run, delay = self._new_run(schedule, now, now)
         self.session.flush()
-        launch = _launch(run, schedule, delay)
+        launch = self._launch(run, schedule, delay)
         self.session.commit()
         return run, launch
 
@@ -284,7 +295,7 @@ class ScheduleRepository:
         run, delay = self._new_run(schedule, utc(schedule.queued_for), now)  # type: ignore[arg-type]
         schedule.queued_for = None
         self.session.flush()
-        return _launch(run, schedule, delay)
+        return self._launch(run, schedule, delay)
 
     def _trim_history(self, schedule_id: int, history_limit: int) -> None:
         # Everything at or below the (limit + 1)th newest run goes, in one
@@ -358,7 +369,7 @@ class ScheduleRepository:
                 if schedule.id not in payloads:
                     payloads[schedule.id] = dump_schedule(schedule)
                 claimed.launches.append(
-                    _launch(run, schedule, delay, payloads[schedule.id])
+                    self._launch(run, schedule, delay, payloads[schedule.id])
                 )
             self.session.commit()
         except IntegrityError:
@@ -564,19 +575,23 @@ class ScheduleRepository:
         self.session.add(run)
         return run, delay
 
-
-def _launch(
-    run: Run,
-    schedule: Schedule,
-    delay: float,
-    payload: dict[str, Any] | None = None,
-) -> Launch:
-    return Launch(
-        run_id=run.id,
-        schedule=payload or dump_schedule(schedule),
-        scheduled_for=utc(run.scheduled_for).astimezone(UTC).isoformat(),  # type: ignore[union-attr]
-        delay=delay,
-    )
+    def _launch(
+        self,
+        run: Run,
+        schedule: Schedule,
+        delay: float,
+        payload: dict[str, Any] | None = None,
+    ) -> Launch:
+        # Counted from when the database's clock was read, so the time the claim
+        # itself took is not added to the wait.
+        call_at = self._now_read_at + delay
+        return Launch(
+            run_id=run.id,
+            schedule=payload or dump_schedule(schedule),
+            scheduled_for=utc(run.scheduled_for).astimezone(UTC).isoformat(),  # type: ignore[union-attr]
+            call_at=call_at,
+            call_by=call_at + self.settings.lost_after.total_seconds(),
+        )
 
 
 @lru_cache(maxsize=4096)

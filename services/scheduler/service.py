@@ -9,6 +9,7 @@ and ``planning.py`` for the missed-run and overlap policies.
 from __future__ import annotations
 
 import logging
+import time
 from functools import partial
 from typing import Any
 
@@ -162,22 +163,22 @@ class SchedulerService:
     @run_target
     def run(self, launch: Launch) -> None:
         """Call one claimed run's target at its time and record how it ended."""
-        if launch.delay > 0:
-            concurrency.sleep(launch.delay)  # until the tick, plus jitter
-        schedule = launch.schedule
-        run = self.schedules.start_run(launch.run_id)
-        if run is None:
+        concurrency.sleep(max(launch.call_at - time.monotonic(), 0))
+        if time.monotonic() > launch.call_by:
+            # This process was stopped (or starved) past the point where other
+            # replicas may mark the run lost: calling now could contradict that.
             log.warning(
-                "run not started: marked lost meanwhile",
+                "run abandoned: too late to call its target; it will be marked lost",
                 extra={"run_id": launch.run_id},
             )
             return
+        schedule = launch.schedule
         outcome = call_target(
             self.cluster,
             self.dispatch,
             schedule["target"],
             schedule["timeout_seconds"],
-            on_sent=partial(self._announce, SCHEDULE_RUN_STARTED, schedule, run),
+            on_sent=partial(self._started, launch),
         )
         finished = self.schedules.finish_run(launch.run_id, outcome, schedule)
         if finished is None:
@@ -190,6 +191,20 @@ class SchedulerService:
         if queued is not None:
             self.launch(queued)
         self._announce(SCHEDULE_RUN_FINISHED, schedule, run)
+
+    def _started(self, launch: Launch) -> None:
+        # Recorded once the request is on its way, while the target works: the
+        # database round trips add nothing to the tick's latency.
+        try:
+            run = self.schedules.start_run(launch.run_id)
+        except Exception:
+            # The call is made; its outcome is still recorded at the end.
+            log.warning(
+                "run start not recorded", extra={"run_id": launch.run_id}, exc_info=True
+            )
+            return
+        if run is not None:
+            self._announce(SCHEDULE_RUN_STARTED, launch.schedule, run)
 
     def _announce(self, event_type: str, schedule: dict[str, Any], run: Run) -> None:
         # The run is recorded whatever happens here; a lost event only delays

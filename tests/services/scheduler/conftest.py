@@ -83,5 +83,5 @@ def config(rabbit_config: dict[str, Any], pg_scheduler: str) -> dict[str, Any]:
     return {
         **rabbit_config,
         "DATABASE_URL": pg_scheduler,
-        "SCHEDULER_LOST_AFTER_SECONDS": 1,
+        "SCHEDULER_LOST_AFTER_SECONDS": 5,
     }
