@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -54,7 +55,9 @@ class ConnectionGuard:
 
     eventlet's server hands every accepted connection to ``spawn()``; the guarded
     protocol (``framework.concurrency.guarded_wsgi_server``) reports when a
-    connection waits for a request and when it is being served.
+    connection waits for a request, reads its headers, and is being served; the
+    server runs ``sweep_forever()``, which shuts down connections past their
+    deadline.
     """
 
     def __init__(self, limits: ConnectionLimits, name: str = "http") -> None:
@@ -63,24 +66,39 @@ class ConnectionGuard:
         self.idle_timeout = limits.idle_timeout
         self.header_timeout = limits.header_timeout
         self.evictions = 0
+        self.timeouts = 0
         self._pool = concurrency.GreenPool(limits.max_connections)
-        # Connections waiting for (or still reading) a request, oldest first:
-        # id(conn_state) -> conn_state; dicts keep insertion order.
-        self._waiting: dict[int, list[Any]] = {}
-        self._evicted: set[int] = set()
+        # Connections waiting for (or still reading) a request, longest waiting
+        # first (dicts keep insertion order): id(conn_state) -> (conn_state,
+        # deadline on the monotonic clock, whether its request line is in).
+        self._waiting: dict[int, tuple[list[Any], float, bool]] = {}
+        # Connections shut down by the guard, and why.
+        self._cut: dict[int, str] = {}
+
+    @property
+    def sweep_interval(self) -> float:
+        # Deadlines are kept to within a quarter of the shortest one.
+        shortest = min(self.idle_timeout, self.header_timeout)
+        return min(max(shortest / 4, 0.05), 1.0)
 
     # -- reported by the protocol ---------------------------------------------------
 
     def waiting_for_request(self, conn_state: list[Any]) -> None:
         key = id(conn_state)
         self._waiting.pop(key, None)
-        self._waiting[key] = conn_state
+        self._waiting[key] = (conn_state, time.monotonic() + self.idle_timeout, False)
+
+    def reading_headers(self, conn_state: list[Any]) -> None:
+        key = id(conn_state)
+        if key in self._waiting:  # keeps its place: it has waited since then
+            deadline = time.monotonic() + self.header_timeout
+            self._waiting[key] = (conn_state, deadline, True)
 
     def serving(self, conn_state: list[Any]) -> None:
         self._waiting.pop(id(conn_state), None)
 
-    def evicted(self, conn_state: list[Any]) -> bool:
-        return id(conn_state) in self._evicted
+    def cut_short(self, conn_state: list[Any]) -> str | None:
+        return self._cut.get(id(conn_state))
 
     # -- the pool eventlet's server uses ----------------------------------------------
 
@@ -115,19 +133,46 @@ class ConnectionGuard:
         for thread in list(self._pool.coroutines_running):
             concurrency.kill(thread)
 
+    # -- deadlines ---------------------------------------------------------------------
+
+    def sweep_forever(self) -> None:
+        while True:
+            concurrency.sleep(self.sweep_interval)
+            self.sweep()
+
+    def sweep(self) -> None:
+        """Shut down every connection past its deadline."""
+        now = time.monotonic()
+        expired = [
+            (key, conn_state, in_headers)
+            for key, (conn_state, deadline, in_headers) in self._waiting.items()
+            if deadline <= now
+        ]
+        for key, conn_state, in_headers in expired:
+            del self._waiting[key]
+            self.timeouts += 1
+            if in_headers:
+                # Its request line is in: the reader sees the end of the headers,
+                # and answers 408 on the still open write side.
+                self._cut[key] = concurrency.HEADERS_TIMED_OUT
+                _shutdown(conn_state[1], socket.SHUT_RD)
+            else:
+                self._cut[key] = "idle"
+                _shutdown(conn_state[1], socket.SHUT_RDWR)
+
     # -- internals -------------------------------------------------------------------------
 
     def _forget(self, _thread: Any, conn_state: list[Any]) -> None:
         key = id(conn_state)
         self._waiting.pop(key, None)
-        self._evicted.discard(key)
+        self._cut.pop(key, None)
 
     def _evict_one(self) -> None:
         if not self._waiting:
             return  # every connection is busy: the new one waits for a slot
-        key, conn_state = next(iter(self._waiting.items()))
+        key, (conn_state, _, _) = next(iter(self._waiting.items()))
         del self._waiting[key]
-        self._evicted.add(key)
+        self._cut[key] = "evicted"
         self.evictions += 1
         log.info(
             "closing a connection that sent no complete request, to make room",
@@ -135,10 +180,14 @@ class ConnectionGuard:
         )
         # Wakes its reader with an end of stream; the slot frees when its thread
         # ends, which spawn() then waits for.
-        try:
-            conn_state[1].shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        _shutdown(conn_state[1], socket.SHUT_RDWR)
+
+
+def _shutdown(sock: Any, how: int) -> None:
+    try:
+        sock.shutdown(how)
+    except OSError:
+        pass
 
 
 def limits_from_config(

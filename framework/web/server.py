@@ -25,7 +25,8 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple, Protocol
 
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, RequestTimeout
-from werkzeug.routing import Map, Rule
+from werkzeug.http import http_date
+from werkzeug.routing import Map, MapAdapter, Rule
 from werkzeug.wrappers import Request, Response
 
 from framework import concurrency
@@ -171,6 +172,60 @@ def new_correlation_id() -> str:
     return str(uuid.uuid4())
 
 
+_MAX_CACHED_ADAPTERS = 64
+
+
+def _wsgi_string(value: str) -> str:
+    # WSGI strings are latin-1 decoded bytes; werkzeug decodes them as UTF-8.
+    return value.encode("latin-1").decode(errors="replace")
+
+
+_date_cache: list[Any] = [0, ""]
+
+
+def _http_date() -> str:
+    """The ``Date`` header's value, formatted once per second (eventlet formats it
+    for every response otherwise, which showed in the HTTP profile)."""
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[0] = now
+        _date_cache[1] = http_date(now)
+    return _date_cache[1]
+
+
+def _plain_response(
+    response: Response, environ: dict[str, Any], start_response: Callable[..., Any]
+) -> Iterable[bytes]:
+    """What ``response(environ, start_response)`` does, for the common case of a
+    plain werkzeug ``Response`` holding its body in memory, in a few steps instead
+    of werkzeug's general path; anything else takes that path."""
+    body = response.response
+    status = response.status_code
+    if (
+        not isinstance(body, list)
+        or response.direct_passthrough
+        or response._on_close
+        or status < 200
+        or status in (204, 304)
+        or environ.get("REQUEST_METHOD") == "HEAD"
+    ):
+        return response(environ, start_response)
+    headers = response.headers.to_wsgi_list()
+    # One pass over the names: werkzeug's `in` raises and catches a KeyError for
+    # each missing header.
+    names = {name.lower() for name, _ in headers}
+    if "content-length" not in names or not names.isdisjoint(_REWRITTEN_HEADERS):
+        return response(environ, start_response)
+    if "date" not in names:
+        headers.append(("Date", _http_date()))
+    start_response(response.status, headers)
+    return body
+
+
+# Headers werkzeug may rewrite on the way out (relative locations).
+_REWRITTEN_HEADERS = frozenset({"location", "content-location"})
+
+
 class RouteProvider(Protocol):
     """What the server needs from an extension that serves a URL."""
 
@@ -188,6 +243,10 @@ class WsgiApp:
 
     def __init__(self, server: WebServer) -> None:
         self.server = server
+        # URL map adapters by what they are bound to (host, scheme, script name):
+        # binding one per request showed in the HTTP profile.
+        self._adapters: dict[tuple[Any, ...], MapAdapter] = {}
+        self._adapters_map: Map | None = None
 
     def __call__(
         self, environ: dict[str, Any], start_response: Callable[..., Any]
@@ -232,13 +291,47 @@ class WsgiApp:
                     "duration_ms": round((time.perf_counter() - started) * 1000, 3),
                 },
             )
+        if type(response) is Response:
+            return _plain_response(response, environ, start_response)
         return response(environ, start_response)
 
+    def match(self, environ: dict[str, Any]) -> tuple[Rule, Mapping[str, Any]]:
+        """The rule and path values for a request (werkzeug's routing exceptions
+        for no match, a wrong method or a redirect)."""
+        url_map = self.server.url_map
+        if "HTTP_UPGRADE" in environ:
+            # A websocket upgrade matches websocket rules only: werkzeug's own
+            # binding works that out from the headers.
+            return url_map.bind_to_environ(environ).match(return_rule=True)
+        if self._adapters_map is not url_map:
+            self._adapters = {}
+            self._adapters_map = url_map
+        key = (
+            environ.get("HTTP_HOST"),
+            environ.get("SERVER_NAME"),
+            environ.get("SERVER_PORT"),
+            environ.get("wsgi.url_scheme"),
+            environ.get("SCRIPT_NAME"),
+        )
+        adapter = self._adapters.get(key)
+        if adapter is None:
+            if len(self._adapters) >= _MAX_CACHED_ADAPTERS:
+                self._adapters.clear()  # a client inventing Host headers
+            adapter = self._adapters[key] = url_map.bind_to_environ(environ)
+        return adapter.match(
+            _wsgi_string(environ.get("PATH_INFO", "")),
+            environ["REQUEST_METHOD"],
+            return_rule=True,
+            query_args=_wsgi_string(environ.get("QUERY_STRING", "")),
+        )
+
     def dispatch(self, request: Request) -> WsgiApplication:
-        adapter = self.server.url_map.bind_to_environ(request.environ)
-        rule, values = adapter.match(return_rule=True)
+        environ = request.environ
+        rule, values = self.match(environ)
         request.path_values = values  # type: ignore[attr-defined]
-        if not rule.websocket:
+        if not rule.websocket and (
+            environ.get("CONTENT_LENGTH") or "HTTP_TRANSFER_ENCODING" in environ
+        ):
             timer = concurrency.Timeout(self.server.body_timeout)
             try:
                 self.read_body(request)
