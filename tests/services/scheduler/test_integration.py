@@ -410,3 +410,51 @@ def test_a_tick_due_while_the_previous_run_goes_follows_the_overlap_policy(
         assert second[1] >= first[2]
     else:
         assert (second[0] - first[0]).total_seconds() > 1
+
+
+# -- history and lost runs -------------------------------------------------------------------
+
+
+def test_history_keeps_the_newest_runs_up_to_the_limit(
+    scheduler: Any, target: Any, client: Any, pg_scheduler: str
+) -> None:
+    schedule = new_schedule(client, history_limit=2)
+    wait_for(lambda: len(TargetService.calls) >= 5, timeout=15)
+    wait_for(lambda: "running" not in outcomes(pg_scheduler, schedule["id"])[:-1])
+    kept = client.list_runs(schedule["id"])
+    # the limit, plus at most the run still going when the last one was trimmed
+    assert 2 <= kept["total"] <= 3
+    newest = max(tick for _, tick in TargetService.calls[:-1])
+    assert newest in [run["scheduled_for"] for run in kept["items"]]
+
+
+def test_a_run_whose_replica_died_is_marked_lost_by_another_and_not_fired_again(
+    container_factory: Any,
+    config: dict[str, Any],
+    target: Any,
+    client: Any,
+    pg_scheduler: str,
+) -> None:
+    first = container_factory(SchedulerService, config)
+    first.start()
+    schedule = new_schedule(client, cron="0 0 1 1 *")  # not due in this test
+    first.stop()
+    # What a replica killed mid-run leaves: a run going, past its deadline.
+    query(
+        pg_scheduler,
+        "INSERT INTO runs (schedule_id, scheduled_for, claimed_at, deadline_at, "
+        "replica, outcome) VALUES (%s, now() - interval '1 minute', "
+        "now() - interval '1 minute', now() - interval '1 second', 'gone', 'running')",
+        schedule["id"],
+    )
+    container_factory(SchedulerService, config).start()
+
+    wait_for(lambda: outcomes(pg_scheduler, schedule["id"]) == ["lost"])
+    [run] = runs(pg_scheduler, schedule["id"])
+    assert "replica gone recorded no outcome" in run["error"]
+    wait_for(
+        lambda: any(
+            body["run"]["outcome"] == "lost" for _, body in TargetService.events
+        )
+    )
+    assert TargetService.calls == []
