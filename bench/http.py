@@ -1,17 +1,28 @@
-"""HTTP requests/s, ours against nameko 2.14.1's ``@http``, side by side.
+"""HTTP requests/s and latency, ours against nameko 2.14.1's ``@http``, side by side.
 
     .venv/bin/python -m bench.http [--runs 3] [--duration 3] [--connections 1,10,50]
 
 Each framework runs the same service (``bench/http_services_*.py``) with its own
 CLI; the load comes from ``wrk`` (Debian's ``wrk`` package), a C client, so the
 client costs both sides the same and little. Keep-alive connections, a 2-thread
-client; a figure is the median of ``--runs`` windows. Prints a markdown table and
-writes it to ``bench/results/http.md``.
+client. Both services run at once and their windows alternate (ours, nameko,
+nameko, ours, ...), so a machine busy with something else slows both alike.
+
+Cases: the plainest handler (``GET /ping`` returning a short ``str``) at every
+``--connections``; a ``(status, headers, body)`` tuple and a small ``POST`` echoed back at 10
+connections; and the plainest handler again with each framework's *default*
+logging (ours writes a ``worker finished`` record per request, nameko an access
+line; the other cases log warnings only, as a production service tuned for
+throughput would). A figure is the median of ``--runs`` windows; p99 is wrk's.
+CPU per request is the service process's own (``/proc``), which a busy machine
+disturbs far less than requests/s. Prints a markdown table and writes it to
+``bench/results/http.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import socket
@@ -20,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench.processes import (
@@ -37,6 +49,25 @@ SERVICE_MODULES = {
 }
 MARKER = "# -- identical in http_services_ours.py and http_services_nameko.py below this line --"
 STARTUP_TIMEOUT = 30.0
+QUIET_LOGGING = "LOGGING: {version: 1, root: {level: WARNING}}\n"
+POST_BODY = "x" * 64
+
+
+@dataclass(frozen=True)
+class Case:
+    label: str
+    path: str
+    connections: int
+    default_logging: bool = False
+    post: bool = False
+
+
+@dataclass
+class Window:
+    rate: float  # requests/s
+    p50: float  # ms
+    p99: float  # ms
+    cpu_us: float  # service CPU per request, microseconds
 
 
 def free_port() -> int:
@@ -72,17 +103,21 @@ def wait_until_serving(port: int, process: subprocess.Popen, log: Path) -> None:
     raise SystemExit(f"the service did not answer within {STARTUP_TIMEOUT}s")
 
 
-def start_service(side: str, port: int, workdir: Path) -> subprocess.Popen:
+def start_service(
+    side: str, port: int, workdir: Path, *, default_logging: bool = False
+) -> subprocess.Popen:
     framework = load_frameworks()[side]
-    config = workdir / f"{side}.yaml"
+    name = f"{side}-{'default' if default_logging else 'quiet'}"
+    config = workdir / f"{name}.yaml"
     # Both accept nameko's config keys; the AMQP URI is unused (HTTP only).
     config.write_text(
         f"AMQP_URI: amqp://guest:guest@127.0.0.1:5672/\n"
         f"WEB_SERVER_ADDRESS: 127.0.0.1:{port}\n"
-        "max_workers: 10\n"
-        "LOGGING: {version: 1, root: {level: WARNING}}\n"
+        "max_workers: 10\n" + ("" if default_logging else QUIET_LOGGING)
     )
-    log = workdir / f"{side}.log"
+    # The default logs go to a file, as they would to a collector: what is
+    # measured is producing them, not a terminal's speed.
+    log = workdir / f"{name}.log"
     process = subprocess.Popen(
         [*framework.run_command, SERVICE_MODULES[side], "--config", str(config)],
         cwd=ROOT,
@@ -104,32 +139,62 @@ def stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
 
-def wrk(port: int, connections: int, duration: float) -> tuple[float, float]:
-    """``(requests/s, p50 latency in ms)`` from one wrk window."""
-    threads = min(2, connections)
+def _latency(out: str, percentile: str) -> float:
+    value, unit = re.search(rf"{percentile}%\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
+    return float(value) * _UNITS[unit]
+
+
+def wrk(
+    port: int, pid: int, case: Case, duration: float, script: Path | None
+) -> Window:
+    """One wrk window against ``case``, with the service's CPU over it."""
+    command = [
+        "wrk",
+        f"-t{min(2, case.connections)}",
+        f"-c{case.connections}",
+        f"-d{max(1, round(duration))}s",
+        "--latency",
+    ]
+    if case.post and script is not None:
+        command += ["-s", str(script)]
+    before = cpu_seconds(pid)
     out = subprocess.run(
-        [
-            "wrk",
-            f"-t{threads}",
-            f"-c{connections}",
-            f"-d{max(1, round(duration))}s",
-            "--latency",
-            f"http://127.0.0.1:{port}/ping",
-        ],
+        [*command, f"http://127.0.0.1:{port}{case.path}"],
         capture_output=True,
         text=True,
         timeout=duration + 60,
         check=True,
     ).stdout
-    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    value, unit = re.search(r"50%\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
+    cpu = cpu_seconds(pid) - before
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: .*", out)
     if errors:
         raise SystemExit(f"wrk saw errors:\n{out}")
-    return rate, float(value) * _UNITS[unit]
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    return Window(
+        rate=float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+        p50=_latency(out, "50"),
+        p99=_latency(out, "99"),
+        cpu_us=cpu / max(requests, 1) * 1e6,
+    )
+
+
+def cases_for(connections: list[int]) -> list[Case]:
+    plain = [Case(f"GET str, {c} conn.", "/ping", c) for c in connections]
+    return [
+        *plain,
+        Case("GET (status, headers, JSON str), 10 conn.", "/json", 10),
+        Case(f"POST {len(POST_BODY)} B echoed, 10 conn.", "/echo", 10, post=True),
+        Case("GET str, default logging, 10 conn.", "/ping", 10, default_logging=True),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,55 +212,83 @@ def main(argv: list[str] | None = None) -> int:
         print("wrk is missing: apt-get install wrk", file=sys.stderr)
         return 2
     check_identical()
-    connections = [int(c) for c in args.connections.split(",")]
-    results: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    cases = cases_for([int(c) for c in args.connections.split(",")])
+    results: dict[tuple[str, Case], list[Window]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for side in (OURS, NAMEKO):
-            port = free_port()
-            process = start_service(side, port, Path(tmp))
-            try:
-                wrk(port, 10, 1.0)  # warm up
-                for conns in connections:
-                    results[side, conns] = [
-                        wrk(port, conns, args.duration) for _ in range(args.runs)
-                    ]
-                    print(
-                        f"{side:7} c={conns:<3} "
-                        + " / ".join(
-                            f"{r:,.0f} req/s" for r, _ in results[side, conns]
-                        ),
-                        file=sys.stderr,
+        workdir = Path(tmp)
+        script = workdir / "post.lua"
+        script.write_text(
+            f'wrk.method = "POST"\nwrk.body = "{POST_BODY}"\n'
+            'wrk.headers["Content-Type"] = "text/plain"\n'
+        )
+        services: dict[tuple[str, bool], tuple[int, subprocess.Popen]] = {}
+        try:
+            for side in (OURS, NAMEKO):
+                for default_logging in (False, True):
+                    port = free_port()
+                    process = start_service(
+                        side, port, workdir, default_logging=default_logging
                     )
-            finally:
+                    services[side, default_logging] = (port, process)
+            for port, process in services.values():
+                wrk(port, process.pid, Case("warm-up", "/ping", 10), 1.0, None)
+            for run in range(args.runs):
+                # Alternate who goes first, so a drift in the machine's load
+                # favours neither side.
+                order = (OURS, NAMEKO) if run % 2 == 0 else (NAMEKO, OURS)
+                for case in cases:
+                    for side in order:
+                        port, process = services[side, case.default_logging]
+                        window = wrk(port, process.pid, case, args.duration, script)
+                        results.setdefault((side, case), []).append(window)
+                        print(
+                            f"{side:7} {case.label:38} {window.rate:8,.0f} req/s "
+                            f"p99 {window.p99:6.2f} ms {window.cpu_us:5.0f} us CPU/req",
+                            file=sys.stderr,
+                        )
+        finally:
+            for _, process in services.values():
                 stop(process)
 
-    lines = [
-        "# HTTP: ours vs nameko 2.14.1 `@http`",
-        "",
-        f"`python -m bench.http --runs {args.runs} --duration {args.duration}`; wrk, keep-alive, "
-        f"GET /ping returning a str; median of {args.runs} windows. "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, same machine as `latest.md`.",
-        "",
-        "| Figure | ours | nameko 2.14.1 | ours / nameko |",
-        "|---|---:|---:|---:|",
-    ]
-    for conns in connections:
-        ours = statistics.median(r for r, _ in results[OURS, conns])
-        theirs = statistics.median(r for r, _ in results[NAMEKO, conns])
-        lines.append(
-            f"| HTTP requests/s, {conns} connection(s) | {ours:,.0f} | {theirs:,.0f} | {ours / theirs:.2f}x |"
-        )
-    for conns in connections[:1]:
-        ours = statistics.median(p for _, p in results[OURS, conns])
-        theirs = statistics.median(p for _, p in results[NAMEKO, conns])
-        lines.append(
-            f"| HTTP latency p50, {conns} connection(s) (ms) | {ours:.2f} | {theirs:.2f} | {ours / theirs:.2f}x |"
-        )
-    table = "\n".join(lines) + "\n"
+    table = render(args, cases, results)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(table)
     print(table)
     return 0
+
+
+def render(
+    args: argparse.Namespace,
+    cases: list[Case],
+    results: dict[tuple[str, Case], list[Window]],
+) -> str:
+    def median(side: str, case: Case, field: str) -> float:
+        return statistics.median(getattr(w, field) for w in results[side, case])
+
+    lines = [
+        "# HTTP: ours vs nameko 2.14.1 `@http`",
+        "",
+        f"`python -m bench.http --runs {args.runs} --duration {args.duration} "
+        f"--connections {args.connections}`; wrk, keep-alive, both services up at "
+        f"once and their windows alternating; median of {args.runs} windows. "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        "",
+        "| Case | req/s ours | req/s nameko | ours / nameko | p50 ms ours | "
+        "p50 ms nameko | p99 ms ours | p99 ms nameko | CPU µs/req ours | "
+        "CPU µs/req nameko | nameko / ours CPU |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for case in cases:
+        ours = {f: median(OURS, case, f) for f in ("rate", "p50", "p99", "cpu_us")}
+        theirs = {f: median(NAMEKO, case, f) for f in ("rate", "p50", "p99", "cpu_us")}
+        lines.append(
+            f"| {case.label} | {ours['rate']:,.0f} | {theirs['rate']:,.0f} | "
+            f"{ours['rate'] / theirs['rate']:.2f}x | {ours['p50']:.2f} | "
+            f"{theirs['p50']:.2f} | {ours['p99']:.2f} | {theirs['p99']:.2f} | "
+            f"{ours['cpu_us']:.0f} | {theirs['cpu_us']:.0f} | "
+            f"{theirs['cpu_us'] / ours['cpu_us']:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -15,6 +15,10 @@ class BenchWeb:
     def ping(self, request):
         return "pong"
 
+    @http("GET", "/json")
+    def json(self, request):
+        return 200, {"Content-Type": "application/json"}, '{"hello": "world"}'
+
     @http("POST", "/echo")
     def echo(self, request):
         return request.get_data(as_text=True)

@@ -173,6 +173,7 @@ def new_correlation_id() -> str:
 
 
 _MAX_CACHED_ADAPTERS = 64
+_MAX_CACHED_MATCHES = 1024
 
 
 def _wsgi_string(value: str) -> str:
@@ -246,6 +247,7 @@ class WsgiApp:
         # URL map adapters by what they are bound to (host, scheme, script name):
         # binding one per request showed in the HTTP profile.
         self._adapters: dict[tuple[Any, ...], MapAdapter] = {}
+        self._matches: dict[tuple[Any, ...], tuple[Rule, Mapping[str, Any]]] = {}
         self._adapters_map: Map | None = None
 
     def __call__(
@@ -257,7 +259,9 @@ class WsgiApp:
             # saying so lets werkzeug read chunked bodies (it returns an empty body
             # otherwise) and enforce the size limit while reading.
             environ.setdefault("wsgi.input_terminated", True)
-        request = Request(environ)
+        # Not populating environ["werkzeug.request"]: that makes request and environ
+        # a reference cycle, garbage for the cyclic collector on every request.
+        request = Request(environ, populate_request=False)
         request.max_content_length = self.server.max_content_length
         try:
             response = self.dispatch(request)
@@ -305,6 +309,7 @@ class WsgiApp:
             return url_map.bind_to_environ(environ).match(return_rule=True)
         if self._adapters_map is not url_map:
             self._adapters = {}
+            self._matches = {}
             self._adapters_map = url_map
         key = (
             environ.get("HTTP_HOST"),
@@ -313,22 +318,35 @@ class WsgiApp:
             environ.get("wsgi.url_scheme"),
             environ.get("SCRIPT_NAME"),
         )
+        path = environ.get("PATH_INFO", "")
+        method = environ["REQUEST_METHOD"]
+        # Matches by path and method too: werkzeug's matcher makes a reference
+        # cycle (a recursive closure) on every call, which keeps the cyclic
+        # garbage collector busy, and with it the tail latency.
+        matched = self._matches.get((key, path, method))
+        if matched is not None:
+            return matched
         adapter = self._adapters.get(key)
         if adapter is None:
             if len(self._adapters) >= _MAX_CACHED_ADAPTERS:
                 self._adapters.clear()  # a client inventing Host headers
             adapter = self._adapters[key] = url_map.bind_to_environ(environ)
-        return adapter.match(
-            _wsgi_string(environ.get("PATH_INFO", "")),
-            environ["REQUEST_METHOD"],
+        matched = adapter.match(
+            _wsgi_string(path),
+            method,
             return_rule=True,
             query_args=_wsgi_string(environ.get("QUERY_STRING", "")),
         )
+        if len(self._matches) >= _MAX_CACHED_MATCHES:
+            self._matches.clear()  # a client walking through many URLs
+        self._matches[key, path, method] = matched
+        return matched
 
     def dispatch(self, request: Request) -> WsgiApplication:
         environ = request.environ
         rule, values = self.match(environ)
-        request.path_values = values  # type: ignore[attr-defined]
+        # A copy: the match may be cached and shared with later requests.
+        request.path_values = dict(values)  # type: ignore[attr-defined]
         if not rule.websocket and (
             environ.get("CONTENT_LENGTH") or "HTTP_TRANSFER_ENCODING" in environ
         ):
