@@ -4,14 +4,13 @@ caller beyond what each case implies.
 The services reach RabbitMQ and PostgreSQL through TCP proxies (tests/tcp_proxy.py)
 that a test can cut, which to them is the server going away; processes are killed
 with the signals an orchestrator sends. The tests share one application and run in
-order; the last one stops it.
+order. (SIGTERM to every service is the last test of test_journeys.py.)
 """
 
 from __future__ import annotations
 
 import json
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -181,49 +180,3 @@ def test_a_broker_outage_mid_batch_of_20_conversions_loses_none(
         (job["state"], job["error"]) for job in final
     ]
     assert {job["output"]["rows"] for job in final} == {2000}
-
-
-def test_sigterm_to_every_service_drains_requests_in_flight_without_a_5xx(
-    app: LocalApp, admin: Api
-) -> None:
-    statuses: list[int] = []
-    stop = threading.Event()
-
-    def keep_calling() -> None:
-        while not stop.is_set():
-            try:
-                statuses.append(
-                    admin.call(
-                        "GET", "/api/v1/conversions", expect=tuple(range(100, 600))
-                    ).status_code
-                )
-            except requests.ConnectionError:
-                # Refused once web has stopped listening: not an answer at all.
-                time.sleep(0.05)
-
-    callers = [threading.Thread(target=keep_calling) for _ in range(4)]
-    for caller in callers:
-        caller.start()
-    # A large upload in flight when the signal arrives must still complete.
-    big = csv_bytes(400_000)
-    upload: dict[str, Any] = {}
-    uploader = threading.Thread(
-        target=lambda: upload.update(admin.upload("in-flight.csv", big))
-    )
-    uploader.start()
-    time.sleep(0.3)
-
-    # As `docker compose stop` does: dependents first (web), then what they use.
-    codes = {}
-    for name in reversed(app.compose.start_order()):
-        for process in app.replicas(name):
-            codes[name] = app.stop(process, signal.SIGTERM, timeout=45)
-        if name == "web":
-            uploader.join(60)
-            stop.set()
-    for caller in callers:
-        caller.join(30)
-
-    assert codes and set(codes.values()) == {0}, codes
-    assert statuses and all(status < 500 for status in statuses), sorted(set(statuses))
-    assert upload.get("size") == len(big)

@@ -5,6 +5,8 @@ compose's own commands, environment and healthchecks (see compose.py)."""
 from __future__ import annotations
 
 import io
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +15,7 @@ from typing import Any
 import pyarrow.csv
 import pyarrow.parquet
 import pytest
+import requests
 
 from .api import Api, Panel, csv_bytes
 from .compose import LocalApp
@@ -194,3 +197,75 @@ def test_in_a_browser_a_csv_is_uploaded_converted_live_and_downloaded(
         # Not manager.stop(), which can wait for ever for the driver's exit (see
         # tests/services/web/test_browser.py); killing the driver ends it as well.
         manager._client._transport._proc.kill()  # type: ignore[attr-defined]
+
+
+# Last: it stops the application.
+def test_sigterm_to_every_service_drains_requests_in_flight_without_a_5xx(
+    app: LocalApp, admin: Api
+) -> None:
+    statuses: list[int] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def keep_calling() -> None:
+        while not stop.is_set():
+            try:
+                response = admin.call(
+                    "GET", "/api/v1/conversions", expect=tuple(range(100, 600))
+                )
+                statuses.append(response.status_code)
+                if response.status_code >= 500:
+                    failures.append(response.text[:300])
+            except requests.ConnectionError:
+                # Refused once web has stopped listening: not an answer at all.
+                time.sleep(0.05)
+
+    callers = [threading.Thread(target=keep_calling) for _ in range(4)]
+    for caller in callers:
+        caller.start()
+    # An upload streaming in when the signal arrives must still complete.
+    big = csv_bytes(100_000)
+    chunk = len(big) // 20 + 1
+    streaming = threading.Event()
+
+    def slow_body() -> Iterator[bytes]:
+        for start in range(0, len(big), chunk):
+            streaming.set()
+            time.sleep(0.1)
+            yield big[start : start + chunk]
+
+    upload: dict[str, Any] = {}
+
+    def send() -> None:
+        try:
+            response = admin.call(
+                "POST",
+                "/api/v1/files",
+                expect=tuple(range(100, 600)),
+                params={"name": "in-flight.csv"},
+                data=slow_body(),
+                headers={"Content-Type": "application/octet-stream"},
+            )
+            upload.update(status=response.status_code, body=response.json())
+        except Exception as exc:
+            upload.update(error=repr(exc))
+
+    uploader = threading.Thread(target=send)
+    uploader.start()
+    assert streaming.wait(10)
+
+    # As `docker compose stop` does: dependents first (web), then what they use.
+    codes = {}
+    for name in reversed(app.compose.start_order()):
+        for process in app.replicas(name):
+            codes[name] = app.stop(process, signal.SIGTERM, timeout=45)
+        if name == "web":
+            uploader.join(60)
+            stop.set()
+    for caller in callers:
+        caller.join(30)
+
+    assert codes and set(codes.values()) == {0}, codes
+    assert statuses and all(status < 500 for status in statuses), failures
+    assert upload.get("status") == 201, upload
+    assert upload["body"]["size"] == len(big)
