@@ -42,7 +42,13 @@ from framework.exceptions import RemoteError, RpcTimeout, UnknownService
 from framework.extensions import DependencyProvider, Entrypoint
 from services.scheduler.exceptions import ScheduleNotFound
 from services.scheduler.models import Run, Schedule
-from services.scheduler.planning import FIRE, QUEUE, overlap_decision, plan_ticks
+from services.scheduler.planning import (
+    FIRE,
+    QUEUE,
+    TickPlan,
+    overlap_decision,
+    plan_ticks,
+)
 from services.scheduler.schemas import (
     OUTCOME_FAILED,
     OUTCOME_LOST,
@@ -346,6 +352,10 @@ class ScheduleRepository:
             running = self._running_among([schedule.id for schedule in due])
             new_runs: list[tuple[Run, Schedule, float]] = []
             deferred: dict[int, datetime] = {}
+            # Schedules sharing an expression, zone, policy and due tick (a burst,
+            # a spread of hundreds) share one plan: computing it is most of the
+            # pass's CPU.
+            plans: dict[tuple[Any, ...], TickPlan] = {}
             for schedule in due:
                 next_fire_at = utc(schedule.next_fire_at)
                 if (
@@ -358,7 +368,13 @@ class ScheduleRepository:
                     deferred[schedule.id] = next_fire_at  # type: ignore[assignment]
                     continue
                 waiting = self._claim_schedule(
-                    schedule, now, horizon, schedule.id in running, new_runs, claimed
+                    schedule,
+                    now,
+                    horizon,
+                    schedule.id in running,
+                    new_runs,
+                    claimed,
+                    plans,
                 )
                 if waiting is not None:
                     deferred[schedule.id] = waiting
@@ -461,6 +477,7 @@ class ScheduleRepository:
         running: bool,
         new_runs: list[tuple[Run, Schedule, float]],
         claimed: Claimed,
+        plans: dict[tuple[Any, ...], TickPlan],
     ) -> datetime | None:
         """Claim the schedule's due ticks; the tick left for later, if any."""
         cron = self._cron(schedule)
@@ -468,14 +485,23 @@ class ScheduleRepository:
             return None
         # Ticks up to the horizon are claimed now and called on time; lateness
         # is judged against the horizon too (a grace of up to one claim-ahead).
-        plan = plan_ticks(
-            cron,
-            utc(schedule.next_fire_at),  # type: ignore[arg-type]
-            horizon,
+        key = (
+            schedule.cron,
+            schedule.timezone,
+            schedule.next_fire_at,
             schedule.missed_run_policy,
-            timedelta(seconds=schedule.catchup_window_seconds),
-            self.settings.misfire_grace,
+            schedule.catchup_window_seconds,
         )
+        plan = plans.get(key)
+        if plan is None:
+            plan = plans[key] = plan_ticks(
+                cron,
+                utc(schedule.next_fire_at),  # type: ignore[arg-type]
+                horizon,
+                schedule.missed_run_policy,
+                timedelta(seconds=schedule.catchup_window_seconds),
+                self.settings.misfire_grace,
+            )
         if plan.missed:
             log.warning(
                 "ticks missed, not run by the schedule's missed-run policy",
