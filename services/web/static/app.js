@@ -68,6 +68,8 @@
       try {
         socket = new WebSocket(scheme + window.location.host + "/ws");
       } catch (error) {
+        setLiveStatus("polling", "Live updates interrupted; reconnecting…");
+        startPolling();
         scheduleReconnect();
         return;
       }

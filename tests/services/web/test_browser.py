@@ -466,3 +466,48 @@ def test_the_system_page_shows_every_service_ready_and_the_queues(
         page.reload()
     expect(users_queue).to_have_count(1)
     assert int(users_queue.locator("td").nth(2).inner_text()) >= 1  # its consumer
+
+
+def test_the_list_polls_while_its_socket_is_down_and_reconnects(
+    system: System, new_page: Any
+) -> None:
+    page = new_page()
+    # Sockets the page opens are kept, and can be refused while `blockSockets`
+    # is set, as if the server were unreachable (an init script: no CSP applies).
+    page.add_init_script(
+        """(() => {
+            const Real = window.WebSocket;
+            window.openedSockets = [];
+            window.blockSockets = false;
+            window.WebSocket = function (url, protocols) {
+                if (window.blockSockets) throw new Error("blocked by the test");
+                const socket = new Real(url, protocols);
+                window.openedSockets.push(socket);
+                return socket;
+            };
+        })()"""
+    )
+    log_in(page, system)
+    page.goto(system.base_url + "/conversions")
+    expect(page.locator("body")).to_have_attribute("data-live", "connected")
+    page.evaluate("window.notReloaded = true")
+
+    page.evaluate(
+        "window.blockSockets = true; window.openedSockets.forEach((s) => s.close())"
+    )
+    expect(page.locator("body")).to_have_attribute("data-live", "polling")
+    api = system.api(system.token())
+    uploaded = api.post(
+        system.base_url + "/api/v1/files?name=polled.csv", data=csv_rows(5)
+    )
+    job = api.post(
+        system.base_url + "/api/v1/conversions",
+        json={"file_id": uploaded.json()["id"], "target_format": "json"},
+    ).json()
+    row = page.locator(f'tr[data-job-id="{job["id"]}"]')
+    expect(row.locator('[data-field="state"]')).to_have_text("succeeded")
+    assert page.locator("body").get_attribute("data-live") == "polling"
+
+    page.evaluate("window.blockSockets = false")
+    expect(page.locator("body")).to_have_attribute("data-live", "connected")
+    assert page.evaluate("window.notReloaded") is True
