@@ -415,10 +415,10 @@ class ServiceContainer:
         exc_info: ExcInfo | None = None
         try:
             self._inject_dependencies(worker_ctx)
-        except Exception:
+        except Exception as exc:
             # A broken provider fails this worker, not the service.
             exc_info = sys.exc_info()  # type: ignore[assignment]
-            log.exception("dependency setup failed for worker %s", worker_ctx)
+            log_worker_error(log, worker_ctx, exc, "dependency setup failed")
         else:
             method = getattr(
                 worker_ctx.service, worker_ctx.entrypoint.method_name or ""
@@ -434,8 +434,10 @@ class ServiceContainer:
         if handle_result is not None:
             try:
                 result, exc_info = handle_result(worker_ctx, result, exc_info)
-            except Exception:
-                log.exception("error handling the result of worker %s", worker_ctx)
+            except Exception as exc:
+                log_worker_error(
+                    log, worker_ctx, exc, "error handling a worker's result"
+                )
 
         self._worker_result(worker_ctx, result, exc_info)
         self._worker_teardown(worker_ctx)
@@ -457,15 +459,17 @@ class ServiceContainer:
         for provider in self.dependencies:
             try:
                 provider.worker_result(worker_ctx, result, exc_info)
-            except Exception:
-                log.exception("%r.worker_result failed for %s", provider, worker_ctx)
+            except Exception as exc:
+                fields = {"provider": repr(provider)}
+                log_worker_error(log, worker_ctx, exc, "worker_result failed", fields)
 
     def _worker_teardown(self, worker_ctx: WorkerContext) -> None:
         for provider in self.dependencies:
             try:
                 provider.worker_teardown(worker_ctx)
-            except Exception:
-                log.exception("%r.worker_teardown failed for %s", provider, worker_ctx)
+            except Exception as exc:
+                fields = {"provider": repr(provider)}
+                log_worker_error(log, worker_ctx, exc, "worker_teardown failed", fields)
 
     def _log_worker(
         self, worker_ctx: WorkerContext, started: float, exc_info: ExcInfo | None

@@ -309,17 +309,23 @@ def log_error(
 
 
 def log_worker_error(
-    logger: logging.Logger, worker_ctx: Any, exc: BaseException
+    logger: logging.Logger,
+    worker_ctx: Any,
+    exc: BaseException,
+    message: str = "error handling worker",
+    fields: Mapping[str, Any] | None = None,
 ) -> None:
-    """``log_error`` for a worker whose method raised, with its redacted arguments."""
+    """``log_error`` for a worker whose method (or one of whose dependency hooks:
+    say so in ``message``) raised, with its redacted arguments."""
     entrypoint = worker_ctx.entrypoint
     log_error(
         logger,
-        "error handling worker",
+        message,
         exc,
         expected=is_expected(exc, entrypoint.expected_exceptions),
         correlation_id=worker_ctx.call_id,
         fields={
+            **(fields or {}),
             "service": worker_ctx.service_name,
             "entrypoint": entrypoint.method_name,
             "call_id": worker_ctx.call_id,

@@ -18,7 +18,7 @@ import pytest
 from framework import logs
 from framework.containers import ServiceContainer
 from framework.exceptions import ConfigurationError
-from framework.extensions import Entrypoint
+from framework.extensions import DependencyProvider, Entrypoint
 from framework.testing.services import entrypoint_hook
 from framework.utils import REDACTED
 from tests.helpers import wait_for
@@ -389,3 +389,66 @@ def test_text_format_escapes_line_breaks_so_arguments_cannot_forge_records(
     assert "\\u2028" in records[2] and "\\x85" in records[2]
     assert "  Traceback (most recent call last):" in lines
     assert f"  {FORGED}" in lines  # the exception's second line, indented
+
+
+class LeakyProvider(DependencyProvider):
+    """Fails in every hook with a message quoting a secret, as a driver might."""
+
+    def __init__(self, fail_in: str) -> None:
+        self.fail_in = fail_in
+
+    def _maybe_fail(self, hook: str) -> None:
+        if hook == self.fail_in:
+            raise RuntimeError(DRIVER_ERROR.format("ann@example.com", PASSWORD))
+
+    def get_dependency(self, worker_ctx: Any) -> None:
+        return None
+
+    def worker_setup(self, worker_ctx: Any) -> None:
+        self._maybe_fail("worker_setup")
+
+    def worker_result(self, worker_ctx: Any, result: Any, exc_info: Any) -> None:
+        self._maybe_fail("worker_result")
+
+    def worker_teardown(self, worker_ctx: Any) -> None:
+        self._maybe_fail("worker_teardown")
+
+
+@pytest.mark.parametrize(
+    ("hook", "message"),
+    [
+        ("worker_setup", "dependency setup failed"),
+        ("worker_result", "worker_result failed"),
+        ("worker_teardown", "worker_teardown failed"),
+    ],
+)
+def test_a_failing_dependency_hook_is_logged_without_its_error_text(
+    stream: io.StringIO, hook: str, message: str
+) -> None:
+    class WithLeakyProvider:
+        name = "leaky"
+        leaky = LeakyProvider(hook)
+
+        @entrypoint(sensitive_arguments="password")
+        def check(self, email: str, password: str) -> None:
+            pass
+
+    logs.configure_logging({"LOG_FORMAT": "json"}, stream=stream)
+    container = ServiceContainer(WithLeakyProvider, {})
+    container.start()
+    try:
+        with entrypoint_hook(container, "check") as check:
+            try:
+                check("ann@example.com", PASSWORD)
+            except RuntimeError:
+                pass  # dependency setup failed: the worker fails
+        wait_for(lambda: container.active_workers == 0, timeout=5)
+    finally:
+        container.kill()
+
+    assert PASSWORD not in stream.getvalue()
+    assert "INSERT failed" not in stream.getvalue()
+    (record,) = [line for line in json_lines(stream) if line["message"] == message]
+    assert record["level"] == "ERROR"
+    assert record["error_type"] == "builtins.RuntimeError"
+    assert record["call_args"] == {"email": "ann@example.com", "password": REDACTED}
