@@ -11,6 +11,7 @@ A screenshot of the page is kept for every failing test, under
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -54,7 +55,10 @@ expect.set_options(timeout=TIMEOUT_MS)
 class System:
     """The four services, running as processes."""
 
-    def __init__(self, base_url: str, health_urls: dict[str, str], logs: Path) -> None:
+    def __init__(
+        self, base_url: str, health_urls: dict[str, str], logs: Path, vhost: str
+    ) -> None:
+        self.vhost = vhost
         self.base_url = base_url
         self.health_urls = health_urls
         self.logs = logs
@@ -151,7 +155,7 @@ def system(
                 START_TIMEOUT,
                 f"{url} (log: {logs})",
             )
-        system = System(base_url, health_urls, logs)
+        system = System(base_url, health_urls, logs, vhost)
         # Ready also means the users service created the admin at its start.
         wait_until(
             lambda: (
@@ -511,3 +515,39 @@ def test_the_list_polls_while_its_socket_is_down_and_reconnects(
     page.evaluate("window.blockSockets = false")
     expect(page.locator("body")).to_have_attribute("data-live", "connected")
     assert page.evaluate("window.notReloaded") is True
+
+
+def test_dead_letters_are_counted_and_replayed_from_the_system_page(
+    system: System, new_page: Any, rabbit_manager: Any
+) -> None:
+    rabbit_manager.create_queue(system.vhost, "web-test-q", durable=True)
+    rabbit_manager.create_queue(system.vhost, "web-test-q.dead-letter", durable=True)
+    rabbit_manager.publish(
+        system.vhost,
+        "",
+        "web-test-q.dead-letter",
+        {"hello": "again"},
+        properties={
+            "headers": {
+                "x-dead-letter-reason": "handler failed",
+                "x-original-exchange": "",
+                "x-original-routing-key": "web-test-q",
+                "x-original-queue": "web-test-q",
+            }
+        },
+    )
+    page = new_page()
+    log_in(page, system)
+    row = page.locator("#dead-letters tbody tr").filter(has_text="web-test-q")
+    # The management API's message counts lag by a few seconds.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        page.goto(system.base_url + "/system")
+        if row.get_by_role("button", name="Replay").count():
+            break
+        time.sleep(1)
+    page.on("dialog", lambda dialog: dialog.accept())
+    row.get_by_role("button", name="Replay").click()
+    expect(page.get_by_role("status").first).to_have_text("Replayed 1 dead letters.")
+    replayed = rabbit_manager.get_messages(system.vhost, "web-test-q")
+    assert [json.loads(m["payload"]) for m in replayed] == [{"hello": "again"}]
