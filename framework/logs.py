@@ -318,11 +318,14 @@ def log_worker_error(
     """``log_error`` for a worker whose method (or one of whose dependency hooks:
     say so in ``message``) raised, with its redacted arguments."""
     entrypoint = worker_ctx.entrypoint
+    expected = is_expected(exc, entrypoint.expected_exceptions)
+    if not logger.isEnabledFor(logging.WARNING if expected else logging.ERROR):
+        return  # spare copying and redacting the arguments
     log_error(
         logger,
         message,
         exc,
-        expected=is_expected(exc, entrypoint.expected_exceptions),
+        expected=expected,
         correlation_id=worker_ctx.call_id,
         fields={
             **(fields or {}),
