@@ -33,7 +33,12 @@ from werkzeug.wrappers import Request, Response
 
 from framework.web.handlers import HttpRequestHandler
 from framework.web.server import WebServer, WsgiApp
-from framework.web.websocket import WebSocketHubProvider, WebSocketRpc, WebSocketServer
+from framework.web.websocket import (
+    WebSocketHub,
+    WebSocketHubProvider,
+    WebSocketRpc,
+    WebSocketServer,
+)
 from services.web.dependencies import Principal, find_edge_state
 from services.web.exceptions import (
     EXPECTED_EXCEPTIONS,
@@ -56,8 +61,10 @@ API_PREFIX = "/api/"
 SESSION_COOKIE = "web_session"
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "X-CSRF-Token"
-# The websocket's context carries the session's public handle, never its cookie.
+# The websocket's context carries the session's public handle, never its cookie,
+# and whose it is (to close a user's sockets when their rights change).
 SESSION_CONTEXT_KEY = "web_session_id"
+USER_CONTEXT_KEY = "web_user_id"
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
 HERE = Path(__file__).parent
@@ -356,6 +363,7 @@ class EdgeSocketServer(WebSocketServer):
         )
         if principal is not None:
             data[SESSION_CONTEXT_KEY] = principal.session_id
+            data[USER_CONTEXT_KEY] = principal.user_id
         return data
 
 
@@ -363,8 +371,35 @@ class EdgeSocketRpc(WebSocketRpc):
     server = EdgeSocketServer()
 
 
+class EdgeSocketHub(WebSocketHub):
+    """The framework's hub, plus closing the sockets of a user or a session."""
+
+    def __init__(self, server: WebSocketServer) -> None:
+        super().__init__(server)
+        self._sockets = server
+
+    def close_sockets(
+        self, user_id: int | None = None, session_id: str | None = None
+    ) -> int:
+        """Close this replica's sockets of the user (or the session); their pages
+        reconnect, and are authorized again, with the rights they have now."""
+        closed = 0
+        for info in list(self._sockets.sockets.values()):
+            context = info.data.context_data
+            if (user_id is not None and context.get(USER_CONTEXT_KEY) == user_id) or (
+                session_id is not None
+                and context.get(SESSION_CONTEXT_KEY) == session_id
+            ):
+                info.socket.close()
+                closed += 1
+        return closed
+
+
 class EdgeHub(WebSocketHubProvider):
     server = EdgeSocketServer()
+
+    def setup(self) -> None:
+        self.hub = EdgeSocketHub(self.server)
 
 
 socket_rpc = EdgeSocketRpc.decorator

@@ -43,6 +43,7 @@ def cookie_secure(request: Request, setting: str) -> bool:
 class AuthRoutes:
     store: Any
     users: Any
+    hub: Any
 
     def _authenticate(
         self, request: Request, email: str, password: str
@@ -146,7 +147,11 @@ class AuthRoutes:
 
     @route("POST", "/logout", access=MEMBER)
     def logout(self, request: Request) -> Response:
-        self.store.revoke_session(request.principal.session_id)  # type: ignore[attr-defined]
+        session_id = request.principal.session_id  # type: ignore[attr-defined]
+        self.store.revoke_session(session_id)
+        # This replica's sockets of the session; another replica's are refused
+        # at their next subscribe or reconnect.
+        self.hub.close_sockets(session_id=session_id)
         response = redirect("/login")
         response.delete_cookie(SESSION_COOKIE, path="/")
         return response

@@ -106,6 +106,20 @@ class LiveRoutes:
                 channel, "run", {"schedule": payload["schedule"], "run": run}
             )
 
+    @on_events(
+        "users",
+        (USER_UPDATED, USER_DELETED),
+        handler_type=BROADCAST,
+        reliable_delivery=False,
+    )
+    def close_changed_users_sockets(self, payload: dict[str, Any]) -> None:
+        """A user whose rights changed (role, deactivation, password, deletion)
+        loses this replica's open sockets: subscriptions were authorized with the
+        old rights. Their pages reconnect and are authorized afresh (or refused)."""
+        changed = set(payload.get("changed") or ("deleted",))
+        if changed & {"role", "is_active", "password", "deleted"}:
+            self.hub.close_sockets(user_id=payload["user"]["id"])
+
     @event_handler("users", USER_UPDATED)
     def on_user_updated(self, payload: dict[str, Any]) -> None:
         user = payload["user"]

@@ -418,3 +418,49 @@ def test_refuses_to_start_in_production_with_the_development_secret(
     container = container_factory(WebService, config)
     with pytest.raises(ConfigurationError, match="SECRET_KEY"):
         container.start()
+
+
+def ws_closed(ws: Any) -> bool:
+    """Whether the server closes the socket (frames before the close are skipped)."""
+    try:
+        while True:
+            if not ws.recv():
+                return True
+    except websocket_client.WebSocketConnectionClosedException:
+        return True
+
+
+def test_a_users_sockets_close_when_their_rights_change(app: App) -> None:
+    member = app.create_member()
+    panel = app.session()
+    panel.login("member@example.com", "member password")
+    ws = ws_connect(app, dict(panel.cookies))
+    try:
+        assert ws_call(ws, "subscribe", channel="jobs")["success"]
+        admin = app.api(app.token())
+        assert (
+            admin.patch(
+                f"/api/v1/users/{member['id']}", json={"role": "admin"}
+            ).status_code
+            == 200
+        )
+        assert ws_closed(ws)
+    finally:
+        ws.close()
+    # Reconnected, the socket is authorized with the new rights.
+    ws = ws_connect(app, dict(panel.cookies))
+    try:
+        assert ws_call(ws, "subscribe", channel="jobs")["data"] == "jobs.all"
+    finally:
+        ws.close()
+
+
+def test_logging_out_closes_the_sessions_sockets(app: App) -> None:
+    panel = app.admin()
+    ws = ws_connect(app, dict(panel.cookies))
+    try:
+        assert ws_call(ws, "subscribe", channel="schedules")["success"]
+        assert panel.submit("/logout").status_code == 303
+        assert ws_closed(ws)
+    finally:
+        ws.close()
