@@ -48,6 +48,7 @@ SERVICES = {
 ADMIN_EMAIL = "admin@example.com"
 ADMIN_PASSWORD = "admin browser password"
 START_TIMEOUT = 90.0
+UPLOAD_LIMIT = 16 * 1024 * 1024
 TIMEOUT_MS = 20_000
 expect.set_options(timeout=TIMEOUT_MS)
 
@@ -116,6 +117,7 @@ def system(
         "SECRET_KEY": "browser tests secret key, long enough",
         "MAX_CONCURRENT_CONVERSIONS": "1",
         "CONVERSION_HEARTBEAT_INTERVAL": "0.2",
+        "UPLOAD_MAX_BYTES": str(UPLOAD_LIMIT),
     }
     processes = []
     logs = folder / "services.log"
@@ -551,3 +553,27 @@ def test_dead_letters_are_counted_and_replayed_from_the_system_page(
     expect(page.get_by_role("status").first).to_have_text("Replayed 1 dead letters.")
     replayed = rabbit_manager.get_messages(system.vhost, "web-test-q")
     assert [json.loads(m["payload"]) for m in replayed] == [{"hello": "again"}]
+
+
+def test_a_file_over_the_upload_limit_is_refused_with_a_clear_message(
+    system: System, new_page: Any
+) -> None:
+    page = new_page()
+    log_in(page, system)
+    page.goto(system.base_url + "/conversions")
+    expect(page.get_by_text("File (up to 16.0 MB)")).to_be_visible()
+    page.set_input_files(
+        "#upload-file",
+        files=[
+            {
+                "name": "huge.csv",
+                "mimeType": "text/csv",
+                "buffer": b"x" * (UPLOAD_LIMIT + 1024 * 1024),
+            }
+        ],
+    )
+    page.get_by_role("button", name="Upload").click()
+    expect(page.locator("#upload-message")).to_have_text(
+        "This file is 17.0 MB; the upload limit is 16.0 MB."
+    )
+    expect(page.locator("#start-form")).to_be_hidden()
