@@ -363,13 +363,15 @@ class JobRunner:
     ) -> None:
         """Run the job unless it finished already or runs elsewhere. Never raises
         for a bad file (the job fails); raises for infrastructure trouble."""
-        if not self._claim(job_id, jobs):
-            return
-        job = jobs.fresh(job_id)
-        if job is None:
-            return
-        dispatch(CONVERSION_STARTED, {"job": dump_job(job)})
+        # The slot first, then the claim: a claimed job must beat at once, or a
+        # replica waiting for a slot would look dead to the others.
         with self._slots:
+            if not self._claim(job_id, jobs):
+                return
+            job = jobs.fresh(job_id)
+            if job is None:
+                return
+            dispatch(CONVERSION_STARTED, {"job": dump_job(job)})
             self._convert(job, jobs, storage, dispatch)
 
     def _claim(self, job_id: str, jobs: JobRepository) -> bool:
