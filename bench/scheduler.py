@@ -351,6 +351,8 @@ def table(results: dict[str, Any], window: float) -> str:
         "|---|---|",
     ]
     for replicas in (1, 3):
+        if f"spread-{replicas}" not in results:
+            continue
         spread_result = results[f"spread-{replicas}"]
         lines.append(
             f"| tick latency, {SPREAD_SCHEDULES} schedules over a minute, {replicas} "
@@ -359,14 +361,17 @@ def table(results: dict[str, Any], window: float) -> str:
             f"{spread_result['max']:.1f} ms ({spread_result['calls']} calls, "
             f"{spread_result['expected']} expected) |"
         )
-    burst = results["burst"]
-    lines.append(
-        f"| burst of {BURST_SCHEDULES} due in one second, 3 replicas: first / median / "
-        f"last call | {burst['first']:.0f} / {burst['p50']:.0f} / {burst['last']:.0f} ms "
-        f"({burst['calls']} calls) |"
-    )
+    burst = results.get("burst")
+    if burst is not None:
+        lines.append(
+            f"| burst of {BURST_SCHEDULES} due in one second, 3 replicas: first / "
+            f"median / last call | {burst['first']:.0f} / {burst['p50']:.0f} / "
+            f"{burst['last']:.0f} ms ({burst['calls']} calls) |"
+        )
     for due in (1, BURST_SCHEDULES):
-        claim = results[f"claim-{due}"]
+        claim = results.get(f"claim-{due}")
+        if claim is None:
+            continue
         lines.append(
             f"| one claim transaction, {due} of {SPREAD_SCHEDULES} schedules due | "
             f"{claim['ms']:.1f} ms, {claim['statements']:.0f} SQL statements, "
@@ -384,6 +389,12 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="10 s windows: checks it works"
     )
+    parser.add_argument(
+        "--only",
+        choices=("latency", "burst", "claims"),
+        action="append",
+        help="only these measurements (repeatable); the table shows what was run",
+    )
     args = parser.parse_args()
     window = 10.0 if args.quick else args.window
 
@@ -396,18 +407,21 @@ def main() -> None:
         )
         target.start()
         try:
-            for replicas in (1, 3):
+            wanted = set(args.only or ("latency", "burst", "claims"))
+            for replicas in (1, 3) if "latency" in wanted else ():
                 print(f"tick latency with {replicas} replica(s)...", file=sys.stderr)
                 results[f"spread-{replicas}"] = measure_spread(
                     replicas, window, amqp_uri, url, Path(logs)
                 )
                 print(results[f"spread-{replicas}"], file=sys.stderr)
-            print("burst...", file=sys.stderr)
-            results["burst"] = measure_burst(amqp_uri, url, Path(logs))
-            print(results["burst"], file=sys.stderr)
-            print("claim cost...", file=sys.stderr)
-            for due in (1, BURST_SCHEDULES):
-                results[f"claim-{due}"] = measure_claims(url, due)
+            if "burst" in wanted:
+                print("burst...", file=sys.stderr)
+                results["burst"] = measure_burst(amqp_uri, url, Path(logs))
+                print(results["burst"], file=sys.stderr)
+            if "claims" in wanted:
+                print("claim cost...", file=sys.stderr)
+                for due in (1, BURST_SCHEDULES):
+                    results[f"claim-{due}"] = measure_claims(url, due)
         finally:
             target.stop()
     output = table(results, window)
