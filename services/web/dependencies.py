@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy
 import sqlalchemy.orm
 from sqlalchemy import delete, select, update
+from sqlalchemy.exc import IntegrityError
 
 from framework.database import Database
 from framework.exceptions import ConfigurationError
@@ -356,6 +357,14 @@ class EdgeState:
         return max(1, int(max(waits)) + 1) if waits else None
 
     def login_failed(self, account_key: str, address_key: str) -> None:
+        # Two failures for a new key at once both insert its row; the loser
+        # counts again on top of the winner's row.
+        try:
+            self._count_failure(account_key, address_key)
+        except IntegrityError:
+            self._count_failure(account_key, address_key)
+
+    def _count_failure(self, account_key: str, address_key: str) -> None:
         now = utcnow()
         limits = {
             account_key: self.settings.max_failures,
@@ -374,6 +383,7 @@ class EdgeState:
                 row.failures += 1
                 if row.failures >= limit:
                     row.blocked_until = now + self.settings.login_block
+                session.flush()
 
     def login_succeeded(self, account_key: str) -> None:
         with self._sessionmaker() as session, session.begin():
