@@ -104,7 +104,7 @@ def test_a_job_whose_replica_is_killed_runs_again_and_succeeds_once(
                 service.formats, (UnknownService, RpcTimeout), timeout=START_TIMEOUT
             )
             # XLSX is written a cell at a time: a run takes seconds.
-            key = upload(storage, csv_bytes(25_000))
+            key = upload(storage, csv_bytes(60_000))
             registered = service.register_file(key, "long.csv", 0, 3)
             job = service.start_conversion(registered["id"], "xlsx", {}, 3)
             wait_for(
