@@ -25,7 +25,9 @@ nothing about whether a nameko user's code runs here; the rest do.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -33,7 +35,6 @@ import subprocess
 import sys
 import tarfile
 import time
-import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
 
@@ -42,7 +43,8 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKDIR = ROOT / ".cache" / "nameko-suite"
 REPORT = ROOT / "docs" / "nameko-suite-report.md"
 EXTRA_REQUIREMENTS = ["mock", "six"]
-MODULE_TIMEOUT = 600
+MODULE_TIMEOUT = 900
+TEST_TIMEOUT = 30
 
 # Outcomes of a test that did not pass, in the report's order.
 MISSING = "missing name"
@@ -80,6 +82,52 @@ INTERNALS_TESTS: dict[str, str] = {
     "test/test_rpc_responder.py": "constructs nameko's Responder with its private "
     "arguments",
 }
+
+
+# A pytest plugin written next to the ported tests: one JSON line per test as soon as
+# it finishes, and one when it starts. pytest-timeout ends the whole process on a
+# hung test (eventlet makes its signal method unsafe), so a junit file written at the
+# end would lose the module; this log keeps what ran, and names the test that hung.
+RESULT_LOG_PLUGIN = """
+import json
+import os
+
+_PATH = os.environ["NAMEKO_SUITE_LOG"]
+
+
+def _write(record):
+    with open(_PATH, "a") as log:
+        log.write(json.dumps(record) + "\\n")
+
+
+def pytest_runtest_logstart(nodeid, location):
+    _write({"node": nodeid, "event": "start"})
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call":
+        outcome = report.outcome
+    elif report.outcome == "skipped":
+        outcome = "skipped"
+    elif report.outcome == "failed":
+        outcome = "error"  # in a fixture's setup or teardown
+    else:
+        return
+    message = ""
+    if report.longrepr is not None:
+        if isinstance(report.longrepr, tuple):  # a skip: (path, line, reason)
+            message = str(report.longrepr[2])
+        else:
+            crash = getattr(report.longrepr, "reprcrash", None)
+            message = crash.message if crash is not None else str(report.longrepr)
+    _write({"node": report.nodeid, "event": outcome, "message": message})
+
+
+def pytest_collectreport(report):
+    if report.failed:
+        _write({"node": report.nodeid, "event": "collect-error",
+                "message": str(report.longrepr)[-2000:]})
+"""
 
 
 @dataclasses.dataclass
@@ -181,6 +229,7 @@ def port_tests(sdist: Path, target: Path) -> Path:
         else:
             destination.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, destination)
+    (target / "_suite_log.py").write_text(RESULT_LOG_PLUGIN)
     # nameko's setup.cfg section for pytest, minus what is nameko-specific.
     (target / "pytest.ini").write_text(
         "[pytest]\n"
@@ -230,61 +279,143 @@ def make_venv(venv: Path) -> Path:
 def run_module(
     python: Path, ported: Path, module: str, args: argparse.Namespace
 ) -> list[Result]:
-    junit = args.workdir / "junit" / (module.replace("/", "__") + ".xml")
-    junit.parent.mkdir(parents=True, exist_ok=True)
-    if junit.exists():
-        junit.unlink()
-    env = dict(os.environ, PYTHONPATH=str(ported))
-    command = [
-        str(python),
-        "-m",
-        "pytest",
-        module,
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        "--timeout",
-        "60",
-        f"--junitxml={junit}",
-        "--amqp-uri",
-        args.amqp_uri,
-        "-o",
-        "addopts=",
-    ]
-    try:
-        finished = subprocess.run(
-            command,
-            cwd=ported,
-            env=env,
-            timeout=args.timeout,
-            capture_output=True,
-            text=True,
-        )
-    except subprocess.TimeoutExpired:
-        return [Result(module, "(module)", "error", f"timed out after {args.timeout}s")]
-    if not junit.exists():
-        # Typically the conftest failed to import: its error is the module's result.
-        tail = (finished.stdout + finished.stderr).strip().splitlines()[-3:]
-        message = " / ".join(tail) or f"pytest exited {finished.returncode}"
-        return [Result(module, "(module)", "error", message)]
-    return parse_junit(module, junit)
+    """Every test of ``module``, run in as few pytest processes as hangs allow.
 
-
-def parse_junit(module: str, junit: Path) -> list[Result]:
+    A test that hangs past pytest-timeout ends its process: it is recorded as an
+    error ("timed out") and pytest runs again without it and without what already
+    has a result.
+    """
+    log_path = args.workdir / "logs" / (module.replace("/", "__") + ".jsonl")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    if log_path.exists():
+        log_path.unlink()
+    env = dict(os.environ, PYTHONPATH=str(ported), NAMEKO_SUITE_LOG=str(log_path))
+    outcomes: dict[str, tuple[str, str]] = {}
+    deadline = time.monotonic() + args.timeout
+    while True:
+        command = [
+            str(python),
+            "-m",
+            "pytest",
+            module,
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "_suite_log",
+            "--timeout",
+            str(TEST_TIMEOUT),
+            "--amqp-uri",
+            args.amqp_uri,
+            "-o",
+            "addopts=",
+            *(f"--deselect={node}" for node in outcomes),
+        ]
+        remaining = deadline - time.monotonic()
+        try:
+            finished = subprocess.run(
+                command,
+                cwd=ported,
+                env=env,
+                timeout=max(remaining, 1),
+                capture_output=True,
+                text=True,
+            )
+        except subprocess.TimeoutExpired:
+            finished = None
+        hung = read_log(log_path, outcomes)
+        if hung is None or finished is None or time.monotonic() > deadline:
+            if hung is not None:
+                why = "timed out" if finished is not None else "module timed out"
+                outcomes[hung] = ("error", f"{why} (no result; process ended)")
+            break
+        outcomes[hung] = ("error", f"timed out after {TEST_TIMEOUT}s")
     results = []
-    for case in ET.parse(junit).getroot().iter("testcase"):
-        name = case.get("name", "?")
-        outcome, message = "passed", ""
-        for tag in ("failure", "error", "skipped"):
-            element = case.find(tag)
-            if element is not None:
-                outcome = "failed" if tag == "failure" else tag
-                message = (element.get("message") or element.text or "").strip()
-                break
+    for node, (outcome, message) in outcomes.items():
+        if outcome == "collect-error":
+            results.extend(
+                Result(module, name, "error", first_error_line(message))
+                for name in static_test_names(ported / module)
+            )
+            continue
+        name = node.split("::", 1)[1] if "::" in node else node
         results.append(Result(module, name, outcome, message))
     if not results:
-        results.append(Result(module, "(collection)", "error", "no test collected"))
+        tail = ""
+        if finished is not None:
+            tail = " / ".join(
+                (finished.stdout + finished.stderr).strip().splitlines()[-3:]
+            )
+        results.append(Result(module, "(module)", "error", tail or "no test ran"))
     return results
+
+
+def read_log(path: Path, outcomes: dict[str, tuple[str, str]]) -> str | None:
+    """Fold the log into ``outcomes``; the test that started and never finished."""
+    started: str | None = None
+    if not path.exists():
+        return None
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        node, event = record["node"], record["event"]
+        if event == "start":
+            started = node
+            continue
+        if node == started:
+            started = None
+        previous = outcomes.get(node)
+        # A teardown error after a pass is what the test ends as; a skip or pass
+        # never hides an earlier failure.
+        if previous is None or previous[0] in ("passed", "skipped"):
+            outcomes[node] = (event, record.get("message", ""))
+    path.unlink()
+    return started
+
+
+def first_error_line(text: str) -> str:
+    errors = [line for line in text.splitlines() if line.startswith("E ")]
+    return (errors[-1][1:].strip() if errors else text.strip()[-300:]) or "collection"
+
+
+def static_test_names(path: Path) -> list[str]:
+    """The tests a module would have, read from its source (it failed to import).
+
+    Functions ``test*`` at module level or in ``Test*`` classes, times the length of
+    each literal ``pytest.mark.parametrize`` list; parametrized fixtures are not
+    expanded, so this undercounts a little rather than inflating the figure.
+    """
+
+    def multiplicity(function: ast.FunctionDef) -> int:
+        count = 1
+        for decorator in function.decorator_list:
+            if (
+                isinstance(decorator, ast.Call)
+                and getattr(decorator.func, "attr", "") == "parametrize"
+                and len(decorator.args) >= 2
+                and isinstance(decorator.args[1], (ast.List, ast.Tuple))
+            ):
+                count *= max(len(decorator.args[1].elts), 1)
+        return count
+
+    names = []
+    tree = ast.parse(path.read_text())
+    for node in tree.body:
+        functions: list[tuple[str, ast.FunctionDef]] = []
+        if isinstance(node, ast.FunctionDef) and node.name.startswith("test"):
+            functions.append(("", node))
+        elif isinstance(node, ast.ClassDef) and node.name.startswith("Test"):
+            functions += [
+                (f"{node.name}::", item)
+                for item in node.body
+                if isinstance(item, ast.FunctionDef) and item.name.startswith("test")
+            ]
+        for prefix, function in functions:
+            count = multiplicity(function)
+            names += [
+                f"{prefix}{function.name}" + (f"[{i}]" if count > 1 else "")
+                for i in range(count)
+            ]
+    return names
 
 
 def classify(result: Result) -> str:
