@@ -8,10 +8,12 @@ are outside this service, and the test asserts on the calls made across.
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from unittest.mock import MagicMock
 
+import polars as pl
 import pytest
 
 from framework import concurrency
@@ -202,3 +204,22 @@ def test_export_users_pages_through_the_users_service_into_a_queued_job(
         "1,u1@example.com,Ü,member,True,",
         "2,u2@example.com,Ü,member,True,",
     ]
+
+
+def test_a_storage_that_is_not_local_works_through_local_copies(
+    repository: JobRepository, runner: JobRunner
+) -> None:
+    # memory:// stands for S3 and the like: no local paths, fsspec only.
+    remote = FileStorage(f"memory://conversions-{uuid.uuid4().hex}")
+    service = worker_factory(
+        ConversionsService, jobs=repository, storage=remote, runner=runner
+    )
+    job = service.start_conversion(register(service)["id"], "parquet", {}, 4)
+
+    service.run_job({"job_id": job["id"]})
+
+    done = service.get_job(job["id"])
+    assert done["state"] == "succeeded", done["error"]
+    with remote.open_read(done["output"]["storage_key"]) as stream:
+        assert pl.read_parquet(stream).rows() == [(1, 2)]
+    assert remote.local_path(done["output"]["storage_key"]) is None
