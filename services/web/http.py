@@ -289,7 +289,13 @@ class Route(HttpRequestHandler):
             request.principal = self.authorize(request)  # type: ignore[attr-defined]
         except Exception as exc:
             return error_response(request, exc)
-        return super().handle_request(request)
+        response = super().handle_request(request)
+        problem = getattr(response, "problem", None)
+        if problem is not None and request.principal is not None:  # type: ignore[attr-defined]
+            # The worker's error page knew nothing of the caller: again, with
+            # the navigation of their pages.
+            response = error_page(problem, request)
+        return response
 
     def authorize(self, request: Request) -> Principal | None:
         state = find_edge_state(self.container)
@@ -330,7 +336,9 @@ class Route(HttpRequestHandler):
             return problem_response(problem)
         if isinstance(exc, NotAuthenticated):
             return redirect("/login")
-        return error_page(problem)
+        response = error_page(problem)
+        response.problem = problem  # type: ignore[attr-defined]
+        return response
 
 
 def check_csrf(request: Request, expected: str | None) -> None:

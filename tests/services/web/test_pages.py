@@ -377,3 +377,9 @@ def test_openapi_paths_from_werkzeug_rules() -> None:
     path, parameters = openapi_path("/api/v1/users/<int:user_id>/x/<job_id>")
     assert path == "/api/v1/users/{user_id}/x/{job_id}"
     assert [p["schema"]["type"] for p in parameters] == ["integer", "string"]
+
+
+def test_error_pages_keep_the_callers_navigation(app: App) -> None:
+    page = app.admin().get("/users/999")
+    assert page.status_code == 404
+    assert 'href="/schedules"' in page.text and "Log out" in page.text
