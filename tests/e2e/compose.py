@@ -448,7 +448,9 @@ class LocalApp:
                     f"it was healthy:\n{process.output()}"
                 )
             last = self.check_health(process)
-            if last.returncode == 0:
+            # Healthy means the check passes and the process is still there: a
+            # service that exited is not healthy whatever answers on its port.
+            if last.returncode == 0 and process.alive():
                 return
             time.sleep(0.5)
         detail = (last.stderr or last.stdout)[-2000:] if last is not None else ""
@@ -478,6 +480,7 @@ class LocalApp:
             if self.compose[name].is_infrastructure or name in self.processes
         }
         pending = [name for name in self.compose.start_order() if name in needed - done]
+        launched: list[Process] = []
         while pending:
             wave = [
                 name
@@ -488,11 +491,18 @@ class LocalApp:
                 if name in one_shot:
                     self.run_to_completion(name)
             started = [self.start(name) for name in wave if name not in one_shot]
+            launched.extend(started)
             for process in started:
                 if self.compose[process.service].healthcheck is not None:
                     self.wait_healthy(process)
             done.update(wave)
             pending = [name for name in pending if name not in done]
+        for process in launched:
+            if not process.alive():
+                raise ComposeError(
+                    f"{process.service} exited with {process.popen.returncode}:\n"
+                    f"{process.output()[-5000:]}"
+                )
 
     def replicas(self, name: str) -> list[Process]:
         return [process for process in self.processes.get(name, []) if process.alive()]
