@@ -15,7 +15,7 @@ from .compose import Compose, ComposeError, LocalApp
 SLEEP = [sys.executable, "-c", "import time; time.sleep(60)"]
 PASS = ["CMD", sys.executable, "-c", "pass"]
 FAIL = ["CMD", sys.executable, "-c", "raise SystemExit(1)"]
-QUICK = {"interval": "1s", "timeout": "5s", "retries": 2, "start_period": "1s"}
+QUICK = {"interval": "1s", "timeout": "2s", "retries": 2, "start_period": "1s"}
 
 
 def local_app(tmp_path: Path, services: dict, env: dict | None = None) -> LocalApp:
