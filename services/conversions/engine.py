@@ -7,9 +7,8 @@ thread), so this module imports neither eventlet nor the framework's containers.
 Every input becomes a polars ``LazyFrame`` and every output is written by a polars
 streaming sink, so memory stays bounded whatever the file size. The formats polars
 cannot stream natively go through a scratch file first, written incrementally:
-compressed or Latin-1 text is decoded to UTF-8, a JSON array becomes NDJSON, an
-XLSX sheet becomes Parquet (and NDJSON becomes a JSON array, a polars batch
-stream becomes an XLSX sheet, on the way out).
+compressed or Latin-1 text is decoded to UTF-8 here; JSON arrays and XLSX sheets
+are handled in ``streams``.
 
 Errors a user can fix are raised as ``ConversionFailed`` with a message meant for
 them (no paths, no tracebacks); anything else is a bug and is reported as such.
@@ -18,15 +17,12 @@ them (no paths, no tracebacks); anything else is a bug and is reported as such.
 from __future__ import annotations
 
 import csv
-import datetime
 import io
-import json
 import logging
 import os
 import re
 import resource
 import threading
-import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,20 +31,24 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from services.conversions.streams import (
+    MAX_RECORD_BYTES,
+    ConversionFailed,
+    json_array_to_ndjson,
+    ndjson_to_json_array,
+    write_xlsx,
+    xlsx_to_parquet,
+)
+
 log = logging.getLogger(__name__)
 
-__all__ = ["ConversionFailed", "convert", "warm_up"]
+__all__ = ["MAX_RECORD_BYTES", "ConversionFailed", "convert", "warm_up"]
+
+Send = Callable[[Any], None]
 
 PROGRESS_INTERVAL = 0.5  # seconds between progress messages from the child
 # polars infers column types from this many rows; more rows, fewer surprises later.
 INFER_SCHEMA_ROWS = 10_000
-# A record longer than this is refused rather than read: a whole file on one line
-# would otherwise be held in memory at once.
-MAX_RECORD_BYTES = 64 << 20
-XLSX_MAX_ROWS = 1_048_576
-XLSX_BATCH_ROWS = 10_000
-# Excel stores numbers as doubles: integers beyond 2**53 would lose digits.
-XLSX_MAX_EXACT_INTEGER = 2**53
 _CHUNK = 1 << 20
 
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -56,13 +56,6 @@ _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _ZIP_MAGIC = b"PK\x03\x04"
 _PARQUET_MAGIC = b"PAR1"
 _ARROW_MAGIC = b"ARROW1"
-
-
-class ConversionFailed(Exception):
-    """The input cannot be converted as asked; the message says why, for a user."""
-
-
-Send = Callable[[Any], None]
 
 
 def convert(send: Send, job: dict[str, Any]) -> dict[str, Any]:
@@ -177,7 +170,7 @@ def _read(job: dict[str, Any], progress: _Progress) -> pl.LazyFrame:
     if fmt == "json":
         _check_magic(path, fmt)
         lines = scratch / "input.ndjson"
-        progress.rows = _json_array_to_ndjson(path, lines)
+        progress.rows = json_array_to_ndjson(path, lines)
         if progress.rows == 0:
             raise ConversionFailed(
                 "the JSON array is empty: there is nothing to convert"
@@ -192,7 +185,7 @@ def _read(job: dict[str, Any], progress: _Progress) -> pl.LazyFrame:
     if fmt == "xlsx":
         _check_magic(path, fmt)
         table = scratch / "sheet.parquet"
-        _xlsx_to_parquet(path, read.get("sheet"), table, progress)
+        xlsx_to_parquet(path, read.get("sheet"), table, progress)
         return pl.scan_parquet(table)
     raise ConversionFailed(f"cannot read {fmt} files")
 
@@ -343,224 +336,6 @@ def _size(limit: int) -> str:
     return f"{limit:,} bytes"
 
 
-def _json_array_to_ndjson(path: str, target: Path) -> int:
-    """Stream a JSON array of objects into NDJSON, one object at a time."""
-    decoder = json.JSONDecoder()
-    rows = 0
-    with (
-        open(path, encoding="utf-8-sig", errors="strict") as source,
-        open(target, "w", encoding="utf-8") as out,
-    ):
-        buffer = ""
-        offset = 0  # characters consumed before ``buffer``
-        started = ended = False
-        eof = False
-
-        def fill() -> bool:
-            nonlocal buffer, eof
-            if eof:
-                return False
-            chunk = source.read(_CHUNK)
-            if not chunk:
-                eof = True
-                return False
-            buffer += chunk
-            return True
-
-        try:
-            while True:
-                stripped = buffer.lstrip()
-                offset += len(buffer) - len(stripped)
-                buffer = stripped
-                if not buffer:
-                    if not fill():
-                        break
-                    continue
-                if not started:
-                    if buffer[0] != "[":
-                        raise ConversionFailed(
-                            "this is not a JSON array of objects (it must start with '[')"
-                        )
-                    started = True
-                    buffer, offset = buffer[1:], offset + 1
-                    continue
-                if ended:
-                    raise ConversionFailed(
-                        f"unexpected data after the JSON array, at character {offset}"
-                    )
-                if buffer[0] == "]":
-                    ended = True
-                    buffer, offset = buffer[1:], offset + 1
-                    continue
-                if buffer[0] == "," and rows:
-                    buffer, offset = buffer[1:], offset + 1
-                    continue
-                try:
-                    value, end = decoder.raw_decode(buffer)
-                except json.JSONDecodeError as exc:
-                    if len(buffer) > MAX_RECORD_BYTES:
-                        raise ConversionFailed(
-                            f"invalid JSON at character {offset + exc.pos}: {exc.msg}"
-                        ) from None
-                    if fill():
-                        continue
-                    if exc.pos >= len(buffer.rstrip()):
-                        raise ConversionFailed(
-                            "the JSON is truncated: the file ends inside an object"
-                        ) from None
-                    raise ConversionFailed(
-                        f"invalid JSON at character {offset + exc.pos}: {exc.msg}"
-                    ) from None
-                if end == len(buffer) and not eof and fill():
-                    # A number at the end of the buffer may go on in the next chunk.
-                    continue
-                if not isinstance(value, dict):
-                    raise ConversionFailed(
-                        f"item {rows + 1} of the JSON array is not an object"
-                    )
-                out.write(json.dumps(value, ensure_ascii=False))
-                out.write("\n")
-                rows += 1
-                buffer, offset = buffer[end:], offset + end
-        except UnicodeDecodeError:
-            raise ConversionFailed("the file is not valid UTF-8 text") from None
-    if not started:
-        raise ConversionFailed("the file holds no JSON")
-    if not ended:
-        raise ConversionFailed("the JSON array is not closed: the file is truncated")
-    return rows
-
-
-def _xlsx_to_parquet(
-    path: str, sheet: str | None, target: Path, progress: _Progress
-) -> None:
-    """A sheet, read row by row (openpyxl's read-only mode), into a Parquet file.
-
-    Two passes: the first settles each column's type from every value, so the
-    second can write batches of one schema (a column of numbers with one word in
-    it becomes text, not an error halfway through).
-    """
-    import openpyxl
-    from openpyxl.utils.exceptions import InvalidFileException
-
-    try:
-        workbook = openpyxl.load_workbook(path, read_only=True, data_only=True)
-    except (zipfile.BadZipFile, InvalidFileException, KeyError, OSError) as exc:
-        raise ConversionFailed(
-            f"the XLSX workbook cannot be opened: it is damaged or not XLSX ({exc})"
-        ) from None
-    try:
-        if sheet is not None and sheet not in workbook.sheetnames:
-            raise ConversionFailed(
-                f"the workbook has no sheet {sheet!r}; "
-                f"it has: {', '.join(workbook.sheetnames)}"
-            )
-        worksheet = workbook[sheet] if sheet is not None else workbook.worksheets[0]
-        rows = worksheet.iter_rows(values_only=True)
-        header = next(rows, None)
-        if header is None:
-            raise ConversionFailed("the sheet is empty")
-        names = _column_names(header)
-        kinds: list[set[type]] = [set() for _ in names]
-        for row in rows:
-            for i, value in enumerate(row[: len(names)]):
-                if value is not None:
-                    kinds[i].add(type(value))
-                    if (
-                        isinstance(value, datetime.datetime)
-                        and value.time() != _MIDNIGHT
-                    ):
-                        kinds[i].add(_WithTime)
-        types = [_arrow_type(found) for found in kinds]
-        schema = pa.schema(list(zip(names, types, strict=True)))
-        writer = pq.ParquetWriter(str(target), schema, compression="none")
-        try:
-            batch: list[tuple[Any, ...]] = []
-            progress.rows = 0
-            for row in worksheet.iter_rows(min_row=2, values_only=True):
-                batch.append(row)
-                if len(batch) >= XLSX_BATCH_ROWS:
-                    writer.write_table(_xlsx_batch(batch, names, types, schema))
-                    progress.rows += len(batch)
-                    batch = []
-            if batch:
-                writer.write_table(_xlsx_batch(batch, names, types, schema))
-                progress.rows += len(batch)
-        finally:
-            writer.close()
-    except (zipfile.BadZipFile, KeyError, ValueError, TypeError) as exc:
-        raise ConversionFailed(f"the XLSX workbook is damaged: {exc}") from None
-    finally:
-        workbook.close()
-
-
-_MIDNIGHT = datetime.time(0, 0)
-
-
-class _WithTime:
-    """Marks a column holding a datetime whose time is not midnight."""
-
-
-def _column_names(header: tuple[Any, ...]) -> list[str]:
-    names: list[str] = []
-    for i, value in enumerate(header):
-        name = str(value) if value is not None else f"column_{i + 1}"
-        while name in names:
-            name += "_"
-        names.append(name)
-    return names
-
-
-def _arrow_type(found: set[type]) -> pa.DataType:
-    if not found:
-        return pa.string()
-    if found <= {bool}:
-        return pa.bool_()
-    if found <= {int}:
-        return pa.int64()
-    if found <= {int, float}:
-        return pa.float64()
-    if found <= {datetime.datetime, datetime.date}:
-        # Excel has no dates without a time: all at midnight means dates.
-        return pa.date32()
-    if found <= {datetime.datetime, datetime.date, _WithTime}:
-        return pa.timestamp("us")
-    return pa.string()
-
-
-def _xlsx_batch(
-    rows: list[tuple[Any, ...]],
-    names: list[str],
-    types: list[pa.DataType],
-    schema: pa.Schema,
-) -> pa.Table:
-    columns = []
-    for i, kind in enumerate(types):
-        values = [row[i] if i < len(row) else None for row in rows]
-        if kind == pa.string():
-            values = [_cell_text(value) for value in values]
-        elif kind == pa.float64():
-            values = [None if value is None else float(value) for value in values]
-        elif kind == pa.date32():
-            values = [_as_date(value) for value in values]
-        columns.append(pa.array(values, type=kind))
-    return pa.Table.from_arrays(columns, schema=schema)
-
-
-def _as_date(value: Any) -> datetime.date | None:
-    if isinstance(value, datetime.datetime):
-        return value.date()
-    return value
-
-
-def _cell_text(value: Any) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, datetime.datetime | datetime.date | datetime.time):
-        return value.isoformat()
-    return str(value)
-
-
 # -- column selection ---------------------------------------------------------------------
 
 
@@ -617,7 +392,7 @@ def _write(frame: pl.LazyFrame, job: dict[str, Any], progress: _Progress) -> int
     if fmt == "json":
         lines = Path(job["scratch_dir"]) / "output.ndjson"
         frame.sink_ndjson(lines, check_extension=False)
-        return _ndjson_to_json_array(lines, out)
+        return ndjson_to_json_array(lines, out)
     if fmt == "parquet":
         compression = write.get("compression") or "zstd"
         frame.sink_parquet(
@@ -631,7 +406,7 @@ def _write(frame: pl.LazyFrame, job: dict[str, Any], progress: _Progress) -> int
         )
         return int(pl.scan_ipc(out).select(pl.len()).collect().item())
     if fmt == "xlsx":
-        return _write_xlsx(frame, out, progress)
+        return write_xlsx(frame, out, progress)
     raise ConversionFailed(f"cannot write {fmt} files")
 
 
@@ -648,76 +423,6 @@ def _count_lines(path: str) -> int:
         while chunk := stream.read(_CHUNK * 8):
             count += chunk.count(b"\n")
     return count
-
-
-def _ndjson_to_json_array(source: Path, target: str) -> int:
-    rows = 0
-    with open(source, "rb") as lines, open(target, "wb") as out:
-        out.write(b"[")
-        for line in lines:
-            line = line.rstrip(b"\r\n")
-            if not line:
-                continue
-            out.write(b",\n" if rows else b"\n")
-            out.write(line)
-            rows += 1
-        out.write(b"\n]\n")
-    return rows
-
-
-def _write_xlsx(frame: pl.LazyFrame, out: str, progress: _Progress) -> int:
-    import xlsxwriter
-
-    # constant_memory: each row is flushed to disk as it is written.
-    workbook = xlsxwriter.Workbook(
-        out, {"constant_memory": True, "strings_to_numbers": False}
-    )
-    try:
-        sheet = workbook.add_worksheet("data")
-        date_format = workbook.add_format({"num_format": "yyyy-mm-dd"})
-        datetime_format = workbook.add_format({"num_format": "yyyy-mm-dd hh:mm:ss"})
-        names = frame.collect_schema().names()
-        sheet.write_row(0, 0, names)
-        row_number = 0
-        progress.rows = 0
-        for batch in frame.collect_batches(chunk_size=XLSX_BATCH_ROWS):
-            if row_number + batch.height >= XLSX_MAX_ROWS:
-                raise ConversionFailed(
-                    f"the data has more than {XLSX_MAX_ROWS - 1:,} rows, "
-                    "more than an XLSX sheet can hold; choose another format"
-                )
-            for row in batch.iter_rows():
-                row_number += 1
-                for column, value in enumerate(row):
-                    _write_cell(
-                        sheet, row_number, column, value, date_format, datetime_format
-                    )
-            progress.rows = row_number
-        return row_number
-    finally:
-        workbook.close()
-
-
-def _write_cell(
-    sheet: Any, row: int, column: int, value: Any, date_format: Any, dt_format: Any
-) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool):
-        sheet.write_boolean(row, column, value)
-    elif isinstance(value, int) and abs(value) > XLSX_MAX_EXACT_INTEGER:
-        # As text, to keep every digit: Excel would round it to a double.
-        sheet.write_string(row, column, str(value))
-    elif isinstance(value, int | float):
-        sheet.write_number(row, column, value)
-    elif isinstance(value, datetime.datetime):
-        sheet.write_datetime(row, column, value.replace(tzinfo=None), dt_format)
-    elif isinstance(value, datetime.date):
-        sheet.write_datetime(row, column, value, date_format)
-    elif isinstance(value, str):
-        sheet.write_string(row, column, value)
-    else:
-        sheet.write_string(row, column, json.dumps(value, default=str))
 
 
 # -- explaining failures ------------------------------------------------------------------
