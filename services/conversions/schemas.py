@@ -12,6 +12,7 @@ format; an option that does not apply to the format at hand is refused (see
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -484,3 +485,71 @@ def parse_seconds(value: Any, field: str) -> float:
             "invalid arguments", {field: "must be a number of seconds"}
         )
     return float(value)
+
+
+# -- payloads of rows ----------------------------------------------------------------
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes for timezone-aware columns; we store UTC.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def _timestamp(value: datetime | None) -> str | None:
+    value = _aware(value)
+    return value.astimezone(UTC).isoformat() if value is not None else None
+
+
+def dump_file(row: Any, with_key: bool = False) -> dict[str, Any]:
+    payload: dict[str, Any] = {
+        "id": row.id,
+        "name": row.name,
+        "size": row.size,
+        "format": row.format,
+        "owner": row.owner,
+        "created_at": _timestamp(row.created_at),
+    }
+    if with_key:
+        payload["storage_key"] = row.storage_key
+    return payload
+
+
+def dump_job(row: Any) -> dict[str, Any]:
+    output = None
+    if row.state == STATE_SUCCEEDED:
+        output = {
+            "name": row.output_name,
+            "format": row.target_format,
+            "size": row.output_size or 0,
+            "rows": row.output_rows,
+            "storage_key": row.output_key,
+        }
+    payload = {
+        "id": row.id,
+        "state": row.state,
+        "owner": row.owner,
+        "input": {
+            "file_id": row.file_id,
+            "name": row.input_name,
+            "format": row.input_format,
+            "size": row.input_size,
+        },
+        "target_format": row.target_format,
+        "options": row.options or {},
+        "output": output,
+        "progress": {
+            "bytes": row.progress_bytes or 0,
+            "rows": row.progress_rows,
+            "percent": row.progress_percent,
+        },
+        "attempts": row.attempts or 0,
+        "heartbeat_at": _timestamp(row.heartbeat_at),
+        "created_at": _timestamp(row.created_at),
+        "started_at": _timestamp(row.started_at),
+        "finished_at": _timestamp(row.finished_at),
+        "error": row.error,
+    }
+    # Validated against the published shape: a drift fails here, not in a caller.
+    return JobPayload.model_validate(payload).model_dump(mode="json")

@@ -28,12 +28,8 @@ from services.conversions.dependencies import (
     JOBS_QUEUE,
     ConversionRunner,
     JobRepository,
-    JobRunner,
     JobStore,
-    dump_file,
-    dump_job,
     job_consumer,
-    utcnow,
 )
 from services.conversions.exceptions import (
     FileNotFound,
@@ -42,7 +38,8 @@ from services.conversions.exceptions import (
     JobStateConflict,
     UnsupportedConversion,
 )
-from services.conversions.models import Base, ConversionJob, StoredFile
+from services.conversions.models import Base, ConversionJob, StoredFile, utcnow
+from services.conversions.runner import JobRunner
 from services.conversions.schemas import (
     CONVERSION_CANCELLED,
     CONVERSION_QUEUED,
@@ -54,6 +51,8 @@ from services.conversions.schemas import (
     STATE_RUNNING,
     clean_name,
     detect_format,
+    dump_file,
+    dump_job,
     formats_payload,
     output_name,
     parse_options,

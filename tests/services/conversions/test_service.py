@@ -19,7 +19,7 @@ import pytest
 from framework import concurrency
 from framework.storage import FileStorage
 from framework.testing.services import worker_factory
-from services.conversions.dependencies import JobRepository, JobRunner
+from services.conversions.dependencies import JobRepository
 from services.conversions.exceptions import (
     FileNotFound,
     InvalidOptions,
@@ -27,6 +27,7 @@ from services.conversions.exceptions import (
     JobStateConflict,
 )
 from services.conversions.models import ConversionJob
+from services.conversions.runner import JobRunner
 from services.conversions.schemas import (
     CONVERSION_CANCELLED,
     CONVERSION_QUEUED,
