@@ -308,7 +308,7 @@ def measure_claims(url: str, due_count: int) -> dict[str, Any]:
         statements += 1
 
     sqlalchemy.event.listen(engine, "before_cursor_execute", count)
-    durations, counts, ticks = [], [], []
+    durations, counts, ticks, pass_counts = [], [], [], []
     try:
         for _ in range(CLAIM_REPEATS):
             repo.session.execute(
@@ -322,12 +322,21 @@ def measure_claims(url: str, due_count: int) -> dict[str, Any]:
             repo.session.commit()
             statements = 0
             started = time.perf_counter()
-            claimed = repo.claim_due()
+            # Passes of at most CLAIM_BATCH schedules, until nothing due is left.
+            claimed_ticks, passes = 0, 0
+            while True:
+                claimed = repo.claim_due()
+                claimed_ticks += len(claimed.launches)
+                passes += 1
+                if claimed.wait > 0 or not claimed.launches:
+                    break
             durations.append((time.perf_counter() - started) * 1000)
             counts.append(statements)
+            pass_counts.append(passes)
             # Claimed half a second ahead: a schedule may have its next tick in too.
-            ticks.append(len(claimed.launches))
-            assert len(claimed.launches) >= due_count, claimed
+            ticks.append(claimed_ticks)
+            if claimed_ticks < due_count:
+                raise SystemExit(f"claimed {claimed_ticks} ticks of {due_count} due")
     finally:
         repo.session.close()
         engine.dispose()
@@ -335,6 +344,7 @@ def measure_claims(url: str, due_count: int) -> dict[str, Any]:
         "ms": statistics.median(durations),
         "statements": statistics.median(counts),
         "ticks": statistics.median(ticks),
+        "passes": statistics.median(pass_counts),
         "per_tick_ms": statistics.median(
             duration / count for duration, count in zip(durations, ticks, strict=True)
         ),
@@ -373,10 +383,10 @@ def table(results: dict[str, Any], window: float) -> str:
         if claim is None:
             continue
         lines.append(
-            f"| one claim transaction, {due} of {SPREAD_SCHEDULES} schedules due | "
-            f"{claim['ms']:.1f} ms, {claim['statements']:.0f} SQL statements, "
-            f"{claim['ticks']:.0f} ticks claimed ({claim['per_tick_ms']:.2f} ms per "
-            "tick) |"
+            f"| claiming {due} due of {SPREAD_SCHEDULES} schedules | "
+            f"{claim['ms']:.1f} ms, {claim['passes']:.0f} transaction(s), "
+            f"{claim['statements']:.0f} SQL statements, {claim['ticks']:.0f} ticks "
+            f"claimed ({claim['per_tick_ms']:.2f} ms per tick) |"
         )
     return "\n".join(lines) + "\n"
 
