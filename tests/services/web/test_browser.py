@@ -415,6 +415,12 @@ def test_pages_work_from_the_keyboard_are_labelled_and_fit_a_phone(
     context = browser.new_context(viewport={"width": 390, "height": 844})
     context.set_default_timeout(TIMEOUT_MS)
     page = context.new_page()
+    # A CSP violation (an inline script or style) shows as a console error.
+    console_errors: list[str] = []
+    page.on(
+        "console",
+        lambda m: console_errors.append(m.text) if m.type == "error" else None,
+    )
     try:
         page.goto(system.base_url + "/login")
         page.keyboard.press("Tab")
@@ -449,6 +455,7 @@ def test_pages_work_from_the_keyboard_are_labelled_and_fit_a_phone(
             )
             assert overflow <= 0, (path, overflow)
             assert page.locator("main h1").count() == 1, path
+        assert console_errors == []
     finally:
         context.close()
 
