@@ -49,6 +49,8 @@ DEFAULT_RETRY_POLICY = {
     "interval_max": 5.0,
 }
 DEFAULT_WEB_SERVER_ADDRESS = "0.0.0.0:8000"
+# kombu transport options of connections made by ``amqp.publish.get_connection``.
+DEFAULT_TRANSPORT_OPTIONS = DEFAULT_RETRY_POLICY
 
 # -- context data keys -------------------------------------------------------------
 CALL_ID_STACK_CONTEXT_KEY = "call_id_stack"

@@ -117,6 +117,11 @@ class UndeliverableMessage(Exception):
     """A mandatory message was returned by the broker: nothing is bound to route it."""
 
 
+class ReplyQueueExpiredWithPendingReplies(Exception):
+    """A standalone proxy's reply queue expired while it was disconnected, with
+    calls still waiting: their replies went to a queue that no longer exists."""
+
+
 class PublishConfirmFailed(Exception):
     """The broker nacked a publish, or did not confirm it in time; it may be lost."""
 

@@ -176,6 +176,9 @@ class ContainerPublisher(SharedExtension):
     def publish(self, payload: Any, **options: Any) -> None:
         self.publisher.publish(payload, **options)
 
+    def publish_encoded(self, body: bytes | str, **options: Any) -> None:
+        self.publisher.publish_encoded(body, **options)
+
     def stop(self) -> None:
         self.publisher.close()
 

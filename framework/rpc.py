@@ -17,7 +17,7 @@ from typing import Any
 import kombu
 import kombu.exceptions
 
-from framework import concurrency
+from framework import concurrency, serialization
 from framework.amqp.connection import ConnectionLost
 from framework.constants import (
     DEFAULT_RPC_EXCHANGE,
@@ -36,6 +36,7 @@ from framework.constants import (
 )
 from framework.containers import WorkerContext
 from framework.exceptions import (
+    ContainerBeingKilled,
     MalformedRequest,
     MethodNotFound,
     RpcTimeout,
@@ -155,12 +156,17 @@ class Responder:
             "correlation_id": self.message.properties.get("correlation_id"),
             **reply_options(self.config),
         }
+        serializer = options.pop("serializer")
         try:
-            self.publisher.publish({"result": result, "error": error}, **options)
-        except (kombu.exceptions.EncodeError, TypeError, ValueError) as exc:
-            # The result cannot be serialized: say so to the caller instead of
-            # leaving it waiting (or killing anything). Its type only: the value
-            # (its repr) may hold anything.
+            content_type, content_encoding, body = serialization.dumps(
+                {"result": result, "error": error}, serializer
+            )
+        except Exception as exc:
+            # Anything serialising raises (an encode error, a RecursionError from
+            # a self-referencing value, a broken __str__...) is about the result,
+            # not the broker: say so to the caller instead of leaving it waiting
+            # or requeueing a request that would fail the same way. Its type only:
+            # the value (its repr) may hold anything.
             log.warning(
                 "unserializable RPC result",
                 extra={
@@ -172,9 +178,17 @@ class Responder:
             unserializable = UnserializableValueError.of_type(result)
             exc_info = (UnserializableValueError, unserializable, None)
             self.publisher.publish(
-                {"result": None, "error": serialize(unserializable)}, **options
+                {"result": None, "error": serialize(unserializable)},
+                serializer=serializer,
+                **options,
             )
-            result = None
+            return None, exc_info
+        self.publisher.publish_encoded(
+            body,
+            content_type=content_type,
+            content_encoding=content_encoding,
+            **options,
+        )
         return result, exc_info
 
 
@@ -187,6 +201,9 @@ class RpcConsumer(SharedExtension, ProviderCollector):
 
     def __init__(self) -> None:
         self._methods: dict[str, Rpc] = {}
+        # Methods whose entrypoint stopped (the container is stopping): their
+        # requests go back to the queue, for another replica.
+        self._retired: set[str] = set()
         super().__init__()
 
     def setup(self) -> None:
@@ -202,10 +219,12 @@ class RpcConsumer(SharedExtension, ProviderCollector):
 
     def register_provider(self, provider: Any) -> None:
         self._methods[provider.method_name] = provider
+        self._retired.discard(provider.method_name)
         super().register_provider(provider)
 
     def unregister_provider(self, provider: Any) -> None:
         self._methods.pop(provider.method_name, None)
+        self._retired.add(provider.method_name)
         super().unregister_provider(provider)
         if not self._providers:
             self.queue_consumer.unregister_provider(self)
@@ -223,9 +242,15 @@ class RpcConsumer(SharedExtension, ProviderCollector):
                 if service == self.container.service_name
                 else None
             )
+            if provider is None and service == self.container.service_name:
+                if method_name in self._retired:
+                    self._give_back(message, method_name)
+                    return
             if provider is None:
                 raise MethodNotFound(method_name)
             provider.handle_message(body, message)
+        except ContainerBeingKilled:
+            self._give_back(message, method_name)
         except Exception as exc:
             # The caller's correlation id is the only id this request has yet.
             correlation_id = message.properties.get("correlation_id")
@@ -238,8 +263,9 @@ class RpcConsumer(SharedExtension, ProviderCollector):
                     correlation_id=correlation_id,
                     fields={"routing_key": routing_key},
                 )
-            # Off the consumer loop: the reply waits for a publisher confirm.
-            concurrency.spawn_n(
+            # Off the consumer loop: the reply waits for a publisher confirm. A
+            # worker-related thread, so that a graceful stop waits for the reply.
+            self.container.spawn_worker_related(
                 self.reply_and_ack,
                 message,
                 None,
@@ -247,6 +273,17 @@ class RpcConsumer(SharedExtension, ProviderCollector):
                 (),
                 correlation_id,
             )
+
+    def _give_back(self, message: Any, method_name: str) -> None:
+        # A stopping container no longer runs this method, but the service still
+        # does: another replica (or this one, restarted) answers. Not at once, so
+        # that this consumer, until it is gone, doesn't take it straight back.
+        log.info(
+            "stopping: request for %s goes back to the queue",
+            method_name,
+            extra={"correlation_id": message.properties.get("correlation_id")},
+        )
+        message.requeue_later()
 
     def reply_and_ack(
         self,

@@ -9,13 +9,15 @@ between nameko's throughput and the broker's.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import amqp
 import kombu
 import kombu.compression
+import kombu.pools
 import kombu.serialization
 from amqp import spec
 
@@ -30,6 +32,7 @@ from framework.amqp.connection import (
 from framework.constants import (
     DEFAULT_PUBLISH_CONFIRM_TIMEOUT,
     DEFAULT_RETRY_POLICY,
+    DEFAULT_TRANSPORT_OPTIONS,
     PERSISTENT,
     PUBLISH_CONFIRM_TIMEOUT_CONFIG_KEY,
 )
@@ -378,3 +381,48 @@ def _entity_key(entity: Any) -> Any:
             entity.exchange.name if entity.exchange else None,
         )
     return ("exchange", entity.name)
+
+
+# -- nameko's module-level helpers -------------------------------------------------------
+
+
+@contextlib.contextmanager
+def get_connection(
+    amqp_uri: str,
+    ssl: Any = None,
+    login_method: str | None = None,
+    transport_options: dict[str, Any] | None = None,
+) -> Iterator[kombu.Connection]:
+    """A pooled kombu connection to ``amqp_uri`` (nameko's ``get_connection``).
+
+    For code that publishes or inspects the broker with kombu directly; services
+    publish through ``Publisher`` instead.
+    """
+    connection = kombu.Connection(
+        amqp_uri,
+        transport_options=dict(transport_options or DEFAULT_TRANSPORT_OPTIONS),
+        ssl=ssl,
+        login_method=login_method,
+    )
+    with kombu.pools.connections[connection].acquire(block=True) as acquired:
+        yield acquired
+
+
+@contextlib.contextmanager
+def get_producer(
+    amqp_uri: str,
+    confirms: bool = True,
+    ssl: Any = None,
+    login_method: str | None = None,
+    transport_options: dict[str, Any] | None = None,
+) -> Iterator[kombu.Producer]:
+    """A pooled kombu producer on ``amqp_uri``, in confirm mode unless ``confirms``
+    is false (nameko's ``get_producer``): ``producer.publish`` then returns once the
+    broker has taken the message."""
+    options = dict(transport_options or DEFAULT_TRANSPORT_OPTIONS)
+    options["confirm_publish"] = confirms
+    connection = kombu.Connection(
+        amqp_uri, transport_options=options, ssl=ssl, login_method=login_method
+    )
+    with kombu.pools.producers[connection].acquire(block=True) as producer:
+        yield producer

@@ -11,10 +11,11 @@ import logging
 import uuid
 from typing import Any
 
+import amqp.exceptions
 import kombu
 import kombu.serialization
 
-from framework import concurrency, serialization
+from framework import concurrency, containers, serialization
 from framework.amqp import channels
 from framework.amqp.connection import CONNECTION_ERRORS, DrainedConnection, Waiter
 from framework.amqp.publish import Publisher
@@ -26,7 +27,11 @@ from framework.constants import (
     RPC_REPLY_QUEUE_TTL,
     SERIALIZER_CONFIG_KEY,
 )
-from framework.exceptions import ProxyUsedAcrossThreads, RpcTimeout
+from framework.exceptions import (
+    ProxyUsedAcrossThreads,
+    ReplyQueueExpiredWithPendingReplies,
+    RpcTimeout,
+)
 from framework.messaging import encode_to_headers
 from framework.rpc import (
     ClusterProxy,
@@ -36,7 +41,6 @@ from framework.rpc import (
     get_rpc_exchange,
     get_rpc_timeout,
 )
-from framework.utils import uuid4_str
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +65,7 @@ class StandaloneReplyEvent:
         self.waiter = Waiter()
 
     def wait(self, timeout: float | None) -> Any:
-        self.listener.check_thread()
+        self.listener.check_usable()
         deadline = concurrency.Deadline(timeout)
         connection = self.listener.connection
         while True:
@@ -104,7 +108,22 @@ class SingleThreadedReplyListener:
         )
         self.waiting: dict[str, StandaloneReplyEvent] = {}
         self.owner_thread: int | None = None
+        self.stopped = False
+        self._declared = False
         connection.on_connect(self._consume)
+
+    def check_usable(self) -> None:
+        """Refuse calls after the proxy stopped (its ``with`` block ended).
+
+        Otherwise the connection would quietly be reopened by a proxy nobody will
+        close again, as nameko's refusal avoids.
+        """
+        if self.stopped:
+            raise RuntimeError(
+                "this RPC proxy has been stopped (its `with` block ended) and can "
+                "no longer be used; start a new one"
+            )
+        self.check_thread()
 
     def check_thread(self) -> None:
         """Fail fast in any OS thread but the proxy's own.
@@ -125,8 +144,21 @@ class SingleThreadedReplyListener:
             )
 
     def _consume(self, connection: kombu.Connection) -> None:
+        if self._declared and self.waiting and not self._queue_exists(connection):
+            # The queue expired (x-expires) while we were disconnected: replies to
+            # the calls still waiting went nowhere, so fail them now instead of
+            # letting each wait out its timeout.
+            waiting, self.waiting = self.waiting, {}
+            for event in waiting.values():
+                event.fail(
+                    ReplyQueueExpiredWithPendingReplies(
+                        f"lost replies for {len(waiting)} call(s): the reply queue "
+                        f"{self.queue.name} expired while disconnected"
+                    )
+                )
         channel = connection.channel()
         self.queue.bind(channel).declare()
+        self._declared = True
         channels.consume(channel, self.queue.name, self._on_message, no_ack=True)
 
     def _on_message(self, raw: Any) -> None:
@@ -158,6 +190,15 @@ class SingleThreadedReplyListener:
             }
         event.waiter.set(body)
 
+    def _queue_exists(self, connection: kombu.Connection) -> bool:
+        channel = connection.channel()  # a failed passive declare closes it
+        try:
+            channel.queue_declare(self.queue.name, passive=True)
+        except amqp.exceptions.NotFound:
+            return False
+        channel.close()
+        return True
+
     def get_reply_event(self, correlation_id: str) -> StandaloneReplyEvent:
         event = self.waiting[correlation_id] = StandaloneReplyEvent(
             self, correlation_id
@@ -181,7 +222,7 @@ class StandaloneRpcClient(RpcClient):
         kwargs: dict,
         timeout: float | None,
     ) -> RpcReply:
-        self._reply_listener.check_thread()
+        self._reply_listener.check_usable()
         return super().call(service_name, method_name, args, kwargs, timeout)
 
 
@@ -213,16 +254,19 @@ class StandaloneProxyBase:
         )
 
     def _context_headers(self) -> dict[str, Any]:
-        call_id = f"{STANDALONE_SERVICE_NAME}.call.{uuid4_str()}"
+        # Looked up on the module so that ``predictable_call_ids`` covers proxies.
+        call_id = f"{STANDALONE_SERVICE_NAME}.call.{containers.new_call_id()}"
         return encode_to_headers(
             {**self.context_data, CALL_ID_STACK_CONTEXT_KEY: [call_id]}
         )
 
     def _connect(self) -> None:
         self.reply_listener.check_thread()
+        self.reply_listener.stopped = False
         self.connection.ensure_connected()
 
     def stop(self) -> None:
+        self.reply_listener.stopped = True
         self.connection.close()
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -262,5 +306,7 @@ class ServiceRpcProxy(StandaloneProxyBase):
         return self.start()
 
 
+#: nameko's name for the event a standalone call waits on.
+ConsumeEvent = StandaloneReplyEvent
 ClusterRpcClient = ClusterRpcProxy
 ServiceRpcClient = ServiceRpcProxy

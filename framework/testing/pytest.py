@@ -255,6 +255,8 @@ def amqp_uri(rabbit_config: dict[str, Any]) -> str:
 def get_message_from_queue(amqp_uri: str) -> Callable[..., Any]:
     """``get_message(queue_name, ack=True, block=True, timeout=1, accept=None)``.
 
+    ``accept`` is a content type or a list of them.
+
     Takes one message (a kombu ``Message``) straight off a queue in this test's
     vhost, without declaring the queue. Raises ``queue.Empty`` if none arrives in
     ``timeout`` seconds (at once if not ``block``). Unacked messages go back to the
@@ -267,8 +269,10 @@ def get_message_from_queue(amqp_uri: str) -> Callable[..., Any]:
         ack: bool = True,
         block: bool = True,
         timeout: float = 1,
-        accept: list[str] | None = None,
+        accept: str | list[str] | None = None,
     ) -> Any:
+        if isinstance(accept, str):  # nameko's tests pass one content type
+            accept = [accept]
         deadline = concurrency.Deadline(timeout if block else 0)
         with kombu.Connection(amqp_uri) as connection:
             bound = kombu.Queue(queue_name, no_declare=True).bind(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from unittest.mock import patch
 
 import kombu
 import pytest
@@ -22,9 +23,9 @@ from framework.exceptions import (
     deserialize_to_instance,
 )
 from framework.logs import JsonFormatter, TextFormatter
-from framework.rpc import ClusterRpc, RpcProxy, ServiceRpc, rpc
+from framework.rpc import ClusterRpc, Rpc, RpcProxy, ServiceRpc, rpc
 from framework.standalone.rpc import ClusterRpcProxy, ServiceRpcProxy
-from framework.testing.services import entrypoint_hook
+from framework.testing.services import entrypoint_hook, get_extension
 from tests.helpers import wait_for
 
 
@@ -74,6 +75,14 @@ class Greeter:
     def sleep(self, seconds):
         concurrency.sleep(seconds)
         return seconds
+
+    @rpc
+    def too_deep(self):
+        # json's encoder raises RecursionError (not an encode error) on this
+        nested: list = []
+        for _ in range(100_000):
+            nested = [nested]
+        return nested
 
 
 class Gateway:
@@ -513,3 +522,79 @@ def test_a_request_waiting_at_start_up_can_call_other_services(
                 f"Hello, {attempt}-{i}!" for i in range(3)
             ]
             gateway.stop()
+
+
+def test_a_result_too_deep_to_serialise_is_an_error_reply_not_a_requeue(proxy):
+    with pytest.raises(RemoteError) as info:
+        proxy.greeter.too_deep()
+    assert info.value.exc_type == UnserializableValueError.__name__
+    assert proxy.greeter.hello("still serving") == "Hello, still serving!"
+
+
+def test_a_standalone_proxy_refuses_calls_after_its_with_block(rabbit_config, services):
+    with ClusterRpcProxy(rabbit_config, timeout=10) as cluster:
+        assert cluster.greeter.hello("x") == "Hello, x!"
+    with pytest.raises(RuntimeError, match="stopped"):
+        cluster.greeter.hello("y")
+
+
+def test_error_replies_are_worker_related_so_a_graceful_stop_waits_for_them(
+    rabbit_config, container_factory
+):
+    container = container_factory(Greeter, rabbit_config)
+    container.start()
+    with (
+        patch.object(
+            container, "spawn_worker_related", wraps=container.spawn_worker_related
+        ) as related,
+        ClusterRpcProxy(rabbit_config, timeout=10) as cluster,
+        pytest.raises(MethodNotFound),
+    ):
+        cluster.greeter.no_such_method()
+    assert any(
+        call.args[0].__name__ == "reply_and_ack" for call in related.call_args_list
+    )
+
+
+class TwoMethods:
+    name = "twomethods"
+
+    @rpc
+    def hello(self):
+        return "hello"
+
+    @rpc
+    def other(self):
+        return "other"
+
+
+def test_a_request_reaching_a_stopping_container_goes_to_another_replica(
+    rabbit_config, container_factory, caplog
+):
+    # nameko's test_rpc_consumer_sharing: while a container stops, a method whose
+    # entrypoint already stopped must not answer MethodNotFound (a rolling restart
+    # would show callers errors); the request goes back to the queue.
+    stopping = container_factory(TwoMethods, rabbit_config)
+    stopping.start()
+    other = get_extension(stopping, Rpc, method_name="other")
+    release = concurrency.Event()
+    original_stop = other.stop
+
+    def slow_stop():
+        release.wait()
+        original_stop()
+
+    other.stop = slow_stop
+    caplog.set_level(logging.INFO, logger="framework.rpc")
+    concurrency.spawn(stopping.stop)
+    consumer = other.rpc_consumer
+    wait_for(lambda: "hello" in consumer._retired)
+    try:
+        with ClusterRpcProxy(rabbit_config, timeout=20) as cluster:
+            reply = cluster.twomethods.hello.call_async()
+            wait_for(lambda: "goes back to the queue" in caplog.text)
+            replacement = container_factory(TwoMethods, rabbit_config)
+            replacement.start()
+            assert reply.result() == "hello"
+    finally:
+        release.send(None)

@@ -65,3 +65,20 @@ def test_messages_keep_nameko_properties(
     assert message.properties["correlation_id"] == "c1"
     assert message.headers == {"nameko.language": "en"}
     assert message.payload == {"ü": 1}
+
+
+@pytest.mark.integration
+def test_nameko_helpers_give_a_confirming_producer_and_a_connection(rabbit_config):
+    from framework.amqp import UndeliverableMessage as exported
+    from framework.amqp.publish import get_connection, get_producer
+
+    assert exported is UndeliverableMessage
+    uri = rabbit_config["AMQP_URI"]
+    with get_connection(uri) as connection:
+        kombu.Queue("helpers", channel=connection.default_channel).declare()
+    with get_producer(uri) as producer:
+        assert producer.connection.transport_options["confirm_publish"] is True
+        producer.publish({"n": 1}, routing_key="helpers", serializer="json")
+    with get_connection(uri) as connection:
+        message = kombu.Queue("helpers", channel=connection.default_channel).get()
+        assert message is not None and message.payload == {"n": 1}

@@ -117,6 +117,11 @@ def test_get_message_from_queue_takes_a_message_off_a_queue(
     assert acked.payload == {"n": 1}
     assert acked.delivery_info["redelivered"] is True
 
+    # nameko's tests pass one content type as a string
+    with kombu.Connection(amqp_uri) as connection:
+        connection.Producer().publish({"n": 2}, routing_key="inbox")
+    assert get_message_from_queue("inbox", accept="json").payload == {"n": 2}
+
     with pytest.raises(queue.Empty):
         get_message_from_queue("inbox", block=False)
 
@@ -350,3 +355,11 @@ def test_client_used_by_rabbit_manager_is_the_management_client(rabbit_manager):
     assert isinstance(rabbit_manager.get_overview(), dict)
     with pytest.raises(requests.HTTPError):
         rabbit_manager.get_vhost("framework_test_surely_not_there")
+
+
+def test_predictable_call_ids_cover_standalone_proxies(predictable_call_ids):
+    from framework.standalone.rpc import ClusterRpcProxy
+
+    proxy = ClusterRpcProxy({"AMQP_URI": "memory://"})
+    headers = proxy._context_headers()
+    assert headers["nameko.call_id_stack"] == ["standalone_rpc_proxy.call.0"]
