@@ -18,6 +18,7 @@ from typing import Any
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.wrappers import Request, Response
 
+from framework.storage import StorageKeyNotFound
 from services.conversions.schemas import FINISHED_STATES, JOB_STATES
 from services.web.exceptions import BadRequest, NotFound, PayloadTooLarge
 from services.web.http import (
@@ -195,7 +196,12 @@ class ConversionRoutes:
         output = job.get("output")
         if job["state"] != "succeeded" or not output:
             raise NotFound("this conversion has no output (yet)")
-        stream = self.storage.open_read(output["storage_key"])
+        try:
+            size = self.storage.size(output["storage_key"])
+            stream = self.storage.open_read(output["storage_key"])
+        except StorageKeyNotFound:
+            # Purged (expired) between the job's listing and this download.
+            raise NotFound("this conversion's output is no longer stored") from None
 
         def chunks() -> Any:
             try:
@@ -209,7 +215,7 @@ class ConversionRoutes:
             mimetype="application/octet-stream",
             headers={
                 "Content-Disposition": content_disposition(output["name"]),
-                "Content-Length": str(output["size"]),
+                "Content-Length": str(size),
             },
             direct_passthrough=True,
         )

@@ -366,3 +366,14 @@ def test_the_openapi_document_describes_every_api_route(app: App, admin: Any) ->
     assert "JobPayload" in document["components"]["schemas"]
     docs = app.admin().get("/docs")
     assert docs.status_code == 200 and "POST /api/v1/conversions" in docs.text
+
+
+def test_an_output_no_longer_stored_is_a_404(app: App, admin: Any) -> None:
+    job = start(admin, upload(admin)["id"])
+    with ClusterRpcProxy(app.config) as rpc:
+        rpc.conversions.advance(job["id"], "succeeded", 100.0, "0" * 32)
+    response = admin.get(f"/api/v1/conversions/{job['id']}/output")
+    assert (
+        problem(response, 404)["detail"]
+        == "this conversion's output is no longer stored"
+    )
