@@ -250,6 +250,7 @@ def os_write(fd: int, data: bytes) -> int:
 
 import http.client  # noqa: E402
 import re  # noqa: E402
+import urllib.parse  # noqa: E402
 from typing import Protocol  # noqa: E402
 
 __all__ += ["HttpGuard", "guarded_wsgi_server"]
@@ -293,6 +294,9 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 class _GuardedHttpProtocol(eventlet.wsgi.HttpProtocol):
     guard: HttpGuard  # set on the subclass made for each server
+    # The headers of the request `_parse_plain_request` read, for get_environ.
+    _plain_headers: list[tuple[str, str]] | None = None
+    _addresses: dict[str, str] | None = None  # this connection's, for the environ
 
     def _read_request_line(self) -> Any:
         guard = self.guard
@@ -305,6 +309,7 @@ class _GuardedHttpProtocol(eventlet.wsgi.HttpProtocol):
         return line
 
     def parse_request(self) -> bool:
+        self._plain_headers = None
         parsed = self._parse_plain_request()
         if parsed is None:
             parsed = bool(super().parse_request())
@@ -351,6 +356,7 @@ class _GuardedHttpProtocol(eventlet.wsgi.HttpProtocol):
         self.requestline = raw[:-2].decode("latin-1")
         self.close_connection = True
         headers = http.client.HTTPMessage()
+        plain: list[tuple[str, str]] = []
         count = 0
         while True:
             line = self.rfile.readline(_MAX_HEADER_LINE + 1)
@@ -367,8 +373,11 @@ class _GuardedHttpProtocol(eventlet.wsgi.HttpProtocol):
             if not colon or _HEADER_NAME.fullmatch(name) is None:
                 self.send_error(400, "Bad header line")
                 return False
-            headers[name] = value.strip(" \t\r\n")
+            value = value.strip(" \t\r\n")
+            headers[name] = value
+            plain.append((name, value))
         self.headers = headers
+        self._plain_headers = plain
         connection = headers.get("Connection", "").lower()
         if connection == "close":
             keep_alive = False
@@ -380,10 +389,85 @@ class _GuardedHttpProtocol(eventlet.wsgi.HttpProtocol):
         return True
 
     def get_environ(self) -> dict[str, Any]:
-        environ = super().get_environ()
+        plain = self._plain_headers
+        if plain is None:
+            environ = super().get_environ()
+        else:
+            environ = self._plain_environ(plain)
+            self._plain_headers = None
         # For the application to end the connection after its response (a body
         # left unread after a 408 or 413 is not worth draining).
         environ["framework.close_connection"] = self._close_after_response
+        return environ
+
+    def _plain_environ(self, headers: list[tuple[str, str]]) -> dict[str, Any]:
+        """eventlet's ``get_environ`` for a request ``_parse_plain_request`` read,
+        from its header list, with the addresses looked up once per connection
+        (eventlet asks the kernel for the socket's name on every request).
+        tests/framework/web/test_connections.py compares the two."""
+        environ = self.server.get_environ()
+        environ["REQUEST_METHOD"] = self.command
+        environ["SCRIPT_NAME"] = ""
+        path, question, query = self.path.partition("?")
+        environ["RAW_PATH_INFO"] = path
+        environ["PATH_INFO"] = urllib.parse.unquote(path, encoding="latin1")
+        if question:
+            environ["QUERY_STRING"] = query
+        content_type = content_length = None
+        for name, value in headers:
+            lowered = name.lower()
+            if lowered == "content-type" and content_type is None:
+                content_type = value
+            elif lowered == "content-length" and content_length is None:
+                content_length = value
+        environ["CONTENT_TYPE"] = content_type or "text/plain"
+        if content_length:
+            environ["CONTENT_LENGTH"] = content_length
+        environ["SERVER_PROTOCOL"] = "HTTP/1.0"  # as eventlet says
+        addresses = self._addresses
+        if addresses is None:
+            server = eventlet.wsgi.addr_to_host_port(self.request.getsockname())
+            client = eventlet.wsgi.addr_to_host_port(self.client_address)
+            addresses = self._addresses = {
+                "SERVER_NAME": server[0],
+                "SERVER_PORT": str(server[1]),
+                "REMOTE_ADDR": client[0],
+                "REMOTE_PORT": str(client[1]),
+            }
+        environ.update(addresses)
+        environ["GATEWAY_INTERFACE"] = "CGI/1.1"
+        environ["headers_raw"] = tuple(headers)
+        for name, value in headers:
+            key = self.formalize_key_naming(name)
+            if not key or key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+                continue
+            key = "HTTP_" + key
+            if key in environ:
+                environ[key] += "," + value
+            else:
+                environ[key] = value
+        if environ.get("HTTP_EXPECT", "").lower() == "100-continue":
+            wfile, wfile_line = self.wfile, b"HTTP/1.1 100 Continue\r\n"
+        else:
+            wfile, wfile_line = None, None
+        chunked = environ.get("HTTP_TRANSFER_ENCODING", "").lower() == "chunked"
+        if not chunked and content_length is None:
+            content_length = "0"  # no length, not chunked: no body (RFC 9112 6.3)
+        environ["wsgi.input"] = environ["eventlet.input"] = eventlet.wsgi.Input(
+            self.rfile,
+            content_length,
+            self.connection,
+            wfile=wfile,
+            wfile_line=wfile_line,
+            chunked_input=chunked,
+        )
+        environ["eventlet.posthooks"] = []
+        conn_state = self.conn_state
+
+        def set_idle() -> None:
+            conn_state[2] = eventlet.wsgi.STATE_IDLE
+
+        environ["eventlet.set_idle"] = set_idle
         return environ
 
     def _close_after_response(self) -> None:

@@ -238,7 +238,6 @@ class HttpRequestHandler(Entrypoint):
 
 def make_response(body: Any, status: int | str = 200, headers: Any = None) -> Response:
     """A ``Response`` from a handler's body, following the conventions above."""
-    headers = Headers(headers.items() if isinstance(headers, Mapping) else headers)
     if isinstance(body, str):
         content_type = "text/plain; charset=utf-8"
     elif isinstance(body, bytes | bytearray):
@@ -251,6 +250,11 @@ def make_response(body: Any, status: int | str = 200, headers: Any = None) -> Re
             "An HTTP handler's body must be str, bytes, dict or list, "
             f"not {type(body).__name__}"
         )
+    if not headers:
+        # The common case, built without a lookup: werkzeug's `in` on headers
+        # raises and catches a KeyError for a missing name.
+        return Response(body, status=status, headers=[("Content-Type", content_type)])
+    headers = Headers(headers.items() if isinstance(headers, Mapping) else headers)
     if "Content-Type" not in headers:
         headers["Content-Type"] = content_type
     return Response(body, status=status, headers=headers)

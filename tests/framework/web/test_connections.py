@@ -250,3 +250,48 @@ def test_connection_limits_reject_nonsense() -> None:
         ConnectionLimits(0, 1.0, 1.0, 1.0)
     with pytest.raises(ValueError, match="header_timeout"):
         ConnectionLimits(1, 1.0, 0.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /a?x=1&y=%20 HTTP/1.1\r\nHost: h:1\r\nX-Many: 1\r\nX-Many: 2\r\n"
+        b"X_Under: dropped\r\nAccept-Language: fr\r\n\r\n",
+        b"POST /upload HTTP/1.0\r\nHost: h\r\nContent-Type: text/csv\r\n"
+        b"Content-Length: 3\r\nExpect: 100-continue\r\n\r\nabc",
+        b"POST /upload HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nabc\r\n0\r\n\r\n",
+    ],
+)
+def test_the_environ_of_a_plainly_parsed_request_is_eventlets(
+    run_service: Any, open_socket: Any, monkeypatch: pytest.MonkeyPatch, head: bytes
+) -> None:
+    # The guarded protocol builds the environ itself for requests it parsed;
+    # here both are built for the same request and compared, so that a change
+    # in eventlet's environ fails this test rather than services.
+    protocol = concurrency._GuardedHttpProtocol
+    built: list[tuple[dict[str, Any], dict[str, Any]]] = []
+
+    def both(self: Any) -> dict[str, Any]:
+        plain = self._plain_headers
+        assert plain is not None, "not parsed by the plain parser"
+        ours = self._plain_environ(plain)
+        self._plain_headers = None
+        theirs = protocol.__mro__[1].get_environ(self)
+        built.append((ours, dict(theirs)))  # before the application adds to it
+        return theirs
+
+    monkeypatch.setattr(protocol, "get_environ", both)
+    service = run_service(Store)
+    sock = open_socket(service, head)
+    assert sock.recv(4096)
+
+    [(ours, theirs)] = built
+    objects = ("wsgi.input", "eventlet.input", "eventlet.set_idle", "wsgi.errors")
+    assert {k: v for k, v in ours.items() if k not in objects} == {
+        k: v for k, v in theirs.items() if k not in objects
+    }
+    for key in ("wsgi.input", "eventlet.input"):
+        assert vars(ours[key]).keys() == vars(theirs[key]).keys()
+        for attribute in ("content_length", "chunked_input", "wfile_line"):
+            assert getattr(ours[key], attribute) == getattr(theirs[key], attribute)
