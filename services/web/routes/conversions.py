@@ -19,6 +19,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.wrappers import Request, Response
 
 from framework.storage import StorageKeyNotFound
+from services.conversions.exceptions import FileNotFound, JobNotFound
 from services.conversions.schemas import FINISHED_STATES, JOB_STATES
 from services.web.exceptions import BadRequest, NotFound, PayloadTooLarge
 from services.web.http import (
@@ -121,7 +122,10 @@ class ConversionRoutes:
         """The job, if the caller may see it; else ``NotFound`` (as if absent)."""
         if not _ID.match(job_id):
             raise NotFound("no such conversion")
-        job = self.conversions.get_job(job_id)
+        try:
+            job = self.conversions.get_job(job_id)
+        except JobNotFound:
+            raise NotFound("no such conversion") from None
         if not principal.is_admin and job["owner"] != principal.user_id:
             raise NotFound("no such conversion")
         return job
@@ -129,7 +133,10 @@ class ConversionRoutes:
     def _file(self, principal: Any, file_id: str) -> dict[str, Any]:
         if not _ID.match(file_id):
             raise NotFound("no such file")
-        found = self.conversions.get_file(file_id)
+        try:
+            found = self.conversions.get_file(file_id)
+        except FileNotFound:
+            raise NotFound("no such file") from None
         if not principal.is_admin and found["owner"] != principal.user_id:
             raise NotFound("no such file")
         return found

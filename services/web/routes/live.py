@@ -19,6 +19,7 @@ import re
 from typing import Any
 
 from framework.events import BROADCAST, event_handler
+from services.conversions.exceptions import JobNotFound
 from services.conversions.schemas import CONVERSION_EVENTS
 from services.scheduler.schemas import SCHEDULE_RUN_FINISHED, SCHEDULE_RUN_STARTED
 from services.users.schemas import USER_DELETED, USER_UPDATED
@@ -68,7 +69,11 @@ class LiveRoutes:
                 "jobs.all" if principal.is_admin else f"jobs.user.{principal.user_id}"
             )
         elif channel.startswith("job:"):
-            job = self.conversions.get_job(channel[4:])
+            try:
+                job = self.conversions.get_job(channel[4:])
+            except JobNotFound:
+                # The same answer as for someone else's job: ids cannot be probed.
+                raise NotFound("no such channel") from None
             if not principal.is_admin and job["owner"] != principal.user_id:
                 raise NotFound("no such channel")
             joined = f"job.{job['id']}"

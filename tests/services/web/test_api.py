@@ -215,8 +215,10 @@ def test_members_see_and_touch_only_their_own_jobs(
         ("DELETE", ""),
         ("GET", "/output"),
     ):
-        response = member.request(method, f"/api/v1/conversions/{theirs['id']}{suffix}")
-        assert problem(response, 404)["detail"] == "no such conversion"
+        for job_id in (theirs["id"], "00000000-0000-4000-8000-000000000000"):
+            # Someone else's job and no job at all: the same answer.
+            response = member.request(method, f"/api/v1/conversions/{job_id}{suffix}")
+            assert problem(response, 404)["detail"] == "no such conversion"
     others_file = admin.get(f"/api/v1/conversions/{theirs['id']}").json()["input"][
         "file_id"
     ]

@@ -398,6 +398,8 @@ def test_websocket_subscriptions_are_authorized_on_subscribe(app: App) -> None:
         refused = ws_call(ws, "subscribe", channel=f"job:{job['id']}")
         assert refused["success"] is False
         assert refused["error"]["exc_type"] == "NotFound"
+        missing = ws_call(ws, "subscribe", channel=f"job:{SAMPLE_ID}")
+        assert missing["error"]["exc_type"] == "NotFound"  # as for someone else's
         assert ws_call(ws, "subscribe", channel="schedules")["success"] is False
         mine = ws_call(ws, "subscribe", channel="jobs")
         assert mine == {**mine, "success": True, "data": f"jobs.user.{member['id']}"}
