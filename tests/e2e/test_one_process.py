@@ -1,6 +1,7 @@
 """The README's first command: ``framework app``, every service in one process on
 the in-memory broker and SQLite, with nothing else running. Start it, take the
-printed login, convert a small file through the API, download it, stop it."""
+printed login, convert a small file through the API (its progress live on the
+websocket), download it, see a schedule fire, stop it."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import pyarrow.parquet
 
 from framework.testing.utils import find_free_port
 
-from .api import Api, csv_bytes
+from .api import Api, Panel, csv_bytes
 from .compose import ROOT
 from .conftest import FAST_HASHING
 
@@ -60,10 +61,17 @@ def test_the_one_process_mode_converts_a_file_end_to_end(tmp_path: Path) -> None
         assert kept.read_text().strip() == password
         assert kept.stat().st_mode & 0o077 == 0
 
-        api = Api(f"http://127.0.0.1:{web_port}").login(email, password)
+        base_url = f"http://127.0.0.1:{web_port}"
+        api = Api(base_url).login(email, password)
+        panel = Panel(base_url)
+        panel.login(email, password)
+        live = panel.live("jobs")
         data = csv_bytes(300)
         uploaded = api.upload("small.csv", data)
         job = api.convert(uploaded["id"], "parquet")
+        # Progress is live here too: the in-memory broker carries the events.
+        live.wait_for(lambda e: e["id"] == job["id"] and e["state"] == "succeeded")
+        live.close()
         finished = api.wait_job(job["id"], timeout=60)
         assert finished["state"] == "succeeded", finished
         converted = pyarrow.parquet.read_table(
@@ -72,6 +80,21 @@ def test_the_one_process_mode_converts_a_file_end_to_end(tmp_path: Path) -> None
         assert (
             converted.to_pylist() == pyarrow.csv.read_csv(io.BytesIO(data)).to_pylist()
         )
+        # Schedules fire.
+        ticking = api.create_schedule(
+            {
+                "name": "every second",
+                "cron": "* * * * * *",
+                "timezone": "UTC",
+                "target": {"kind": "event", "event_type": "tick", "payload": {}},
+            }
+        )
+        deadline = time.monotonic() + 30
+        while (
+            len([r for r in api.runs(ticking["id"]) if r["outcome"] == "succeeded"]) < 2
+        ):
+            assert time.monotonic() < deadline, api.runs(ticking["id"])
+            time.sleep(0.5)
         # Every service's SQLite file is in the data folder, nowhere else.
         databases = {path.stem for path in (tmp_path / "data").glob("*.sqlite3")}
         assert databases == {"users", "conversions", "scheduler", "web"}
