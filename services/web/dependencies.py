@@ -371,6 +371,15 @@ class EdgeState:
             address_key: self.settings.max_failures_per_address,
         }
         with self._sessionmaker() as session, session.begin():
+            # Rows of windows long over are forgotten, so guessing at many
+            # accounts cannot grow the table without bound.
+            stale = now - self.settings.login_window - self.settings.login_block
+            session.execute(
+                delete(LoginThrottle).where(
+                    LoginThrottle.window_started_at < stale,
+                    LoginThrottle.key.not_in(list(limits)),
+                )
+            )
             for key, limit in limits.items():
                 row = session.get(LoginThrottle, key, with_for_update=True)
                 if row is None:

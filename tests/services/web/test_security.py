@@ -466,3 +466,20 @@ def test_logging_out_closes_the_sessions_sockets(app: App) -> None:
         assert ws_closed(ws)
     finally:
         ws.close()
+
+
+def test_throttling_forgets_windows_long_over(app: App) -> None:
+    import time_machine
+
+    store = next(e for e in app.web.extensions if type(e).__name__ == "EdgeStore")
+    panel = app.session()
+    panel.login("first@example.com", "wrong password")
+    with time_machine.travel(time.time() + 3 * 3600):
+        panel.login("second@example.com", "wrong password")
+    with store.engine.connect() as connection:
+        keys = [
+            row[0]
+            for row in connection.exec_driver_sql("SELECT key FROM web_login_throttle")
+        ]
+    assert "account:first@example.com" not in keys
+    assert "account:second@example.com" in keys
