@@ -184,6 +184,14 @@ class EdgeState:
             last_seen_at=now,
         )
         with self._sessionmaker() as session, session.begin():
+            # Each login sweeps the sessions that can no longer be used.
+            session.execute(
+                delete(LoginSession).where(
+                    (LoginSession.last_seen_at < now - self.settings.session_idle)
+                    | (LoginSession.created_at < now - self.settings.session_max)
+                    | LoginSession.revoked_at.is_not(None)
+                )
+            )
             session.add(row)
         return NewCredential(secret, row.id)
 

@@ -483,3 +483,18 @@ def test_throttling_forgets_windows_long_over(app: App) -> None:
         ]
     assert "account:first@example.com" not in keys
     assert "account:second@example.com" in keys
+
+
+def test_logins_sweep_away_sessions_that_can_no_longer_be_used(app: App) -> None:
+    import time_machine
+
+    store = next(e for e in app.web.extensions if type(e).__name__ == "EdgeStore")
+    app.admin().submit("/logout")  # revoked
+    idle = app.admin()  # left idle
+    with time_machine.travel(time.time() + 3600):
+        current = app.admin()
+        assert current.get("/", allow_redirects=False).status_code == 200
+    assert idle.get("/", allow_redirects=False).status_code == 303
+    with store.engine.connect() as connection:
+        (count,) = connection.exec_driver_sql("SELECT count(*) FROM web_sessions").one()
+    assert count == 1
