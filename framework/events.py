@@ -57,6 +57,7 @@ class EventDispatcher(Publisher):
         )
         if not self.exchange.no_declare:
             self.declare.append(self.exchange)
+        super().setup()
 
     def get_dependency(self, worker_ctx: WorkerContext) -> Any:
         publish = super().get_dependency(worker_ctx)

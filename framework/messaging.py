@@ -655,6 +655,32 @@ def delay_queue(queue_name: str, delay: float) -> kombu.Queue:
 # -- the Publisher dependency ------------------------------------------------------------
 
 
+def declare_at_setup(config: dict[str, Any], entities: list[Any]) -> None:
+    """Declare a publisher's exchange (and queue) when its container sets up.
+
+    As nameko does: a service that binds a queue to the exchange, or a consumer
+    started before anything was published, finds it there. The first publish
+    declares again anyway, so a broker unreachable now only costs a warning; the
+    container's own connections report it.
+    """
+    if not entities:
+        return
+    connection = make_connection(config)
+    try:
+        connection.connect()
+        channel = connection.default_channel
+        for entity in entities:
+            entity.bind(channel).declare()
+    except Exception as exc:
+        log.warning(
+            "could not declare %s at setup (%s); the first publish will",
+            ", ".join(str(getattr(e, "name", e)) for e in entities),
+            type(exc).__name__,
+        )
+    finally:
+        close_quietly(connection)
+
+
 class Publisher(DependencyProvider, HeaderEncoder):
     """Injects ``publish(msg, **kwargs)`` publishing to ``exchange`` with context headers."""
 
@@ -677,6 +703,9 @@ class Publisher(DependencyProvider, HeaderEncoder):
             self.declare.append(queue)
             if exchange is None:
                 self.exchange = queue.exchange
+
+    def setup(self) -> None:
+        declare_at_setup(self.container.config, self.declare)
 
     def publish_options(self, call_options: dict[str, Any]) -> dict[str, Any]:
         options = {

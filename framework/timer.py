@@ -9,6 +9,7 @@ from typing import Any
 
 from framework import concurrency
 from framework.containers import WorkerContext
+from framework.exceptions import ContainerBeingKilled
 from framework.extensions import Entrypoint
 
 log = logging.getLogger(__name__)
@@ -55,9 +56,12 @@ class Timer(Entrypoint):
             if self._stopping.ready():
                 return
             done = concurrency.Event()
-            self.container.spawn_worker(
-                self, (), {}, handle_result=partial(self._finished, done)
-            )
+            try:
+                self.container.spawn_worker(
+                    self, (), {}, handle_result=partial(self._finished, done)
+                )
+            except ContainerBeingKilled:
+                return  # a tick racing kill(): nothing to run, nothing to report
             done.wait()
             tick += 1
 

@@ -399,3 +399,27 @@ def test_a_message_that_cannot_be_redelivered_is_dead_lettered_after_a_few_tries
     (letter,) = letters
     assert letter.reason == "could not be redelivered: RuntimeError"
     assert len(refused) == 2 and len(attempts) == 2
+
+
+@pytest.mark.integration
+def test_publisher_and_dispatcher_exchanges_are_declared_at_setup(
+    rabbit_config, container_factory
+):
+    from framework.events import EventDispatcher
+
+    class Announcer:
+        name = "announcer"
+        publish = Publisher(exchange=kombu.Exchange("announcements", type="fanout"))
+        dispatch = EventDispatcher()
+
+        @rpc
+        def noop(self):
+            pass
+
+    container = container_factory(Announcer, rabbit_config)
+    container.start()
+    # nothing published yet: a passive declare fails on a missing exchange
+    with kombu.Connection(rabbit_config["AMQP_URI"]) as connection:
+        channel = connection.channel()
+        for name in ("announcements", "announcer.events"):
+            channel.exchange_declare(name, "", passive=True)

@@ -89,3 +89,28 @@ def test_the_drain_deadline_bounds_a_running_tick(container_factory):
     with concurrency.Timeout(10):
         container.stop()
     assert time.monotonic() - started < 10
+
+
+def test_a_zero_interval_timer_fires_once_while_killed(container_factory, caplog):
+    # nameko's test_kill_stops_timer: wait_for_call sees the first tick at once
+    # (it yields to the hub before polling), and nothing fires after kill().
+    from unittest.mock import Mock
+
+    from framework.testing.utils import wait_for_call
+
+    tracker = Mock()
+
+    class Busy:
+        name = "busy"
+
+        @timer(0)
+        def tick(self):
+            tracker()
+
+    container = container_factory(Busy)
+    container.start()
+    with wait_for_call(1, tracker):
+        container.kill()
+    concurrency.sleep(0.05)  # room for a timer that is still alive to fire
+    assert tracker.call_count == 1
+    assert "ContainerBeingKilled" not in caplog.text
