@@ -586,6 +586,11 @@ def run_in_process(
         target=_child_main, args=(theirs, fn, args, kwargs), daemon=True
     )
     process.start()
+    # Out of multiprocessing's own bookkeeping: every start() polls the exit pipe
+    # of each child in it, from whichever green thread starts, and eventlet
+    # refuses a second waiter on a descriptor that the child's own green thread
+    # is waiting on (below). Only that thread ever looks at this child.
+    multiprocessing.process._children.discard(process)  # type: ignore[attr-defined]
     theirs.close()
     try:
         while True:

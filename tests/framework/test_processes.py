@@ -136,3 +136,19 @@ def test_the_child_exits_when_its_parent_is_killed(tmp_path: Path) -> None:
     finally:
         parent.kill()
         parent.wait(timeout=10)
+
+
+def test_children_started_and_ended_at_once_from_many_green_threads() -> None:
+    # Starting a process polls the others' exit pipes; with several green threads
+    # waiting on those pipes, eventlet refused the second wait on one descriptor.
+    results: list[int] = []
+
+    def worker(n: int) -> None:
+        for _ in range(2):
+            results.append(concurrency.run_in_process(count_to, n))
+
+    threads = [concurrency.spawn(worker, n) for n in range(1, 5)]
+    for thread in threads:
+        thread.wait()
+
+    assert sorted(results) == sorted(n * 10 for n in range(1, 5) for _ in range(2))
