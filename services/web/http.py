@@ -39,7 +39,7 @@ from framework.web.websocket import (
     WebSocketRpc,
     WebSocketServer,
 )
-from services.web.dependencies import Principal, find_edge_state
+from services.web.dependencies import Principal, Settings, find_edge_state
 from services.web.exceptions import (
     EXPECTED_EXCEPTIONS,
     BadRequest,
@@ -279,8 +279,6 @@ class Route(HttpRequestHandler):
     def setup(self) -> None:
         super().setup()
         if self.streaming:
-            from services.web.dependencies import Settings
-
             settings = Settings.from_config(self.container.config)
             self.server.streaming_paths[self.url] = settings.upload_max_bytes
 
