@@ -679,3 +679,23 @@ def _child_main(
     with lock:
         conn.send(reply)
     conn.close()
+
+
+# -- live debugging --------------------------------------------------------------------
+
+
+def backdoor_server(port: int, namespace: dict[str, Any]) -> tuple[GreenThread, int]:
+    """An interactive Python console for live debugging, on ``127.0.0.1:port``.
+
+    Loopback only: whoever reaches it runs any code as the service, so it must
+    never listen on a network interface (reach it from elsewhere through an SSH
+    tunnel). ``port`` 0 takes a free port. Returns the serving green thread (kill
+    it to close the console) and the port.
+    """
+    import eventlet.backdoor
+
+    listener = eventlet.listen(("127.0.0.1", port))
+    thread = eventlet.spawn(
+        eventlet.backdoor.backdoor_server, listener, locals=namespace
+    )
+    return thread, listener.getsockname()[1]

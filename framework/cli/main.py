@@ -33,6 +33,7 @@ COMMAND_MODULES = (
     "framework.cli.dead_letters",
     "framework.cli.new_service",
     "framework.cli.app",
+    "framework.cli.backdoor",
 )
 OPTIONAL_COMMAND_MODULES = ("framework.cli.db",)
 

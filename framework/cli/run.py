@@ -47,6 +47,14 @@ def init_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
         metavar="module[:ServiceClass]",
         help="python path to the service(s)",
     )
+    parser.add_argument(
+        "--backdoor-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve a Python console for live debugging on 127.0.0.1:PORT (off by "
+        "default; loopback only; connect with `framework backdoor PORT`)",
+    )
     add_config_arguments(parser)
     return parser
 
@@ -69,7 +77,7 @@ def main(args: argparse.Namespace) -> int:
             # "svc" and "svc:Service" together name the same class once.
             if service_cls not in services:
                 services.append(service_cls)
-    return run_services(config, services)
+    return run_services(config, services, backdoor_port=args.backdoor_port)
 
 
 # -- discovery ---------------------------------------------------------------------
@@ -141,8 +149,14 @@ def _has_entrypoints(cls: type) -> bool:
 # -- running -----------------------------------------------------------------------
 
 
-def run_services(config: dict[str, Any], services: list[type]) -> int:
-    """Start ``services`` and block until they stop; the process's exit code."""
+def run_services(
+    config: dict[str, Any], services: list[type], backdoor_port: int | None = None
+) -> int:
+    """Start ``services`` and block until they stop; the process's exit code.
+
+    With ``backdoor_port``, a Python console with ``runner`` in scope listens on
+    127.0.0.1 at that port while the services run.
+    """
     from framework import concurrency
     from framework.runners import ServiceRunner
 
@@ -158,6 +172,20 @@ def run_services(config: dict[str, Any], services: list[type]) -> int:
         except ValueError as exc:
             raise CommandError(str(exc)) from None
 
+    backdoor = None
+    if backdoor_port is not None:
+        # Before the services start: a port in use fails the command at once.
+        try:
+            backdoor, port = concurrency.backdoor_server(
+                backdoor_port, {"runner": runner}
+            )
+        except OSError as exc:
+            raise CommandError(
+                f"cannot serve the backdoor on 127.0.0.1:{backdoor_port}: "
+                f"{exc.strerror or exc}"
+            ) from None
+        log.warning("backdoor console listening on 127.0.0.1:%d", port)
+
     shutdown = SignalShutdown(runner)
     shutdown.install()
     try:
@@ -171,6 +199,8 @@ def run_services(config: dict[str, Any], services: list[type]) -> int:
             )
             # Whatever did start holds connections and threads; release them.
             runner.kill()
+            if backdoor is not None:
+                concurrency.kill(backdoor)
             return 1
         try:
             runner.wait()
@@ -179,6 +209,9 @@ def run_services(config: dict[str, Any], services: list[type]) -> int:
                 "services crashed: %s", ", ".join(runner.service_names), exc_info=True
             )
             return 1
+        finally:
+            if backdoor is not None:
+                concurrency.kill(backdoor)
     finally:
         shutdown.uninstall()
     log.info("services stopped: %s", ", ".join(runner.service_names))
