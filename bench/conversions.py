@@ -219,6 +219,9 @@ def wait_until_serving(rpc: Any, consumers: int, env: dict[str, Any]) -> None:
     raise RuntimeError("the replicas did not start within 120 s")
 
 
+LATENCIES: list[float] = []  # seconds of each get_job call made while jobs ran
+
+
 class RssWatch:
     """Peak resident memory of the replicas' child processes (the conversions)."""
 
@@ -276,7 +279,9 @@ def run_jobs(
         if watch is not None:
             watch.sample()
         for job_id in list(pending):
+            called = time.perf_counter()
             job = service.get_job(job_id)
+            LATENCIES.append(time.perf_counter() - called)
             if job["state"] in ("succeeded", "failed", "cancelled"):
                 pending.discard(job_id)
                 finished.append(job)
@@ -424,6 +429,11 @@ def main() -> None:
         (
             "service runs: queued → started, started → finished",
             "; ".join(f"{queued:.2f} s, {ran:.2f} s" for queued, ran in phases),
+        ),
+        (
+            "RPC get_job while a conversion runs in the replica: median, max",
+            f"{statistics.median(LATENCIES) * 1000:.0f} ms, "
+            f"{max(LATENCIES) * 1000:.0f} ms ({len(LATENCIES)} calls)",
         ),
         ("peak RSS, polars alone", f"{alone_rss / (1 << 20):,.0f} MiB"),
         (

@@ -27,6 +27,7 @@ from services.conversions.schemas import (
     CONVERSION_STARTED,
     CONVERSION_SUCCEEDED,
     STATE_FAILED,
+    STATE_QUEUED,
     STATE_RUNNING,
     STATE_SUCCEEDED,
     dump_job,
@@ -74,8 +75,23 @@ class JobRunner:
             job = jobs.fresh(job_id)
             if job is None:
                 return
-            dispatch(CONVERSION_STARTED, {"job": dump_job(job)})
-            self._convert(job, jobs, storage, dispatch)
+            try:
+                dispatch(CONVERSION_STARTED, {"job": dump_job(job)})
+                self._convert(job, jobs, storage, dispatch)
+            except Exception:
+                # The message goes back for another try (``requeue_on_error``):
+                # give the claim back too, or the retry would wait for our
+                # heartbeat to go stale first.
+                self._release(job_id, jobs)
+                raise
+
+    def _release(self, job_id: str, jobs: JobRepository) -> None:
+        try:
+            jobs.transition(
+                job_id, (STATE_RUNNING,), _runner=self.replica, state=STATE_QUEUED
+            )
+        except Exception:
+            log.warning("could not give a job back", extra={"job_id": job_id})
 
     def _claim(self, job_id: str, jobs: JobRepository) -> bool:
         """Claim the job, waiting out a previous runner's heartbeat if need be.

@@ -224,3 +224,19 @@ def test_a_storage_that_is_not_local_works_through_local_copies(
     with remote.open_read(done["output"]["storage_key"]) as stream:
         assert pl.read_parquet(stream).rows() == [(1, 2)]
     assert remote.local_path(done["output"]["storage_key"]) is None
+
+
+def test_a_job_whose_run_breaks_is_given_back_for_the_retry(
+    service: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = service.start_conversion(register(service)["id"], "csv", {}, 4)
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("the database went away")
+
+    monkeypatch.setattr(concurrency, "run_in_process", broken)
+    with pytest.raises(ConnectionError):
+        service.run_job({"job_id": job["id"]})
+
+    # Queued again at once, so the redelivered message can claim it.
+    assert service.get_job(job["id"])["state"] == "queued"
