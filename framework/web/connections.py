@@ -27,8 +27,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from framework import concurrency
+from framework.exceptions import ConfigurationError
 
 log = logging.getLogger(__name__)
+
+_EVICTION_LOG_INTERVAL = 10.0  # seconds between two records of evictions
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,7 @@ class ConnectionGuard:
         self._waiting: dict[int, tuple[list[Any], float, bool]] = {}
         # Connections shut down by the guard, and why.
         self._cut: dict[int, str] = {}
+        self._last_eviction_log = -_EVICTION_LOG_INTERVAL
 
     @property
     def sweep_interval(self) -> float:
@@ -174,10 +178,20 @@ class ConnectionGuard:
         del self._waiting[key]
         self._cut[key] = "evicted"
         self.evictions += 1
-        log.info(
-            "closing a connection that sent no complete request, to make room",
-            extra={"server": self.name, "max_connections": self.limits.max_connections},
-        )
+        now = time.monotonic()
+        if now - self._last_eviction_log >= _EVICTION_LOG_INTERVAL:
+            # At most one record per interval: under a flood of silent
+            # connections, one per eviction would flood the log instead.
+            self._last_eviction_log = now
+            log.warning(
+                "connection cap reached: closing connections that sent no "
+                "complete request, to make room",
+                extra={
+                    "server": self.name,
+                    "max_connections": self.limits.max_connections,
+                    "evictions": self.evictions,
+                },
+            )
         # Wakes its reader with an end of stream; the slot frees when its thread
         # ends, which spawn() then waits for.
         _shutdown(conn_state[1], socket.SHUT_RDWR)
@@ -198,8 +212,6 @@ def limits_from_config(
 ) -> ConnectionLimits:
     """``ConnectionLimits`` from ``<prefix>MAX_CONNECTIONS``, ``<prefix>IDLE_TIMEOUT``,
     ``<prefix>HEADER_TIMEOUT`` and ``<prefix>IO_TIMEOUT``, each optional."""
-    from framework.exceptions import ConfigurationError
-
     try:
         return ConnectionLimits(
             max_connections=int(
