@@ -112,20 +112,29 @@
   window.AdminLive = Live;
 
   // -- conversions -------------------------------------------------------------------------
-  function postButton(action, label, css, confirmText) {
+  function postButton(action, label, css, confirmText, describe) {
     const form = el("form", { method: "post", action: action, class: "inline" });
     if (confirmText) form.dataset.confirm = confirmText;
     form.appendChild(el("input", { type: "hidden", name: "csrf_token", value: csrfToken() }));
-    form.appendChild(el("button", { type: "submit", class: css }, label));
+    const button = el("button", { type: "submit", class: css }, label);
+    if (describe) button.setAttribute("aria-label", label + " " + describe);
+    form.appendChild(button);
     return form;
   }
 
   function renderActions(container, job, withDelete) {
     container.replaceChildren();
     const base = "/conversions/" + encodeURIComponent(job.id);
-    if (job.state === "queued" || job.state === "running") container.appendChild(postButton(base + "/cancel", "Cancel", "secondary"));
-    if (job.state === "failed" || job.state === "cancelled") container.appendChild(postButton(base + "/retry", "Retry", "secondary"));
-    if (job.state === "succeeded") container.appendChild(el("a", { class: "button", href: base + "/download", id: withDelete ? "download" : "" }, "Download"));
+    // In a list, each button says which job it acts on (to a screen reader).
+    const describe = withDelete ? "" : "conversion of " + job.input.name;
+    if (job.state === "queued" || job.state === "running") container.appendChild(postButton(base + "/cancel", "Cancel", "secondary", "", describe));
+    if (job.state === "failed" || job.state === "cancelled") container.appendChild(postButton(base + "/retry", "Retry", "secondary", "", describe));
+    if (job.state === "succeeded") {
+      const link = el("a", { class: "button", href: base + "/download" }, "Download");
+      if (withDelete) link.id = "download";
+      else link.setAttribute("aria-label", "Download the output of " + job.input.name);
+      container.appendChild(link);
+    }
     if (withDelete) container.appendChild(postButton(base + "/delete", "Delete", "danger", "Delete this conversion and its output?"));
   }
 
