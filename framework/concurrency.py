@@ -244,8 +244,10 @@ def os_write(fd: int, data: bytes) -> int:
 # pool and enforces total deadlines on the request line and the headers: a
 # sweeper shuts down the socket of a connection past its deadline, which wakes its
 # reader here. (A sweep per fraction of a second instead of a timer per request:
-# the timers showed in the HTTP profile.) It overrides ``_read_request_line`` and
-# ``parse_request``, eventlet's and the standard library's;
+# the timers showed in the HTTP profile.) For speed it also parses the common
+# request shape itself and builds that request's environ (``_parse_plain_request``,
+# ``_plain_environ``). It overrides ``_read_request_line``, ``parse_request`` and
+# ``get_environ``, eventlet's and the standard library's;
 # tests/framework/web/test_connections.py fails if they change.
 
 import http.client  # noqa: E402
