@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import pytest
 
-
 # Fixtures that reach the real RabbitMQ or PostgreSQL. A test using one (directly or
 # through another fixture) is an integration test whether or not its module says so,
 # so ``pytest -m "not integration"`` runs with neither service up. Tests that reach
@@ -51,5 +50,8 @@ def _needs_real_services(item: pytest.Item) -> bool:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if _needs_real_services(item) and item.get_closest_marker("integration") is None:
+        if (
+            _needs_real_services(item)
+            and item.get_closest_marker("integration") is None
+        ):
             item.add_marker(pytest.mark.integration)
