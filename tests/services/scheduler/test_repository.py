@@ -4,6 +4,7 @@ does with a due schedule. The race between replicas needs PostgreSQL and is in
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -123,3 +124,22 @@ def test_an_invalid_expression_stored_by_hand_pauses_only_that_schedule(
     assert {launch.schedule["name"] for launch in launches} == {"healthy"}
     repository.session.refresh(broken)
     assert broken.enabled is False
+
+
+def test_jitter_delays_each_call_by_up_to_its_seconds_and_its_deadline_with_it(
+    repository: ScheduleRepository,
+) -> None:
+    schedule = add(repository, jitter_seconds=30, timeout_seconds=10)
+    overdue(repository, schedule, 0)
+    claimed_at = time.monotonic()
+
+    launches = repository.claim_due().launches
+
+    waits = [launch.call_at - claimed_at for launch in launches]
+    assert launches and all(0 <= wait <= 30 + 1 for wait in waits)
+    assert len(set(waits)) == len(waits)  # drawn for each run
+    runs = repository.session.query(Run).all()
+    assert all(
+        run.deadline_at - run.claimed_at <= timedelta(seconds=30 + 1 + 10 + 5)
+        for run in runs
+    )
