@@ -16,6 +16,7 @@ import kombu
 import kombu.serialization
 
 from framework import concurrency, containers, serialization
+from framework import rpc as rpc_module
 from framework.amqp import channels
 from framework.amqp.connection import CONNECTION_ERRORS, DrainedConnection, Waiter
 from framework.amqp.publish import Publisher
@@ -24,7 +25,6 @@ from framework.constants import (
     CALL_ID_STACK_CONTEXT_KEY,
     DEFAULT_SERIALIZER,
     RPC_REPLY_QUEUE_TEMPLATE,
-    RPC_REPLY_QUEUE_TTL,
     SERIALIZER_CONFIG_KEY,
 )
 from framework.exceptions import (
@@ -104,7 +104,8 @@ class SingleThreadedReplyListener:
             RPC_REPLY_QUEUE_TEMPLATE.format(STANDALONE_SERVICE_NAME, self.routing_key),
             exchange=get_rpc_exchange(config),
             routing_key=self.routing_key,
-            queue_arguments={"x-expires": RPC_REPLY_QUEUE_TTL},
+            # Read from framework.rpc at each proxy, where nameko users patch it.
+            queue_arguments={"x-expires": rpc_module.RPC_REPLY_QUEUE_TTL},
         )
         self.waiting: dict[str, StandaloneReplyEvent] = {}
         self.owner_thread: int | None = None

@@ -598,3 +598,9 @@ def test_a_request_reaching_a_stopping_container_goes_to_another_replica(
             assert reply.result() == "hello"
     finally:
         release.send(None)
+
+
+def test_standalone_reply_queues_take_the_ttl_patched_into_framework_rpc():
+    with patch("framework.rpc.RPC_REPLY_QUEUE_TTL", new=100):
+        proxy = ClusterRpcProxy({"AMQP_URI": "memory://"})
+    assert proxy.reply_listener.queue.queue_arguments == {"x-expires": 100}
