@@ -15,7 +15,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 from services.users.exceptions import InvalidUserData
 
@@ -72,8 +72,8 @@ MAX_PER_PAGE = 100
 # the row offset of a larger one overflows PostgreSQL's bigint.
 MAX_PAGE = MAX_USER_ID
 
-# What ``update_user`` may change; the password has its own method, which checks
-# the old one.
+# What ``update_user`` may change; the password has its own methods
+# (``change_password``, which checks the old one, and the admins' ``reset_password``).
 UPDATABLE_FIELDS = ("email", "display_name", "role", "is_active")
 
 # Deliberately loose: one @, something on both sides, a dot in the domain, no
@@ -109,6 +109,9 @@ class UserCreatedEvent(TypedDict):
 class UserUpdatedEvent(TypedDict):
     user: UserPayload  # as it is after the change
     changed: list[str]  # sorted field names; "password" for a password change
+    # Only in ``reset_password``'s event, always True: an admin replaced the
+    # password, so whatever the old one opened (API tokens too) should end.
+    reset: NotRequired[bool]
 
 
 class UserDeletedEvent(TypedDict):
@@ -221,7 +224,9 @@ def parse_changes(changes: dict[str, Any]) -> dict[str, Any]:
     checked = {}
     for field, value in changes.items():
         if field == "password":
-            errors[field] = "cannot be changed here; use change_password"
+            errors[field] = (
+                "cannot be changed here; use change_password or reset_password"
+            )
         elif field not in checks:
             errors[field] = (
                 f"unknown field; updatable fields are {', '.join(UPDATABLE_FIELDS)}"

@@ -237,6 +237,35 @@ def test_change_password_requires_the_old_one_and_is_announced(
     assert users.authenticate(user["email"], "battery staple")["id"] == user["id"]
 
 
+def test_reset_password_replaces_it_is_announced_and_never_shown(
+    users: Any, listener: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    user = create(users)
+    secret = "a brand new secret"
+    rejected = "Sh0rt!x"  # too short: the failed call is logged, with its arguments
+
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(InvalidUserData) as caught:
+            users.reset_password(user["id"], rejected)
+        with entrypoint_waiter(
+            listener, "on_user_updated", timeout=EVENT_TIMEOUT
+        ) as event:
+            reset = users.reset_password(user["id"], secret)
+
+    assert set(caught.value.errors) == {"new_password"}
+    assert rejected not in str(caught.value)
+    assert event.get() == {"user": reset, "changed": ["password"], "reset": True}
+    assert users.authenticate(user["email"], secret)["id"] == user["id"]
+    with pytest.raises(AuthenticationFailed):
+        users.authenticate(user["email"], PASSWORD)
+    assert secret not in str(reset)
+    assert caplog.records  # the calls were logged, without the password
+    for record in caplog.records:
+        for password in (secret, rejected):
+            assert password not in record.getMessage()
+            assert password not in str(record.__dict__)
+
+
 # -- the database ----------------------------------------------------------------------------
 
 

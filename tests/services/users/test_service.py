@@ -483,6 +483,63 @@ def test_changing_the_password_of_an_unknown_user_is_not_found(service: Any) -> 
         service.change_password(42, PASSWORD, "battery staple")
 
 
+# -- reset_password -------------------------------------------------------------------------
+
+
+def test_reset_password_replaces_the_password_without_the_old_one(
+    service: Any,
+) -> None:
+    user = create(service)
+    service.dispatch.reset_mock()
+
+    reset = service.reset_password(user["id"], "battery staple")
+
+    assert service.authenticate(user["email"], "battery staple") == reset
+    with pytest.raises(AuthenticationFailed):
+        service.authenticate(user["email"], PASSWORD)
+    assert "battery staple" not in str(reset)
+    assert service.dispatch.call_args_list == [
+        call(USER_UPDATED, {"user": reset, "changed": ["password"], "reset": True})
+    ]
+
+
+@pytest.mark.parametrize("bad", ["short", "x" * 1025, 12345678, None, "pass\x00word"])
+def test_reset_password_applies_the_password_rules(service: Any, bad: Any) -> None:
+    user = create(service)
+    service.dispatch.reset_mock()
+
+    with pytest.raises(InvalidUserData) as caught:
+        service.reset_password(user["id"], bad)
+
+    assert list(caught.value.errors) == ["new_password"]
+    assert service.authenticate(user["email"], PASSWORD)["id"] == user["id"]
+    assert not service.dispatch.called
+
+
+def test_a_deactivated_account_can_be_reset_and_stays_deactivated(
+    service: Any,
+) -> None:
+    user = create(service)
+    service.deactivate_user(user["id"])
+
+    reset = service.reset_password(user["id"], "battery staple")
+
+    assert reset["is_active"] is False
+    with pytest.raises(AuthenticationFailed):
+        service.authenticate(user["email"], "battery staple")
+    service.update_user(user["id"], is_active=True)
+    assert service.authenticate(user["email"], "battery staple")["id"] == user["id"]
+
+
+@pytest.mark.parametrize("user_id", [42, 0, 2**40, "1", True])
+def test_resetting_the_password_of_an_unknown_or_bad_id_fails_cleanly(
+    service: Any, user_id: Any
+) -> None:
+    with pytest.raises((UserNotFound, InvalidUserData)):
+        service.reset_password(user_id, "battery staple")
+    assert not service.dispatch.called
+
+
 # -- the first admin ---------------------------------------------------------------------
 
 ROOT = FirstAdmin("root@example.com", "root password", "Root")
@@ -562,6 +619,7 @@ def test_without_admin_settings_no_admin_is_created(
             (1, PASSWORD, "battery staple"),
             ["old_password", "new_password"],
         ),
+        ("reset_password", (1, PASSWORD), ["new_password"]),
     ],
 )
 def test_passwords_are_masked_wherever_call_arguments_are_recorded(
