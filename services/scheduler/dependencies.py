@@ -618,7 +618,9 @@ class ScheduleRepository:
             schedule=payload or dump_schedule(schedule),
             scheduled_for=utc(run.scheduled_for).astimezone(UTC).isoformat(),  # type: ignore[union-attr]
             call_at=call_at,
-            call_by=call_at + self.settings.lost_after.total_seconds(),
+            # Half the margin: a call made by then and timing out still records
+            # its outcome well before anyone may mark the run lost.
+            call_by=call_at + self.settings.lost_after.total_seconds() / 2,
         )
 
 

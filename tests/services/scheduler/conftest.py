@@ -80,8 +80,4 @@ def pg_scheduler(pg_url: str) -> Iterator[str]:
 
 @pytest.fixture
 def config(rabbit_config: dict[str, Any], pg_scheduler: str) -> dict[str, Any]:
-    return {
-        **rabbit_config,
-        "DATABASE_URL": pg_scheduler,
-        "SCHEDULER_LOST_AFTER_SECONDS": 5,
-    }
+    return {**rabbit_config, "DATABASE_URL": pg_scheduler}
