@@ -44,6 +44,7 @@ __all__ = [
     "FormatsPayload",
     "JobPage",
     "JobPayload",
+    "PasswordReset",
     "Problem",
     "Run",
     "RunPage",
@@ -184,6 +185,11 @@ class UserChanges(_Input):
     display_name: str | None = Field(default=None, max_length=DISPLAY_NAME_MAX_LENGTH)
     role: Literal["admin", "member"] | None = None
     is_active: bool | None = None
+
+
+class PasswordReset(_Input):
+    # The rules (length...) are the users service's, checked there: one place.
+    password: str = Field(max_length=PASSWORD_MAX_LENGTH)
 
 
 # -- schedules ------------------------------------------------------------------------

@@ -134,8 +134,13 @@ class LiveRoutes:
             self.store.revoke_user_sessions(user["id"])
             self.store.revoke_user_tokens(user["id"])
         elif "password" in changed:
-            # A password reset ends every session opened with the old one.
+            # A new password ends every session opened with the old one; an
+            # admin's reset also ends the API tokens, since it usually means
+            # the old password (and so whatever was opened with it) is not
+            # to be trusted.
             self.store.revoke_user_sessions(user["id"])
+            if payload.get("reset"):
+                self.store.revoke_user_tokens(user["id"])
 
     @event_handler("users", USER_DELETED)
     def on_user_deleted(self, payload: dict[str, Any]) -> None:

@@ -1,7 +1,8 @@
 """Users administration (admins only): the panel's pages and the API's routes.
 
-Deactivating or deleting a user ends their sessions and tokens here at once,
-without waiting for the users service's event to come back.
+Deactivating, deleting a user or resetting their password ends their sessions
+and tokens here at once, without waiting for the users service's event to come
+back.
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ from services.web.http import (
     render,
     route,
 )
-from services.web.schemas import UserChanges, UserCreate, UserOut, UserPage, UserQuery
+from services.web.schemas import (
+    PasswordReset,
+    UserChanges,
+    UserCreate,
+    UserOut,
+    UserPage,
+    UserQuery,
+)
 
 ROLES = ("member", "admin")
 
@@ -52,6 +60,27 @@ class UserRoutes:
         self._not_self(principal, user_id, "delete")
         self.users.delete_user(user_id)
         self.store.forget_user(user_id)
+
+    def _reset_password(
+        self, principal: Any, user_id: int, password: str
+    ) -> dict[str, Any]:
+        # An admin's own password is changed knowing the old one; a reset here
+        # would let a borrowed session lock the real admin out.
+        self._not_self(principal, user_id, "reset the password of")
+        try:
+            user = self.users.reset_password(user_id, password)
+        except InvalidUserData as exc:
+            # The users service names the argument; the form and the API call
+            # the field "password".
+            errors = {
+                ("password" if field == "new_password" else field): reason
+                for field, reason in exc.errors.items()
+            }
+            raise InvalidUserData(exc.message, errors) from None
+        self.store.revoke_user_sessions(user_id)
+        self.store.revoke_user_tokens(user_id)
+        self.store.user_changed(user)
+        return user
 
     # -- the panel ---------------------------------------------------------------------
 
@@ -105,7 +134,13 @@ class UserRoutes:
     def user_page(self, request: Request, user_id: int) -> Response:
         user = self.users.get_user(user_id)
         return render(
-            request, "user_form.html", user=user, form=user, errors={}, roles=ROLES
+            request,
+            "user_form.html",
+            user=user,
+            form=user,
+            errors={},
+            roles=ROLES,
+            password_reset=request.args.get("password_reset") == "1",
         )
 
     @route("POST", "/users/<int:user_id>", access=ADMIN)
@@ -139,6 +174,30 @@ class UserRoutes:
     def activate_user_page(self, request: Request, user_id: int) -> Response:
         self._update(request.principal, user_id, {"is_active": True})  # type: ignore[attr-defined]
         return redirect(f"/users/{user_id}")
+
+    @route("GET", "/users/<int:user_id>/password", access=ADMIN)
+    def reset_password_page(self, request: Request, user_id: int) -> Response:
+        user = self.users.get_user(user_id)
+        return render(request, "user_password.html", user=user, errors={})
+
+    @route("POST", "/users/<int:user_id>/password", access=ADMIN)
+    def reset_password_submit(self, request: Request, user_id: int) -> Response:
+        form = request.form
+        password = form.get("password", "")
+        errors = {}
+        if password != form.get("confirmation", ""):
+            errors = {"confirmation": "does not match the new password"}
+        else:
+            try:
+                self._reset_password(request.principal, user_id, password)  # type: ignore[attr-defined]
+            except InvalidUserData as exc:
+                errors = exc.errors
+        if errors:
+            user = self.users.get_user(user_id)
+            return render(
+                request, "user_password.html", status=422, user=user, errors=errors
+            )
+        return redirect(f"/users/{user_id}?password_reset=1")
 
     @route("GET", "/users/<int:user_id>/delete", access=ADMIN)
     def confirm_delete_user_page(self, request: Request, user_id: int) -> Response:
@@ -225,6 +284,21 @@ class UserRoutes:
                 "invalid changes", {field: "must not be null" for field in none}
             )
         return json_response(self._update(request.principal, user_id, changes))  # type: ignore[attr-defined]
+
+    @route(
+        "POST",
+        "/api/v1/users/<int:user_id>/password",
+        access=ADMIN,
+        summary="Reset a user's password (ends their sessions and tokens)",
+        body=PasswordReset,
+        response=UserOut,
+        tag="users",
+    )
+    def api_reset_password(self, request: Request, user_id: int) -> Response:
+        data = parse_json(request, PasswordReset)
+        return json_response(
+            self._reset_password(request.principal, user_id, data.password)  # type: ignore[attr-defined]
+        )
 
     @route(
         "DELETE",

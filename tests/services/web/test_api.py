@@ -287,6 +287,48 @@ def test_an_admin_cannot_lock_themselves_out(admin: Any) -> None:
     assert problem(admin.delete(f"/api/v1/users/{me['id']}"), 409)
 
 
+def test_an_admin_resets_a_password_and_the_users_sessions_and_tokens_end(
+    app: App, admin: Any
+) -> None:
+    user = app.create_member()
+    panel = app.session()
+    assert panel.login("member@example.com", "member password").status_code == 303
+    api = app.api(app.token("member@example.com", "member password"))
+    assert api.get("/api/v1/conversions").status_code == 200
+    secret = "a fresh secret"
+
+    reset = admin.post(
+        f"/api/v1/users/{user['id']}/password", json={"password": secret}
+    )
+
+    assert reset.status_code == 200, reset.text
+    assert reset.json()["id"] == user["id"] and secret not in reset.text
+    assert api.get("/api/v1/conversions").status_code == 401
+    assert panel.get("/conversions", allow_redirects=False).status_code == 303
+    assert app.session().login("member@example.com", secret).status_code == 303
+    assert app.session().login("member@example.com", "member password").status_code == (
+        401
+    )
+
+
+def test_a_password_reset_is_for_admins_and_follows_the_password_rules(
+    app: App, admin: Any, member: Any
+) -> None:
+    target = admin.get("/api/v1/users?text=member@").json()["items"][0]
+    url = f"/api/v1/users/{target['id']}/password"
+    body = {"password": "a fresh secret"}
+    assert problem(app.api().post(url, json=body), 401)
+    assert problem(member.post(url, json=body), 403)
+    weak = problem(admin.post(url, json={"password": "short"}), 422)
+    assert set(weak["errors"]) == {"password"} and "short" not in str(weak)
+    assert set(problem(admin.post(url, json={}), 422)["errors"]) == {"password"}
+    assert problem(admin.post("/api/v1/users/999/password", json=body), 404)
+    me = admin.get("/api/v1/users?text=admin@").json()["items"][0]
+    assert problem(admin.post(f"/api/v1/users/{me['id']}/password", json=body), 409)
+    # Nothing was reset: the member's token still works.
+    assert member.get("/api/v1/conversions").status_code == 200
+
+
 # -- schedules -------------------------------------------------------------------------
 
 SCHEDULE = {

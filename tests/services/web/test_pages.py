@@ -175,6 +175,39 @@ def test_users_are_created_edited_deactivated_and_deleted_in_the_pages(
     assert panel.get(user_path).status_code == 404
 
 
+def test_an_admin_resets_a_password_from_the_users_page(app: App) -> None:
+    user = app.create_member()
+    member = app.session()
+    assert member.login("member@example.com", "member password").status_code == 303
+    panel = app.admin()
+    user_path = f"/users/{user['id']}"
+    assert f'href="{user_path}/password"' in panel.get(user_path).text
+    form = panel.get(user_path + "/password").text
+    assert '<label for="password">New password</label>' in form
+    assert '<label for="confirmation">Repeat the new password</label>' in form
+    assert 'name="csrf_token"' in form
+
+    mismatch = panel.submit(
+        user_path + "/password", {"password": "a fresh one", "confirmation": "another"}
+    )
+    assert mismatch.status_code == 422 and 'aria-invalid="true"' in mismatch.text
+    assert "does not match" in mismatch.text
+    weak = panel.submit(
+        user_path + "/password", {"password": "short", "confirmation": "short"}
+    )
+    assert weak.status_code == 422 and "at least 8 characters" in weak.text
+    assert member.get("/conversions", allow_redirects=False).status_code == 200
+
+    done = panel.submit(
+        user_path + "/password",
+        {"password": "a fresh one", "confirmation": "a fresh one"},
+    )
+    assert done.status_code == 303
+    assert "Password reset." in panel.get(done.headers["Location"]).text
+    assert member.get("/conversions", allow_redirects=False).status_code == 303
+    assert app.session().login("member@example.com", "a fresh one").status_code == 303
+
+
 # -- schedules ------------------------------------------------------------------------
 
 SCHEDULE_FORM = {

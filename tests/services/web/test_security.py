@@ -232,6 +232,25 @@ def test_a_password_change_ends_the_users_sessions(app: App) -> None:
     assert panel.get("/conversions", allow_redirects=False).status_code == 303
 
 
+def test_a_password_reset_announced_by_users_ends_sessions_and_tokens(
+    app: App,
+) -> None:
+    """However the reset reached the users service (here a script's RPC, not the
+    web's routes), its event ends what the old password opened."""
+    member = app.create_member()
+    panel = app.session()
+    panel.login("member@example.com", "member password")
+    api = app.api(app.token("member@example.com", "member password"))
+    from framework.standalone.rpc import ClusterRpcProxy
+    from framework.testing.services import entrypoint_waiter
+
+    with entrypoint_waiter(app.web, "on_user_updated"):
+        with ClusterRpcProxy(app.config) as rpc:
+            rpc.users.reset_password(member["id"], "a new password")
+    assert panel.get("/conversions", allow_redirects=False).status_code == 303
+    assert api.get("/api/v1/conversions").status_code == 401
+
+
 def test_a_session_idle_too_long_has_expired(app: App) -> None:
     import time_machine
 
