@@ -9,6 +9,7 @@ arguments. Constructors must therefore be free of side effects: real work happen
 from __future__ import annotations
 
 import inspect
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
@@ -119,6 +120,10 @@ class DependencyProvider(Extension, Generic[Injected]):
 
     attr_name: str | None = None
 
+    def __set_name__(self, owner: type, name: str) -> None:
+        # The declaration on the service class knows its name too, as in nameko.
+        self.attr_name = name
+
     if TYPE_CHECKING:
         # For type checkers only: at run time the container sets the injected
         # object on the worker instance, which shadows the class attribute, so no
@@ -213,6 +218,12 @@ class Entrypoint(Extension):
         **kwargs: Any,
     ) -> None:
         self.expected_exceptions = expected_exceptions
+        if sensitive_variables:
+            warnings.warn(
+                "sensitive_variables is deprecated, use sensitive_arguments",
+                DeprecationWarning,
+                stacklevel=2,
+            )
         self.sensitive_arguments = sensitive_arguments or sensitive_variables
         super().__init__(**kwargs)
 

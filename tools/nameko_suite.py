@@ -156,6 +156,16 @@ INTERNAL_SEAMS: tuple[tuple[re.Pattern[str], str], ...] = (
 )
 
 
+# The management API fills a queue's ``consumer_details`` (and ``consumers``) from
+# statistics collected every 5 s by default; nameko's tests read them right after
+# starting consumers, which needs a broker configured to collect far more often.
+STATS_LAG = re.compile(r"assert 0 == \d+")
+STATS_LAG_REASON = (
+    "reads consumer_details from the management API right after consuming starts; "
+    "this broker collects statistics every 5 s (its default), so they are still empty"
+)
+
+
 @dataclasses.dataclass
 class Result:
     module: str
@@ -485,6 +495,8 @@ def classify(result: Result, ported: Path) -> tuple[str, str]:
     if PRIVATE_ATTRIBUTE.search(result.message):
         return INTERNALS, ""
     source = test_source(ported / result.module, result.name)
+    if "consumer_details" in source and STATS_LAG.search(result.message):
+        return ENVIRONMENT, STATS_LAG_REASON
     for pattern, why in INTERNAL_SEAMS:
         if pattern.search(source):
             return INTERNALS, why

@@ -149,3 +149,18 @@ def test_a_provider_typed_with_what_it_injects_injects_it_and_stays_a_provider(
     container.start()
     with entrypoint_hook(container, "greet") as greet:
         assert greet() == "hello from typed"
+
+
+def test_a_declared_provider_knows_its_attribute_name_like_its_bound_copy():
+    container = ServiceContainer(Service, {})
+    bound = next(iter(container.dependencies))
+    assert Service.dep.attr_name == bound.attr_name == "dep"
+    assert bound is not Service.dep
+
+
+def test_sensitive_variables_still_work_with_a_deprecation_warning():
+    from framework.extensions import Entrypoint
+
+    with pytest.deprecated_call():
+        entrypoint = Entrypoint(sensitive_variables=("a", "b.x[0]"))
+    assert entrypoint.sensitive_arguments == ("a", "b.x[0]")
