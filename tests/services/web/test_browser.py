@@ -367,6 +367,46 @@ def test_a_new_member_gets_403_on_admin_pages_and_404_on_others_jobs(
     assert response is not None and response.status == 404
 
 
+def test_an_admin_resets_a_members_password_from_the_keyboard(
+    system: System, new_page: Any
+) -> None:
+    admin_api = system.api(system.token())
+    created = admin_api.post(
+        system.base_url + "/api/v1/users",
+        json={
+            "email": "forgetful@example.com",
+            "password": "forgotten password",
+            "display_name": "Forgetful",
+        },
+    )
+    assert created.status_code == 201, created.text
+    member = new_page()
+    log_in(member, system, "forgetful@example.com", "forgotten password")
+
+    admin = new_page()
+    log_in(admin, system)
+    admin.goto(system.base_url + f"/users/{created.json()['id']}")
+    admin.get_by_role("link", name="Reset password…").focus()
+    admin.keyboard.press("Enter")
+    expect(
+        admin.get_by_role("heading", name="Reset the password of Forgetful?")
+    ).to_be_visible()
+    admin.get_by_label("New password", exact=True).focus()
+    admin.keyboard.type("remembered password")
+    admin.keyboard.press("Tab")
+    assert admin.evaluate("document.activeElement.id") == "confirmation"
+    admin.keyboard.type("remembered password")
+    admin.keyboard.press("Enter")
+    expect(
+        admin.get_by_role("status").filter(has_text="Password reset.")
+    ).to_be_visible()
+
+    # The member's session ended; the new password opens a new one.
+    member.goto(system.base_url + "/conversions")
+    expect(member.get_by_role("button", name="Log in")).to_be_visible()
+    log_in(member, system, "forgetful@example.com", "remembered password")
+
+
 def test_create_a_schedule_run_it_now_and_see_the_run_appear(
     system: System, new_page: Any
 ) -> None:
@@ -438,6 +478,7 @@ def test_pages_work_from_the_keyboard_are_labelled_and_fit_a_phone(
             "/conversions",
             "/users",
             "/users/new",
+            "/users/1/password",  # the first admin's id in a fresh database
             "/schedules/new",
             "/system",
             "/tokens",
