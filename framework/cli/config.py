@@ -142,7 +142,7 @@ def _construct_env_var(
     try:
         # The substituted text is parsed without substitution: an environment
         # variable's value is data, not another template.
-        return yaml.safe_load(value)
+        return yaml.load(value, Loader=_DataLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         raise ConfigurationError(
             f"{template!r} expands to {value!r}, which is not valid YAML ({exc}); "
@@ -158,6 +158,36 @@ ConfigLoader.add_constructor(ENV_VAR_TAG, _construct_env_var)
 ConfigLoader.add_constructor(RAW_ENV_VAR_TAG, _construct_raw_env_var)
 # first=None: the resolver is tried whatever the scalar's first character is.
 ConfigLoader.add_implicit_resolver(ENV_VAR_TAG, IMPLICIT_ENV_VAR_PATTERN, None)
+
+
+# ``(name, default)`` of each ``${NAME}`` / ``${NAME:default}`` in a string, for
+# ``findall`` (the default is "" when absent); nameko exports one as
+# ``cli.main.ENV_VAR_MATCHER``. Substitution itself is ``substitute_env_vars``.
+ENV_VAR_MATCHER = re.compile(r"\$\{([^{}:\s]+)(?::([^{}]*))?\}")
+
+
+class _DataLoader(yaml.SafeLoader):
+    """What a substituted value is parsed with: ``SafeLoader``'s resolvers as they
+    were at import, so a value is never substituted again even after
+    ``setup_yaml_parser`` registered the tags on ``SafeLoader`` itself."""
+
+    yaml_implicit_resolvers = {
+        key: list(value)
+        for key, value in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+
+def setup_yaml_parser() -> None:
+    """Make ``yaml.safe_load`` substitute environment variables, as nameko's does.
+
+    Opt-in, for code written against nameko that calls it: our own loading uses
+    ``ConfigLoader`` and leaves ``SafeLoader`` alone. Idempotent.
+    """
+    if ENV_VAR_TAG in yaml.SafeLoader.yaml_constructors:
+        return
+    yaml.SafeLoader.add_constructor(ENV_VAR_TAG, _construct_env_var)
+    yaml.SafeLoader.add_constructor(RAW_ENV_VAR_TAG, _construct_raw_env_var)
+    yaml.SafeLoader.add_implicit_resolver(ENV_VAR_TAG, IMPLICIT_ENV_VAR_PATTERN, None)
 
 
 def load_yaml(stream: str | IO[str]) -> Any:

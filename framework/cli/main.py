@@ -23,7 +23,10 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
+from framework.cli.config import ENV_VAR_MATCHER, setup_yaml_parser
 from framework.exceptions import CommandError, ConfigurationError
+
+__all__ = ["ENV_VAR_MATCHER", "main", "setup_parser", "setup_yaml_parser"]
 
 PROG = "framework"
 COMMAND_MODULES = (

@@ -329,3 +329,22 @@ def test_invalid_logging_key_is_a_configuration_error() -> None:
 def test_logging_key_that_is_not_a_mapping_is_a_configuration_error() -> None:
     with pytest.raises(ConfigurationError, match="LOGGING"):
         setup_logging({"LOGGING": "verbose"})
+
+
+def test_setup_yaml_parser_makes_safe_load_substitute_as_nameko_does(monkeypatch):
+    import yaml
+
+    from framework.cli.main import ENV_VAR_MATCHER, setup_yaml_parser
+
+    assert ENV_VAR_MATCHER.findall("${A:x}_${B}") == [("A", "x"), ("B", "")]
+    for attribute in ("yaml_constructors", "yaml_implicit_resolvers"):
+        # restored after the test: other tests expect a plain SafeLoader
+        saved = dict(getattr(yaml.SafeLoader, attribute))
+        monkeypatch.setattr(yaml.SafeLoader, attribute, saved)
+    monkeypatch.setenv("VAR1", "${VAR1}")
+    monkeypatch.setenv("PORT", "8000")
+    setup_yaml_parser()
+    setup_yaml_parser()  # idempotent
+    loaded = yaml.safe_load("A: ${VAR1}\nB: ${PORT}\nC: ${MISSING:[1, 2]}\n")
+    # a value is data: it is never substituted again
+    assert loaded == {"A": "${VAR1}", "B": 8000, "C": [1, 2]}
