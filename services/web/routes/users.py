@@ -184,7 +184,7 @@ class UserRoutes:
     def reset_password_submit(self, request: Request, user_id: int) -> Response:
         form = request.form
         password = form.get("password", "")
-        errors = {}
+        errors: dict[str, str] = {}
         if password != form.get("confirmation", ""):
             errors = {"confirmation": "does not match the new password"}
         else:
