@@ -157,7 +157,7 @@ def result_frame(correlation_id: Any, result: Any) -> str:
     try:
         return json.dumps(frame)
     except (TypeError, ValueError):
-        return error_frame(correlation_id, UnserializableValueError(result))
+        return error_frame(correlation_id, UnserializableValueError.of_type(result))
 
 
 def error_frame(
