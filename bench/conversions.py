@@ -27,7 +27,6 @@ import datetime
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -39,10 +38,8 @@ from pathlib import Path
 from typing import Any
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
-FRAMEWORK = str(Path(sys.executable).parent / "framework")
 AMQP_SERVER = "amqp://guest:guest@127.0.0.1:5672"
 RABBIT_API = "http://guest:guest@localhost:15672"
-PG_SERVER = "postgresql://postgres@127.0.0.1:5432"
 ROWS_PER_CHUNK = 200_000
 
 
@@ -121,44 +118,27 @@ def polars_alone(source: Path, folder: Path) -> tuple[float, int]:
 @contextlib.contextmanager
 def environment(folder: Path) -> Iterator[dict[str, Any]]:
     """A fresh vhost, database and storage folder; removed afterwards."""
-    import psycopg2
-
-    from framework.migrations import ServiceMigrations
+    from framework.testing.postgres import fresh_database
     from framework.testing.rabbit import Client
 
     name = f"bench_conversions_{uuid.uuid4().hex[:8]}"
     rabbit = Client(RABBIT_API)
     rabbit.create_vhost(name)
     rabbit.set_vhost_permissions(name, "guest", ".*", ".*", ".*")
-
-    def on_server(statement: str) -> None:
-        connection = psycopg2.connect(f"{PG_SERVER}/postgres")
-        connection.autocommit = True
-        with connection.cursor() as cursor:
-            cursor.execute(statement)
-        connection.close()
-
-    on_server(f'CREATE DATABASE "{name}"')
-    database = f"{PG_SERVER}/{name}"
     storage = folder / "storage"
     storage.mkdir(exist_ok=True)
     try:
-        ServiceMigrations.find(
-            PROJECT_DIR / "services" / "conversions",
-            config={"DATABASE_URL": database},
-        ).upgrade()
-        yield {
-            "AMQP_URI": f"{AMQP_SERVER}/{name}",
-            "DATABASE_URL": database,
-            "STORAGE_URL": str(storage),
-            "vhost": name,
-            "storage": storage,
-        }
+        with fresh_database(name, PROJECT_DIR / "services" / "conversions") as database:
+            yield {
+                "AMQP_URI": f"{AMQP_SERVER}/{name}",
+                "DATABASE_URL": database,
+                "STORAGE_URL": str(storage),
+                "vhost": name,
+                "storage": storage,
+            }
     finally:
         with contextlib.suppress(Exception):
             rabbit.delete_vhost(name)
-        with contextlib.suppress(Exception):
-            on_server(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         shutil.rmtree(storage, ignore_errors=True)
 
 
@@ -170,35 +150,22 @@ def replicas(env: dict[str, Any], count: int, log: Path) -> Iterator[list[Any]]:
         "DATABASE_URL": env["DATABASE_URL"],
         "STORAGE_URL": env["STORAGE_URL"],
     }
-    processes = []
-    with open(log, "ab") as output:
-        for _ in range(count):
-            processes.append(
-                subprocess.Popen(
-                    [
-                        FRAMEWORK,
-                        "run",
-                        "services.conversions.service",
-                        "--config",
-                        "services/conversions/config.yaml",
-                    ],
-                    cwd=PROJECT_DIR,
-                    env=variables,
-                    stdout=output,
-                    stderr=subprocess.STDOUT,
-                )
-            )
+    from framework.testing.processes import start_service, stop_processes
+
+    processes = [
+        start_service(
+            "services.conversions.service",
+            "services/conversions/config.yaml",
+            cwd=PROJECT_DIR,
+            env=variables,
+            log_file=log,
+        )
+        for _ in range(count)
+    ]
     try:
         yield processes
     finally:
-        for process in processes:
-            process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_processes(processes, timeout=60)
 
 
 def wait_until_serving(rpc: Any, consumers: int, env: dict[str, Any]) -> None:

@@ -29,9 +29,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
-import signal  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -42,16 +40,19 @@ from datetime import UTC, datetime, timedelta  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-import psycopg2  # noqa: E402
-import requests  # noqa: E402
 import sqlalchemy  # noqa: E402
 import sqlalchemy.orm  # noqa: E402
 
 from framework.containers import ServiceContainer  # noqa: E402
 from framework.contextdata import ContextDataProvider  # noqa: E402
 from framework.database import Session, create_engine  # noqa: E402
-from framework.migrations import ServiceMigrations  # noqa: E402
 from framework.rpc import rpc  # noqa: E402
+from framework.testing.postgres import fresh_database  # noqa: E402
+from framework.testing.processes import (  # noqa: E402
+    start_service,
+    stop_processes,
+    wait_until_ready,
+)
 from framework.testing.rabbit import Client  # noqa: E402
 from framework.testing.utils import find_free_port  # noqa: E402
 from services.scheduler.dependencies import (  # noqa: E402
@@ -64,8 +65,6 @@ from services.scheduler.schemas import (  # noqa: E402
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-FRAMEWORK = str(Path(sys.executable).parent / "framework")
-PG_SERVER = "postgresql://postgres@127.0.0.1:5432"
 AMQP_SERVER = "amqp://guest:guest@127.0.0.1:5672"
 RABBIT_API = "http://guest:guest@127.0.0.1:15672"
 RESULTS = ROOT / "bench" / "results" / "scheduler.md"
@@ -105,16 +104,6 @@ def latencies_ms(since: float, until: float) -> list[float]:
 # -- the environment --------------------------------------------------------------------
 
 
-def run_on_server(statement: str) -> None:
-    connection = psycopg2.connect(f"{PG_SERVER}/postgres")
-    try:
-        connection.autocommit = True
-        with connection.cursor() as cursor:
-            cursor.execute(statement)
-    finally:
-        connection.close()
-
-
 @contextmanager
 def environment() -> Iterator[tuple[str, str]]:
     """A fresh vhost and database, migrated; removed at the end."""
@@ -122,15 +111,10 @@ def environment() -> Iterator[tuple[str, str]]:
     rabbit = Client(RABBIT_API)
     rabbit.create_vhost(name)
     rabbit.set_vhost_permissions(name, "guest", ".*", ".*", ".*")
-    run_on_server(f'CREATE DATABASE "{name}"')
-    url = f"{PG_SERVER}/{name}"
     try:
-        ServiceMigrations.find(
-            ROOT / "services" / "scheduler", config={"DATABASE_URL": url}
-        ).upgrade()
-        yield f"{AMQP_SERVER}/{name}", url
+        with fresh_database(name, ROOT / "services" / "scheduler") as url:
+            yield f"{AMQP_SERVER}/{name}", url
     finally:
-        run_on_server(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         rabbit.delete_vhost(name)
 
 
@@ -154,51 +138,28 @@ class Replicas:
             )
         )
         self.ports = [find_free_port() for _ in range(count)]
-        self.processes = []
-        for number, port in enumerate(self.ports, 1):
-            with open(log_dir / f"replica-{count}-{number}.log", "ab") as log:
-                self.processes.append(
-                    subprocess.Popen(
-                        [
-                            FRAMEWORK,
-                            "run",
-                            "services.scheduler.service",
-                            "--config",
-                            str(config),
-                            "--define",
-                            f"HEALTH_SERVER_ADDRESS=127.0.0.1:{port}",
-                            "--define",
-                            f"SCHEDULER_REPLICA=replica-{number}",
-                        ],
-                        cwd=ROOT,
-                        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                    )
-                )
-        deadline = time.monotonic() + START_TIMEOUT
-        while not all(self._ready(port) for port in self.ports):
-            if time.monotonic() > deadline:
-                self.stop()
-                raise SystemExit(f"replicas not ready within {START_TIMEOUT}s")
-            concurrency.sleep(0.2)
-
-    @staticmethod
-    def _ready(port: int) -> bool:
+        self.processes = [
+            start_service(
+                "services.scheduler.service",
+                config,
+                cwd=ROOT,
+                env={**os.environ, "PYTHONWARNINGS": "ignore"},
+                log_file=log_dir / f"replica-{count}-{number}.log",
+                defines={
+                    "HEALTH_SERVER_ADDRESS": f"127.0.0.1:{port}",
+                    "SCHEDULER_REPLICA": f"replica-{number}",
+                },
+            )
+            for number, port in enumerate(self.ports, 1)
+        ]
         try:
-            return requests.get(f"http://127.0.0.1:{port}/health/ready", timeout=1).ok
-        except requests.RequestException:
-            return False
+            wait_until_ready(self.ports, START_TIMEOUT)
+        except TimeoutError:
+            self.stop()
+            raise SystemExit(f"replicas not ready within {START_TIMEOUT}s") from None
 
     def stop(self) -> None:
-        for process in self.processes:
-            process.send_signal(signal.SIGTERM)
-        for process in self.processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_processes(self.processes)
 
 
 def repository(url: str) -> tuple[ScheduleRepository, sqlalchemy.engine.Engine]:

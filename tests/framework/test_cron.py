@@ -9,14 +9,12 @@ PostgreSQL needs a real server; the rest runs with neither broker nor database
 from __future__ import annotations
 
 import itertools
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-import psycopg2
 import pytest
 import sqlalchemy
 
@@ -30,10 +28,10 @@ from framework.cron import (
     cron,
 )
 from framework.exceptions import ConfigurationError
+from framework.testing.postgres import fresh_database
 from tests.helpers import wait_for
 
 PARIS = ZoneInfo("Europe/Paris")
-PG_SERVER = "postgresql://postgres@127.0.0.1:5432"
 
 
 def paris(*args: int, fold: int = 0) -> datetime:
@@ -296,22 +294,8 @@ def test_cluster_once_runs_each_tick_on_one_replica_sqlite(
 
 @pytest.fixture
 def pg_cron_url() -> Iterator[str]:
-    name = f"cron_test_{uuid.uuid4().hex[:12]}"
-    _run_on_server(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"{PG_SERVER}/{name}"
-    finally:
-        _run_on_server(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def _run_on_server(statement: str) -> None:
-    connection = psycopg2.connect(f"{PG_SERVER}/postgres")
-    try:
-        connection.autocommit = True
-        with connection.cursor() as cursor:
-            cursor.execute(statement)
-    finally:
-        connection.close()
+    with fresh_database("cron_test") as url:
+        yield url
 
 
 @pytest.mark.integration

@@ -12,27 +12,20 @@ in ``framework run`` processes.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg2
 import pytest
 import sqlalchemy.orm
 
 import services.conversions
 from framework.database import Session, create_engine
-from framework.migrations import ServiceMigrations
 from framework.storage import FileStorage
+from framework.testing import postgres
 from services.conversions.dependencies import JobRepository
 
 SERVICE_DIR = Path(services.conversions.__file__).parent
-PG_SERVER = "postgresql://postgres@127.0.0.1:5432"
-
-
-def migrate(url: str) -> None:
-    ServiceMigrations.find(SERVICE_DIR, config={"DATABASE_URL": url}).upgrade()
 
 
 @pytest.fixture
@@ -50,7 +43,7 @@ def storage(storage_dir: Path) -> FileStorage:
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     url = f"sqlite:///{tmp_path / 'conversions.sqlite3'}"
-    migrate(url)
+    postgres.migrate(SERVICE_DIR, url)
     return url
 
 
@@ -66,27 +59,11 @@ def repository(sqlite_url: str) -> Iterator[JobRepository]:
 # -- PostgreSQL ------------------------------------------------------------------------
 
 
-def _run_on_server(statement: str) -> None:
-    connection = psycopg2.connect(f"{PG_SERVER}/postgres")
-    try:
-        connection.autocommit = True
-        with connection.cursor() as cursor:
-            cursor.execute(statement)
-    finally:
-        connection.close()
-
-
 @pytest.fixture(scope="module")
 def pg_url() -> Iterator[str]:
     """A fresh PostgreSQL database for the module, at the newest revision."""
-    name = f"conversions_test_{uuid.uuid4().hex[:12]}"
-    _run_on_server(f'CREATE DATABASE "{name}"')
-    url = f"{PG_SERVER}/{name}"
-    try:
-        migrate(url)
+    with postgres.fresh_database("conversions_test", SERVICE_DIR) as url:
         yield url
-    finally:
-        _run_on_server(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture

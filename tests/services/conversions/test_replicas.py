@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from framework.database import create_engine
 from framework.exceptions import RpcTimeout, UnknownService
 from framework.standalone.rpc import ClusterRpcProxy
 from framework.storage import FileStorage
+from framework.testing.processes import start_service, stop_processes
 from framework.testing.utils import assert_stops_raising
 from services.conversions.dependencies import JOBS_QUEUE
 from services.conversions.schemas import CONVERSION_SUCCEEDED
@@ -32,25 +32,17 @@ from tests.services.conversions.test_integration import (
 pytestmark = pytest.mark.integration
 
 PROJECT_DIR = SERVICE_DIR.parent.parent
-FRAMEWORK = str(Path(sys.executable).parent / "framework")
 START_TIMEOUT = 60
 
 
 def start_replica(environment: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as output:
-        return subprocess.Popen(
-            [
-                FRAMEWORK,
-                "run",
-                "services.conversions.service",
-                "--config",
-                "services/conversions/config.yaml",
-            ],
-            cwd=PROJECT_DIR,
-            env=environment,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )
+    return start_service(
+        "services.conversions.service",
+        "services/conversions/config.yaml",
+        cwd=PROJECT_DIR,
+        env=environment,
+        log_file=log,
+    )
 
 
 def runner_pid(pg_url: str, job_id: str) -> int | None:
@@ -145,15 +137,7 @@ def test_a_job_whose_replica_is_killed_runs_again_and_succeeds_once(
             ]
             assert len(succeeded) == 1
     finally:
-        for replica in replicas:
-            if replica.poll() is None:
-                replica.send_signal(signal.SIGTERM)
-        for replica in replicas:
-            try:
-                replica.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                replica.kill()
-                replica.wait()
+        stop_processes(replicas)
 
 
 def _consumers(rabbit_manager: Any, vhost: str) -> int:

@@ -14,7 +14,6 @@ import itertools
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -22,26 +21,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 
 from framework.contextdata import ContextDataProvider
 from framework.rpc import rpc
 from framework.standalone.rpc import ClusterRpcProxy
+from framework.testing.postgres import fresh_database, query
+from framework.testing.processes import health_ready, start_service, stop_processes
 from framework.testing.utils import find_free_port
 from services.scheduler.schemas import SCHEDULED_FOR_CONTEXT_KEY
 from tests.helpers import wait_for
-from tests.services.scheduler.conftest import (
-    SERVICE_DIR,
-    create_database,
-    drop_database,
-    migrate,
-    query,
-)
+from tests.services.scheduler.conftest import SERVICE_DIR
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
 PROJECT_DIR = SERVICE_DIR.parent.parent
-FRAMEWORK = str(Path(sys.executable).parent / "framework")
 WINDOW = 60  # seconds of ticks
 FREEZE_AT, FREEZE_FOR = 15, 5  # SIGSTOP replica 2 at 15 s, for 5 s
 KILL_AT = WINDOW // 2  # SIGKILL replica 1 halfway
@@ -65,47 +58,28 @@ class TickTarget:
 
 @pytest.fixture
 def database() -> Iterator[str]:
-    url = create_database("scheduler_e2e")
-    try:
-        migrate(url)
+    with fresh_database("scheduler_e2e", SERVICE_DIR) as url:
         query(url, "DELETE FROM schedules")  # the built-ins call conversions
         yield url
-    finally:
-        drop_database(url)
 
 
 def start_replica(
     number: int, env: dict[str, str], log: Path
 ) -> tuple[subprocess.Popen[bytes], int]:
     port = find_free_port()
-    with open(log, "ab") as output:
-        process = subprocess.Popen(
-            [
-                FRAMEWORK,
-                "run",
-                "services.scheduler.service",
-                "--config",
-                "services/scheduler/config.yaml",
-                "--define",
-                f"HEALTH_SERVER_ADDRESS=127.0.0.1:{port}",
-            ],
-            cwd=PROJECT_DIR,
-            env={**env, "SCHEDULER_REPLICA": f"replica-{number}"},
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )
+    process = start_service(
+        "services.scheduler.service",
+        "services/scheduler/config.yaml",
+        cwd=PROJECT_DIR,
+        env={**env, "SCHEDULER_REPLICA": f"replica-{number}"},
+        log_file=log,
+        defines={"HEALTH_SERVER_ADDRESS": f"127.0.0.1:{port}"},
+    )
     return process, port
 
 
 def iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat()
-
-
-def ready(port: int) -> bool:
-    try:
-        return requests.get(f"http://127.0.0.1:{port}/health/ready", timeout=1).ok
-    except requests.RequestException:
-        return False
 
 
 def test_three_replicas_run_every_tick_exactly_once_through_a_kill_and_a_freeze(
@@ -129,7 +103,7 @@ def test_three_replicas_run_every_tick_exactly_once_through_a_kill_and_a_freeze(
         for number in (1, 2, 3)
     ]
     try:
-        wait_for(lambda: all(ready(port) for _, port in replicas), START_TIMEOUT)
+        wait_for(lambda: all(health_ready(port) for _, port in replicas), START_TIMEOUT)
         with ClusterRpcProxy(rabbit_config, timeout=10) as proxy:
             schedule = proxy.scheduler.create_schedule(
                 {
@@ -168,16 +142,7 @@ def test_three_replicas_run_every_tick_exactly_once_through_a_kill_and_a_freeze(
             timeout=TIMEOUT_SECONDS + 20,
         )
     finally:
-        for process, _ in replicas:
-            if process.poll() is None:
-                process.send_signal(signal.SIGCONT)
-                process.terminate()
-        for process, _ in replicas:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_processes(process for process, _ in replicas)
 
     runs = query(
         database,
