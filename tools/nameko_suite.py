@@ -91,6 +91,18 @@ DELIBERATE: dict[str, str] = {
     "test_environment_vars_recursive_in_config": _TABLE + "config loading (as above)",
     "test/test_timers.py::test_expected_error_in_worker": _TABLE + "worker error log "
     "lines (one structured record; the test reads nameko's %s arguments)",
+    "test/test_service_runner.py::test_runner_with_duplicate_services": _TABLE
+    + "duplicate service names in a runner (ValueError instead of silently "
+    "replacing the first)",
+    "test/web/test_http_handler.py::test_broken_method": _TABLE + "HTTP errors "
+    "(JSON body; an unexpected error's text is not sent)",
+    "test/web/test_http_handler.py::test_bad_payload": _TABLE + "HTTP errors and "
+    "HTTP bodies (JSON error body; non-str bodies are accepted)",
+    "test/test_messaging.py::test_header_decoder": _TABLE + "context from headers "
+    "(only prefixed headers become context; the test expects `differentprefix.foo` "
+    "too)",
+    "test/cli/test_test.py": _TABLE + "CLI (no `test` command: plain pytest with "
+    "our plugin; the console script is `framework`)",
     "test/test_handle_result.py::test_handle_result": _TABLE + "unexpected errors in "
     "RPC replies (type and correlation id only, never the text)",
 }
@@ -108,6 +120,10 @@ INTERNALS_TESTS: dict[str, str] = {
     "test/test_log_helpers.py::test_timing_logger": "patches the module's `time` and "
     "feeds time.time(); ours measures with time.perf_counter (docs/framework.md, "
     "differences table: make_timing_logger)",
+    "test/test_rpc.py::test_rpc_container_being_killed_retries": "sets the "
+    "container's private _being_killed and waits for nameko's "
+    "QueueConsumer.requeue_message; ours gives such a request back with "
+    "requeue_later (tests/framework/test_rpc.py covers the stopping container)",
     "test/standalone/test_rpc_proxy.py::TestConsumeEvent": "builds nameko's "
     "ConsumeEvent around a mocked PollingQueueConsumer; ours waits on the proxy's "
     "own connection",
@@ -187,10 +203,12 @@ INTERNAL_SEAMS: tuple[tuple[re.Pattern[str], str], ...] = (
 # The management API fills a queue's ``consumer_details`` (and ``consumers``) from
 # statistics collected every 5 s by default; nameko's tests read them right after
 # starting consumers, which needs a broker configured to collect far more often.
-STATS_LAG = re.compile(r"assert 0 == \d+")
+STATS_LAG = re.compile(r"assert 0 == \d+|KeyError: 'messages'")
+STATS_SOURCE = re.compile(r"consumer_details|get_rabbit_connections|\['messages'\]")
 STATS_LAG_REASON = (
-    "reads consumer_details from the management API right after consuming starts; "
-    "this broker collects statistics every 5 s (its default), so they are still empty"
+    "reads consumers, connections or message counts from the management API right "
+    "after they change; this broker collects statistics every 5 s (its default), so "
+    "they are still empty"
 )
 
 
@@ -532,7 +550,7 @@ def classify(result: Result, ported: Path) -> tuple[str, str]:
     if PRIVATE_ATTRIBUTE.search(result.message):
         return INTERNALS, ""
     source = test_source(ported / result.module, result.name)
-    if "consumer_details" in source and STATS_LAG.search(result.message):
+    if STATS_SOURCE.search(source) and STATS_LAG.search(result.message):
         return ENVIRONMENT, STATS_LAG_REASON
     for pattern, why in INTERNAL_SEAMS:
         if pattern.search(source):
