@@ -273,3 +273,33 @@ def _register_nameko_spellings() -> None:
 
 
 _register_nameko_spellings()
+
+
+class InvalidFields(Exception):
+    """Base of a service's "your input was refused" error: a message plus, for each
+    bad field, the reason (dotted for nested fields).
+
+    ``InvalidOptions("invalid options", {"write.compression": "must be one of ..."})``
+
+    It travels as its two arguments (both plain data), so a subclass registered with
+    ``deserialize_to_instance`` is rebuilt by callers with ``errors`` intact.
+    """
+
+    def __init__(self, message: str, errors: dict[str, Any] | None = None) -> None:
+        super().__init__(message, dict(errors or {}))
+
+    @property
+    def message(self) -> str:
+        return self.args[0]
+
+    @property
+    def errors(self) -> dict[str, str]:
+        return self.args[1]
+
+    def __str__(self) -> str:
+        if not self.errors:
+            return self.message
+        details = "; ".join(
+            f"{field}: {reason}" for field, reason in self.errors.items()
+        )
+        return f"{self.message} ({details})"

@@ -7,9 +7,7 @@ travel as their constructor arguments, so every argument is plain data.
 
 from __future__ import annotations
 
-from typing import Any
-
-from framework.exceptions import deserialize_to_instance
+from framework.exceptions import InvalidFields, deserialize_to_instance
 
 __all__ = [
     "ConversionsError",
@@ -41,30 +39,11 @@ class UnsupportedConversion(ConversionsError):
 
 
 @deserialize_to_instance
-class InvalidOptions(ConversionsError):
+class InvalidOptions(InvalidFields, ConversionsError):
     """The arguments were rejected; ``errors`` maps each bad field to the reason.
 
     ``InvalidOptions("invalid options", {"write.compression": "must be one of ..."})``
     """
-
-    def __init__(self, message: str, errors: dict[str, Any] | None = None) -> None:
-        super().__init__(message, dict(errors or {}))
-
-    @property
-    def message(self) -> str:
-        return self.args[0]
-
-    @property
-    def errors(self) -> dict[str, str]:
-        return self.args[1]
-
-    def __str__(self) -> str:
-        if not self.errors:
-            return self.message
-        details = "; ".join(
-            f"{field}: {reason}" for field, reason in self.errors.items()
-        )
-        return f"{self.message} ({details})"
 
 
 @deserialize_to_instance

@@ -8,9 +8,7 @@ their constructor arguments, so every argument is plain data.
 
 from __future__ import annotations
 
-from typing import Any
-
-from framework.exceptions import deserialize_to_instance
+from framework.exceptions import InvalidFields, deserialize_to_instance
 
 __all__ = ["InvalidSchedule", "ScheduleNotFound", "SchedulerError"]
 
@@ -25,28 +23,9 @@ class ScheduleNotFound(SchedulerError):
 
 
 @deserialize_to_instance
-class InvalidSchedule(SchedulerError):
+class InvalidSchedule(InvalidFields, SchedulerError):
     """The schedule (or change, or preview request) was refused; nothing was stored.
 
     ``errors`` maps each bad field to the reason, dotted for nested fields:
     ``InvalidSchedule("invalid schedule", {"cron": "...", "target.method": "..."})``
     """
-
-    def __init__(self, message: str, errors: dict[str, Any] | None = None) -> None:
-        super().__init__(message, dict(errors or {}))
-
-    @property
-    def message(self) -> str:
-        return self.args[0]
-
-    @property
-    def errors(self) -> dict[str, str]:
-        return self.args[1]
-
-    def __str__(self) -> str:
-        if not self.errors:
-            return self.message
-        details = "; ".join(
-            f"{field}: {reason}" for field, reason in self.errors.items()
-        )
-        return f"{self.message} ({details})"

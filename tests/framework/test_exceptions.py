@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from framework.exceptions import (
     IncorrectSignature,
+    InvalidFields,
     MethodNotFound,
     RemoteError,
     UnknownService,
@@ -132,3 +133,28 @@ def test_exception_frames_name_types_and_functions_but_no_message_text():
     assert SECRET not in text and SECRET[::-1] not in text
     assert "builtins.KeyError" in text and "builtins.ValueError" in text
     assert "_raise_chained" in text
+
+
+@deserialize_to_instance
+class InvalidWidget(InvalidFields):
+    """A service's own refusal, as services declare theirs."""
+
+
+def test_a_refusal_with_field_errors_travels_as_its_arguments_and_comes_back_whole():
+    exc = InvalidWidget(
+        "invalid widget", {"size": "must be positive", "tags.0": "empty"}
+    )
+    assert str(exc) == "invalid widget (size: must be positive; tags.0: empty)"
+    data = serialize(exc)
+    assert data["exc_args"] == [
+        "invalid widget",
+        {"size": "must be positive", "tags.0": "empty"},
+    ]
+    rebuilt = deserialize(data)
+    assert type(rebuilt) is InvalidWidget
+    assert (rebuilt.message, rebuilt.errors) == (exc.message, exc.errors)
+
+
+def test_a_refusal_without_field_errors_reads_as_its_message():
+    exc = InvalidWidget("nothing to change")
+    assert (str(exc), exc.errors) == ("nothing to change", {})
