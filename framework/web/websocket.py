@@ -590,6 +590,18 @@ class WebSocketHub:
     def get_subscriptions(self, socket_id: str) -> list[str]:
         return sorted(self._server.get_connection(socket_id).subscriptions)
 
+    @property
+    def subscriptions(self) -> dict[str, set[str]]:
+        """Channel -> ids of the sockets subscribed to it here (nameko's attribute).
+
+        A copy: subscribing goes through ``subscribe``, which keeps the socket's
+        own record in step.
+        """
+        return {
+            channel: set(sockets)
+            for channel, sockets in self._server.subscriptions.items()
+        }
+
     def broadcast(self, channel: str, event: str, data: Any) -> int:
         """Queue the event for every subscriber; returns how many got it queued."""
         frame = event_frame(event, data)

@@ -69,6 +69,10 @@ class Chat:
         return self.hub.get_subscriptions(socket_id)
 
     @rpc
+    def subscribers(self, socket_id: str) -> Any:
+        return {c: sorted(ids) for c, ids in self.hub.subscriptions.items()}
+
+    @rpc
     def subscribe_other(self, socket_id: str, other: str, channel: str) -> Any:
         self.hub.subscribe(other, channel)
 
@@ -218,6 +222,8 @@ def test_subscriptions_are_listed_sorted_and_can_be_removed(
 
     assert subscribed == ["apple", "zebra"]
     assert unsubscribed == ["apple"]
+    # nameko's hub.subscriptions: channel -> socket ids
+    assert client.rpc("subscribers")["data"] == {"apple": [client.socket_id]}
 
 
 def test_broadcast_reaches_every_subscriber_of_the_channel_only(
