@@ -55,10 +55,8 @@ from framework.testing.processes import (  # noqa: E402
 )
 from framework.testing.rabbit import Client  # noqa: E402
 from framework.testing.utils import find_free_port  # noqa: E402
-from services.scheduler.dependencies import (  # noqa: E402
-    ScheduleRepository,
-    SchedulerSettings,
-)
+from services.scheduler.claiming import SchedulerSettings  # noqa: E402
+from services.scheduler.repository import ScheduleRepository  # noqa: E402
 from services.scheduler.schemas import (  # noqa: E402
     SCHEDULED_FOR_CONTEXT_KEY,
     parse_schedule,

@@ -16,14 +16,9 @@ from typing import Any
 from framework import concurrency
 from framework.events import EventDispatcher
 from framework.rpc import ClusterRpc, rpc
-from services.scheduler.dependencies import (
-    Launch,
-    RunLauncher,
-    ScheduleStore,
-    call_target,
-    run_target,
-    ticker,
-)
+from services.scheduler.claiming import Launch
+from services.scheduler.dependencies import RunLauncher, ScheduleStore
+from services.scheduler.entrypoints import run_target, ticker
 from services.scheduler.exceptions import InvalidSchedule, ScheduleNotFound
 from services.scheduler.models import Base, Run
 from services.scheduler.schemas import (
@@ -42,6 +37,7 @@ from services.scheduler.schemas import (
     parse_schedule_id,
     spec_of,
 )
+from services.scheduler.targets import call_target
 
 log = logging.getLogger(__name__)
 

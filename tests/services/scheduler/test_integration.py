@@ -19,7 +19,7 @@ from framework.contextdata import ContextDataProvider
 from framework.events import event_handler
 from framework.rpc import rpc
 from framework.standalone.rpc import ClusterRpcProxy
-from services.scheduler.dependencies import CLAIM_AHEAD_SECONDS
+from services.scheduler.claiming import CLAIM_AHEAD_SECONDS
 from services.scheduler.exceptions import InvalidSchedule, ScheduleNotFound
 from services.scheduler.schemas import (
     SCHEDULE_RUN_FINISHED,

@@ -14,13 +14,11 @@ import pytest
 import sqlalchemy.orm
 
 from framework.database import Session, create_engine
-from services.scheduler.dependencies import (
-    Outcome,
-    ScheduleRepository,
-    SchedulerSettings,
-)
+from services.scheduler.claiming import SchedulerSettings
 from services.scheduler.models import Run, Schedule
+from services.scheduler.repository import ScheduleRepository
 from services.scheduler.schemas import parse_schedule
+from services.scheduler.targets import Outcome
 from tests.services.scheduler.conftest import migrate
 
 SETTINGS = SchedulerSettings(
