@@ -242,6 +242,10 @@ class ServiceContainer:
         self._worker_threads: dict[WorkerContext, concurrency.GreenThread] = {}
         self._managed_threads: dict[concurrency.GreenThread, str | None] = {}
         self._worker_related: set[concurrency.GreenThread] = set()
+        # "<provider>.<hook>" -> error type, while that hook keeps failing. Unlike
+        # nameko, a failing hook does not kill the container; readiness reports
+        # these instead (framework.health), so a broken dependency is not silent.
+        self.failing_hooks: dict[str, str] = {}
         self._being_killed = False
         self._died = concurrency.Event()
 
@@ -451,7 +455,19 @@ class ServiceContainer:
                 provider.get_dependency(worker_ctx),
             )
         for provider in self.dependencies:
-            provider.worker_setup(worker_ctx)
+            try:
+                provider.worker_setup(worker_ctx)
+            except Exception as exc:
+                self._hook_failed(provider, "worker_setup", exc)
+                raise
+            if self.failing_hooks:
+                self._hook_succeeded(provider, "worker_setup")
+
+    def _hook_failed(self, provider: Any, hook: str, exc: BaseException) -> None:
+        self.failing_hooks[f"{provider.attr_name}.{hook}"] = type(exc).__name__
+
+    def _hook_succeeded(self, provider: Any, hook: str) -> None:
+        self.failing_hooks.pop(f"{provider.attr_name}.{hook}", None)
 
     def _worker_result(
         self, worker_ctx: WorkerContext, result: Any, exc_info: ExcInfo | None
@@ -460,16 +476,24 @@ class ServiceContainer:
             try:
                 provider.worker_result(worker_ctx, result, exc_info)
             except Exception as exc:
+                self._hook_failed(provider, "worker_result", exc)
                 fields = {"provider": repr(provider)}
                 log_worker_error(log, worker_ctx, exc, "worker_result failed", fields)
+            else:
+                if self.failing_hooks:
+                    self._hook_succeeded(provider, "worker_result")
 
     def _worker_teardown(self, worker_ctx: WorkerContext) -> None:
         for provider in self.dependencies:
             try:
                 provider.worker_teardown(worker_ctx)
             except Exception as exc:
+                self._hook_failed(provider, "worker_teardown", exc)
                 fields = {"provider": repr(provider)}
                 log_worker_error(log, worker_ctx, exc, "worker_teardown failed", fields)
+            else:
+                if self.failing_hooks:
+                    self._hook_succeeded(provider, "worker_teardown")
 
     def _log_worker(
         self, worker_ctx: WorkerContext, started: float, exc_info: ExcInfo | None

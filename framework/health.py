@@ -345,6 +345,12 @@ class HealthServer:
             return False, "stopping"
         if not container.started:
             return False, "not started"
+        failing = getattr(container, "failing_hooks", None)
+        if failing:
+            # The container keeps serving (a failing hook fails only its worker),
+            # but a dependency that fails every worker must not look healthy.
+            hooks = ", ".join(f"{hook} ({error})" for hook, error in failing.items())
+            return False, f"running, but dependency hooks failing: {hooks}"
         return True, "running"
 
     # -- HTTP ---------------------------------------------------------------------------------

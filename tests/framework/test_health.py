@@ -461,3 +461,49 @@ def test_invalid_connection_limits_are_a_configuration_error() -> None:
         from_config(
             {"HEALTH_SERVER_ADDRESS": "127.0.0.1:0", "HEALTH_IDLE_TIMEOUT": "soon"}, []
         )
+
+
+class Flaky(DependencyProvider):
+    """A provider whose worker_setup fails while ``broken`` is set."""
+
+    broken = True
+
+    def worker_setup(self, worker_ctx: Any) -> None:
+        if Flaky.broken:
+            raise ConnectionError("backend unreachable")
+
+
+class WithFlakyDependency:
+    name = "flaky"
+    backend = Flaky()
+
+    @entrypoint
+    def work(self) -> str:
+        return "done"
+
+
+def test_a_failing_dependency_hook_turns_readiness_503_until_it_works_again() -> None:
+    # nameko kills the container on a hook error; ours keeps serving (one broken
+    # worker must not take the service down), so readiness must say so instead.
+    container = ServiceContainer(WithFlakyDependency, {})
+    server = HealthServer("127.0.0.1:0", [container])
+    server.start()
+    container.start()
+    try:
+        Flaky.broken = True
+        with pytest.raises(ConnectionError), entrypoint_hook(container, "work") as work:
+            work()
+        broken = get(server.port, "/health/ready")
+        Flaky.broken = False
+        with entrypoint_hook(container, "work") as work:
+            assert work() == "done"
+        healed = get(server.port, "/health/ready")
+    finally:
+        server.stop()
+        container.kill()
+
+    assert broken.status_code == 503
+    detail = checks_by_name(broken)["flaky.started"]["detail"]
+    assert "backend.worker_setup (ConnectionError)" in detail
+    assert "unreachable" not in detail  # the type only, never the error's text
+    assert healed.status_code == 200
