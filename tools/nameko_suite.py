@@ -91,6 +91,9 @@ DELIBERATE: dict[str, str] = {
     "test_environment_vars_recursive_in_config": _TABLE + "config loading (as above)",
     "test/test_timers.py::test_expected_error_in_worker": _TABLE + "worker error log "
     "lines (one structured record; the test reads nameko's %s arguments)",
+    "test/test_errors.py::test_dependency_call_lifecycle_errors": _TABLE
+    + "errors in dependency hooks (the worker fails and readiness turns 503; the "
+    "test waits for the container to die)",
     "test/test_service_runner.py::test_runner_with_duplicate_services": _TABLE
     + "duplicate service names in a runner (ValueError instead of silently "
     "replacing the first)",
