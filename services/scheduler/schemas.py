@@ -454,6 +454,13 @@ def dump_run(run: Any) -> dict[str, Any]:
     }
 
 
+def dump_page(
+    items: list[dict[str, Any]], total: int, page: int, per_page: int
+) -> dict[str, Any]:
+    """One page of a list: its items and where it sits in the whole."""
+    return {"items": items, "total": total, "page": page, "per_page": per_page}
+
+
 def spec_of(schedule: Any) -> ScheduleSpec:
     """A stored schedule as the input it was made from (for ``parse_changes``)."""
     payload = dump_schedule(schedule)

@@ -28,6 +28,7 @@ from services.scheduler.schemas import (
     SCHEDULE_RUN_FINISHED,
     SCHEDULE_RUN_STARTED,
     SCHEDULER_SERVICE,
+    dump_page,
     dump_run,
     dump_schedule,
     parse_changes,
@@ -62,12 +63,7 @@ class SchedulerService:
     ) -> dict[str, Any]:
         page, per_page = parse_page(page, per_page)
         rows, total = self.schedules.page(page, per_page)
-        return {
-            "items": [dump_schedule(row) for row in rows],
-            "total": total,
-            "page": page,
-            "per_page": per_page,
-        }
+        return dump_page([dump_schedule(row) for row in rows], total, page, per_page)
 
     @rpc(expected_exceptions=NOT_FOUND_OR_INVALID)
     def get_schedule(self, schedule_id: int) -> dict[str, Any]:
@@ -127,12 +123,7 @@ class SchedulerService:
         schedule = self.schedules.get(parse_schedule_id(schedule_id))
         page, per_page = parse_page(page, per_page)
         runs, total = self.schedules.runs(schedule.id, page, per_page)
-        return {
-            "items": [dump_run(run) for run in runs],
-            "total": total,
-            "page": page,
-            "per_page": per_page,
-        }
+        return dump_page([dump_run(run) for run in runs], total, page, per_page)
 
     @rpc(expected_exceptions=InvalidSchedule)
     def preview(self, cron: str, timezone: str = "UTC") -> list[str]:
