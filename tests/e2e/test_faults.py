@@ -3,7 +3,9 @@ caller beyond what each case implies.
 
 The services reach RabbitMQ and PostgreSQL through TCP proxies (tests/tcp_proxy.py)
 that a test can cut, which to them is the server going away; processes are killed
-with the signals an orchestrator sends. The tests share one application and run in
+with the signals an orchestrator sends; once, RabbitMQ itself is restarted
+(``rabbitmqctl stop_app`` / ``start_app``, as tests/framework/test_broker_failures.py
+does). The tests share one application and run in
 order. (SIGTERM to every service is the last test of test_journeys.py.)
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -166,7 +169,7 @@ def test_readiness_fails_while_postgresql_is_down_and_recovers_by_itself(
     assert all(len(app.replicas(name)) == 1 for name in services)
 
 
-def test_a_broker_outage_mid_batch_of_20_conversions_loses_none(
+def test_a_broker_connection_cut_mid_batch_of_20_conversions_loses_none(
     app: LocalApp, proxies: tuple[TcpProxy, TcpProxy], admin: Api
 ) -> None:
     amqp, _ = proxies
@@ -180,3 +183,29 @@ def test_a_broker_outage_mid_batch_of_20_conversions_loses_none(
         (job["state"], job["error"]) for job in final
     ]
     assert {job["output"]["rows"] for job in final} == {2000}
+
+
+def restart_rabbitmq() -> None:
+    """Stop and start the real broker application (its data stays on disk)."""
+    for command in ("stop_app", "start_app", "await_startup"):
+        subprocess.run(["rabbitmqctl", "-q", command], check=True, timeout=120)
+
+
+def test_a_rabbitmq_restart_mid_batch_of_20_conversions_loses_none(
+    app: LocalApp, admin: Api
+) -> None:
+    jobs = start_jobs(admin, 20, rows=20_000)
+    # Mid-batch: the last one has not run yet when the broker goes away.
+    assert admin.job(jobs[-1]["id"])["state"] in ("queued", "running")
+    restart_rabbitmq()
+
+    final = wait_all(admin, jobs, timeout=180)
+    assert [job["state"] for job in final] == ["succeeded"] * 20, [
+        (job["state"], job["error"]) for job in final
+    ]
+    assert {job["output"]["rows"] for job in final} == {20_000}
+    # Every service came back by itself.
+    for service in app.compose.application:
+        if service.name != "migrate":
+            for process in app.replicas(service.name):
+                app.wait_healthy(process, timeout=60)
