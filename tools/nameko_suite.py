@@ -205,6 +205,14 @@ INTERNAL_SEAMS: tuple[tuple[re.Pattern[str], str], ...] = (
         _POOL_REASON,
     ),
     (re.compile(r"\b(mock_producer|mock_channel)\b"), _POOL_REASON),
+    (
+        re.compile(
+            r"patch\(\s*['\"]framework(\.\w+)+\.(warnings|time|socket|os|sys|eventlet"
+            r"|code|logging|BaseHTTPServer)['\"]"
+        ),
+        "patches a module that nameko's implementation imports (warnings, time, "
+        "socket...) and asserts on its calls; ours does not make those calls there",
+    ),
 )
 
 
@@ -591,11 +599,28 @@ def test_source(path: Path, name: str) -> str:
         _SOURCES[path] = index
     index = _SOURCES[path]
     key = name.split("[", 1)[0]
-    source = index.get(key, "")
     owner = key.rsplit("::", 1)[0] + "::" if "::" in key else ""
-    match = re.search(r"def \w+\(([^)]*)\)", source)
-    for parameter in re.findall(r"\w+", match.group(1) if match else ""):
-        source += "\n" + index.get(f"{owner}{parameter}", index.get(parameter, ""))
+    # The test, then the fixtures it takes, and theirs (three levels are enough
+    # for nameko's class fixtures built on module fixtures).
+    seen: set[str] = set()
+    level = [key]
+    parts = []
+    for _ in range(4):
+        following = []
+        for item in level:
+            if item in seen:
+                continue
+            seen.add(item)
+            text = index.get(item, "")
+            parts.append(text)
+            match = re.search(r"def \w+\(([^)]*)\)", text)
+            for parameter in re.findall(r"\w+", match.group(1) if match else ""):
+                if f"{owner}{parameter}" in index:
+                    following.append(f"{owner}{parameter}")
+                elif parameter in index:
+                    following.append(parameter)
+        level = following
+    source = "\n".join(parts)
     return source
 
 
