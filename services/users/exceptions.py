@@ -8,9 +8,7 @@ constructor arguments, so every argument must be plain data (strings, dicts).
 
 from __future__ import annotations
 
-from typing import Any
-
-from framework.exceptions import deserialize_to_instance
+from framework.exceptions import InvalidFields, deserialize_to_instance
 
 __all__ = [
     "AuthenticationFailed",
@@ -36,30 +34,11 @@ class EmailAlreadyRegistered(UsersError):
 
 
 @deserialize_to_instance
-class InvalidUserData(UsersError):
+class InvalidUserData(InvalidFields, UsersError):
     """The arguments were rejected; ``errors`` maps each bad field to the reason.
 
     ``InvalidUserData("invalid user data", {"email": "not an email address"})``
     """
-
-    def __init__(self, message: str, errors: dict[str, Any] | None = None) -> None:
-        super().__init__(message, dict(errors or {}))
-
-    @property
-    def message(self) -> str:
-        return self.args[0]
-
-    @property
-    def errors(self) -> dict[str, str]:
-        return self.args[1]
-
-    def __str__(self) -> str:
-        if not self.errors:
-            return self.message
-        details = "; ".join(
-            f"{field}: {reason}" for field, reason in self.errors.items()
-        )
-        return f"{self.message} ({details})"
 
 
 @deserialize_to_instance
