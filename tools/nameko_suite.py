@@ -116,8 +116,6 @@ DELIBERATE: dict[str, str] = {
 INTERNALS_TESTS: dict[str, str] = {
     "test/test_queue_consumer.py": "QueueConsumer is nameko's kombu ConsumerMixin; ours "
     "is framework.amqp.consume with its own API",
-    "test/amqp/test_publish.py": "asserts on nameko's Publisher calling kombu's "
-    "producer pool; ours publishes on one confirm-mode connection per container",
     "test/test_rpc_responder.py": "constructs nameko's Responder with its private "
     "arguments",
     "test/test_log_helpers.py::test_timing_logger": "patches the module's `time` and "

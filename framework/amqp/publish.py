@@ -30,9 +30,11 @@ from framework.amqp.connection import (
     is_connection_error,
 )
 from framework.constants import (
+    AMQP_SSL_CONFIG_KEY,
     DEFAULT_PUBLISH_CONFIRM_TIMEOUT,
     DEFAULT_RETRY_POLICY,
     DEFAULT_TRANSPORT_OPTIONS,
+    LOGIN_METHOD_CONFIG_KEY,
     PERSISTENT,
     PUBLISH_CONFIRM_TIMEOUT_CONFIG_KEY,
 )
@@ -72,18 +74,40 @@ class _Confirm(Waiter):
 
 
 class Publisher:
-    """Publishes messages on one confirm-mode channel shared by many green threads."""
+    """Publishes messages on one confirm-mode channel shared by many green threads.
+
+    Also constructible as nameko's ``Publisher(amqp_uri, serializer=..., ...)``: a
+    URI instead of a config, and publish options given to the constructor are the
+    defaults of every ``publish`` (``ssl`` and ``login_method`` configure the
+    connection). Headers merge: the constructor's, then the call's ``headers``,
+    then its ``extra_headers``.
+    """
 
     def __init__(
         self,
-        config: dict[str, Any],
+        config: dict[str, Any] | str,
         *,
         uri: str | None = None,
         connection: DrainedConnection | None = None,
-        use_confirms: bool = True,
+        use_confirms: bool | None = True,
         purpose: str = "publish",
         service: str | None = None,
+        ssl: Any = None,
+        login_method: str | None = None,
+        **defaults: Any,
     ) -> None:
+        if isinstance(config, str):  # nameko's Publisher(amqp_uri, ...)
+            uri = uri or config
+            config = {}
+        if ssl is not None or login_method is not None:
+            config = {
+                **config,
+                AMQP_SSL_CONFIG_KEY: ssl,
+                LOGIN_METHOD_CONFIG_KEY: login_method,
+            }
+        # None means "the default", as in nameko's constructor.
+        self.defaults = {k: v for k, v in defaults.items() if v is not None}
+        use_confirms = True if use_confirms is None else use_confirms
         self.config = config
         self.service = service  # the publishing service, for metrics; None outside one
         self.use_confirms = use_confirms
@@ -178,9 +202,7 @@ class Publisher:
 
     # -- publishing ----------------------------------------------------------------
 
-    def publish(
-        self, payload: Any, *, serializer: str = "json", **options: Any
-    ) -> None:
+    def publish(self, payload: Any, **options: Any) -> None:
         """Serialize ``payload`` and publish it; options as for ``publish_encoded``.
 
         With confirms, returns once the broker has taken the message. Raises
@@ -188,6 +210,9 @@ class Publisher:
         and ``PublishConfirmFailed`` when the broker refuses it or does not confirm
         it in time; a publish is never lost silently.
         """
+        if self.defaults or "extra_headers" in options:
+            options = self._with_defaults(options)
+        serializer = options.pop("serializer", None) or "json"
         content_type, content_encoding, body = serialization.dumps(payload, serializer)
         self.publish_encoded(
             body,
@@ -195,6 +220,17 @@ class Publisher:
             content_encoding=content_encoding,
             **options,
         )
+
+    def _with_defaults(self, options: dict[str, Any]) -> dict[str, Any]:
+        merged = {**self.defaults, **options}
+        headers = {
+            **(self.defaults.get("headers") or {}),
+            **(options.get("headers") or {}),
+            **(merged.pop("extra_headers", None) or {}),
+        }
+        if headers:
+            merged["headers"] = headers
+        return merged
 
     def publish_encoded(
         self,

@@ -82,3 +82,30 @@ def test_nameko_helpers_give_a_confirming_producer_and_a_connection(rabbit_confi
     with get_connection(uri) as connection:
         message = kombu.Queue("helpers", channel=connection.default_channel).get()
         assert message is not None and message.payload == {"n": 1}
+
+
+@pytest.mark.integration
+def test_nameko_style_constructor_options_are_defaults_and_headers_merge(rabbit_config):
+    uri = rabbit_config["AMQP_URI"]
+    with kombu.Connection(uri) as connection:
+        kombu.Queue("styled", channel=connection.default_channel).declare()
+    publisher = Publisher(
+        uri, priority=3, serializer="pickle", headers={"a": 1, "b": 1}
+    )
+    try:
+        publisher.publish(
+            {"n": 1}, routing_key="styled", headers={"b": 2}, extra_headers={"c": 3}
+        )
+        publisher.publish({"n": 2}, routing_key="styled", priority=7)
+    finally:
+        publisher.close()
+    with kombu.Connection(uri) as connection:
+        queue = kombu.Queue("styled", channel=connection.default_channel)
+        first, second = queue.get(accept=["pickle"]), queue.get(accept=["pickle"])
+    assert (
+        first.payload == {"n": 1}
+        and first.content_type == "application/x-python-serialize"
+    )
+    assert first.headers == {"a": 1, "b": 2, "c": 3}
+    assert first.properties["priority"] == 3
+    assert second.properties["priority"] == 7
