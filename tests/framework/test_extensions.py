@@ -153,8 +153,8 @@ def test_a_provider_typed_with_what_it_injects_injects_it_and_stays_a_provider(
 
 def test_a_declared_provider_knows_its_attribute_name_like_its_bound_copy():
     container = ServiceContainer(Service, {})
-    bound = next(iter(container.dependencies))
-    assert Service.dep.attr_name == bound.attr_name == "dep"
+    bound = {p.attr_name: p for p in container.dependencies}["dep"]
+    assert Service.dep.attr_name == "dep" and Service.other.attr_name == "other"
     assert bound is not Service.dep
 
 
