@@ -22,6 +22,7 @@ from typing import Any
 from framework.events import EventDispatcher
 from framework.messaging import Publisher
 from framework.rpc import RpcProxy, rpc
+from framework.settings import DEVELOPMENT_DATABASE_SECRET, ProductionSecrets
 from framework.storage import FileStorage, InvalidStorageKey, Storage
 from services.conversions.dependencies import (
     JOBS_EXCHANGE,
@@ -72,6 +73,7 @@ PARTIAL_FILES_MAX_AGE = 3600.0
 class ConversionsService:
     name = "conversions"
 
+    secrets = ProductionSecrets(DEVELOPMENT_DATABASE_SECRET)
     jobs: JobRepository = JobStore(Base)  # type: ignore[assignment]
     storage: FileStorage = Storage()  # type: ignore[assignment]
     runner: JobRunner = ConversionRunner()  # type: ignore[assignment]

@@ -16,6 +16,7 @@ from typing import Any
 from framework import concurrency
 from framework.events import EventDispatcher
 from framework.rpc import ClusterRpc, rpc
+from framework.settings import DEVELOPMENT_DATABASE_SECRET, ProductionSecrets
 from services.scheduler.claiming import Launch
 from services.scheduler.dependencies import RunLauncher, ScheduleStore
 from services.scheduler.entrypoints import run_target, ticker
@@ -50,6 +51,7 @@ class SchedulerService:
 
     # ORM objects stay readable after their commit: a run is dumped into an
     # event after the transaction that recorded it.
+    secrets = ProductionSecrets(DEVELOPMENT_DATABASE_SECRET)
     schedules = ScheduleStore(Base, session_options={"expire_on_commit": False})
     cluster = ClusterRpc()
     dispatch = EventDispatcher()

@@ -12,7 +12,7 @@ from typing import Any
 
 from framework.contextdata import ContextDataProvider
 from framework.rpc import RpcProxy
-from framework.settings import ProductionSecrets
+from framework.settings import DEVELOPMENT_DATABASE_SECRET, ProductionSecrets
 from framework.storage import Storage
 from services.web.dependencies import (
     DEVELOPMENT_SECRET_KEY,
@@ -58,7 +58,9 @@ class WebService(
 ):
     name = "web"
 
-    secrets = ProductionSecrets({SECRET_KEY_CONFIG_KEY: DEVELOPMENT_SECRET_KEY})
+    secrets = ProductionSecrets(
+        {SECRET_KEY_CONFIG_KEY: DEVELOPMENT_SECRET_KEY, **DEVELOPMENT_DATABASE_SECRET}
+    )
     store: Any = EdgeStore()
     users: Any = RpcProxy("users", timeout=RPC_TIMEOUT)
     conversions: Any = RpcProxy("conversions", timeout=RPC_TIMEOUT)
