@@ -69,6 +69,8 @@ ENVIRONMENT_PATTERNS = (
 PRIVATE_ATTRIBUTE = re.compile(
     r"(has no attribute|does not have the attribute) '_[A-Za-z0-9_]+'"
 )
+# The module (or conftest) failed to import a name.
+IMPORT_FAILURE = re.compile(r"cannot import name|No module named")
 # A public name that nameko has and we lack.
 MISSING_NAME = re.compile(
     r"cannot import name|No module named 'framework|has no attribute '[A-Za-z]"
@@ -563,7 +565,12 @@ def classify(result: Result, ported: Path) -> tuple[str, str]:
             return INTERNALS, why
     if PRIVATE_ATTRIBUTE.search(result.message):
         return INTERNALS, ""
+    if IMPORT_FAILURE.search(result.message):
+        # Its module did not import: whatever the test is about, it never ran.
+        return MISSING, ""
     source = test_source(ported / result.module, result.name)
+    if "rabbit_ssl_config" in source and "ECONNREFUSED" in result.message:
+        return ENVIRONMENT, "needs the broker's TLS listener (port 5671), absent here"
     if STATS_SOURCE.search(source) and STATS_LAG.search(result.message):
         return ENVIRONMENT, STATS_LAG_REASON
     for pattern, why in INTERNAL_SEAMS:
@@ -660,7 +667,8 @@ def render(results: list[Result]) -> str:
         for r in rows:
             first = r.message.splitlines()[0][:160] if r.message else ""
             reason = r.reason
-            detail = reason or first
+            # No path of this machine in the committed report.
+            detail = (reason or first).replace(f"{ROOT}/", "")
             lines.append(f"- `{r.module}::{r.name}` ({r.outcome}): {detail}")
     return "\n".join(lines) + "\n"
 
