@@ -54,6 +54,10 @@ DEFAULT_TRANSPORT_OPTIONS = DEFAULT_RETRY_POLICY
 
 # -- context data keys -------------------------------------------------------------
 CALL_ID_STACK_CONTEXT_KEY = "call_id_stack"
+# The id of the event a handler is handling (framework.outbox puts it in the
+# ``nameko.event_id`` header). It names that one message, so it is not passed on
+# to the messages the worker sends, as the rest of the context data is.
+EVENT_ID_CONTEXT_KEY = "event_id"
 AUTH_TOKEN_CONTEXT_KEY = "auth_token"
 LANGUAGE_CONTEXT_KEY = "language"
 USER_ID_CONTEXT_KEY = "user_id"

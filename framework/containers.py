@@ -17,6 +17,7 @@ from framework.constants import (
     DEFAULT_MAX_WORKERS,
     DEFAULT_PARENT_CALLS_TRACKED,
     DRAIN_TIMEOUT_CONFIG_KEY,
+    EVENT_ID_CONTEXT_KEY,
     MAX_WORKERS_CONFIG_KEY,
     PARENT_CALLS_CONFIG_KEY,
     SERVICE_CONTAINER_CLS,
@@ -127,7 +128,9 @@ class WorkerContext:
 
     @property
     def context_data(self) -> dict[str, Any]:
+        """The context passed on to the messages this worker sends."""
         data = dict(self.data)
+        data.pop(EVENT_ID_CONTEXT_KEY, None)
         data[CALL_ID_STACK_CONTEXT_KEY] = self.call_id_stack
         return data
 

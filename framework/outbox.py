@@ -81,7 +81,7 @@ from sqlalchemy import (
 )
 
 from framework import concurrency, serialization
-from framework.constants import PERSISTENT
+from framework.constants import EVENT_ID_CONTEXT_KEY, PERSISTENT
 from framework.contextdata import ContextDataProvider
 from framework.database import EngineProvider
 from framework.events import get_event_exchange
@@ -108,7 +108,6 @@ __all__ = [
 DEFAULT_OUTBOX_TABLE = "outbox"
 # The header handlers deduplicate on; ``nameko.``-prefixed, so it reaches a
 # handler's context data (``worker_ctx.data["event_id"]``) in nameko and here.
-EVENT_ID_CONTEXT_KEY = "event_id"
 EVENT_ID_HEADER = f"nameko.{EVENT_ID_CONTEXT_KEY}"
 
 OUTBOX_POLL_INTERVAL_CONFIG_KEY = "OUTBOX_POLL_INTERVAL"

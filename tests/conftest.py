@@ -20,6 +20,9 @@ When to mock and when to use the real thing:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import pytest
 
 # Fixtures that reach the real RabbitMQ or PostgreSQL. A test using one (directly or
@@ -55,3 +58,29 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             and item.get_closest_marker("integration") is None
         ):
             item.add_marker(pytest.mark.integration)
+
+
+# Debian's package (CI installs it); Playwright cannot download its own browser here.
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Iterator[Any]:
+    """Debian's Chromium driven by Playwright's sync API, one for the whole session.
+
+    One, because the sync API marks an event loop as running in this thread until
+    ``stop()``, and a second ``sync_playwright()`` then fails ("Sync API inside the
+    asyncio loop"); and ``stop()`` itself waits for ever under eventlet's monkey
+    patching, so at the end the driver process is killed instead.
+    """
+    from playwright.sync_api import sync_playwright
+
+    manager = sync_playwright()
+    playwright = manager.start()
+    browser = playwright.chromium.launch(executable_path=CHROMIUM)
+    yield browser
+    browser.close()
+    try:
+        manager._client._transport._proc.kill()
+    except Exception:
+        pass

@@ -22,7 +22,6 @@ from .compose import LocalApp
 
 ADMIN_EMAIL = "admin@example.com"  # compose.yaml's development defaults
 ADMIN_PASSWORD = "admin-dev-password"
-CHROMIUM = "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
@@ -150,16 +149,14 @@ def test_a_schedule_run_now_and_a_per_second_schedule_record_their_runs(
 
 
 def test_in_a_browser_a_csv_is_uploaded_converted_live_and_downloaded(
-    base_url: str, tmp_path: Path
+    base_url: str, tmp_path: Path, chromium: Any
 ) -> None:
     """The panel in Debian's Chromium (CI installs it; missing, the test fails)."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     data = csv_bytes(800)
-    manager = sync_playwright()
-    playwright = manager.start()
-    browser = playwright.chromium.launch(executable_path=CHROMIUM)
-    page = browser.new_context(accept_downloads=True).new_page()
+    context = chromium.new_context(accept_downloads=True)
+    page = context.new_page()
     page.set_default_timeout(30_000)
     try:
         page.goto(base_url + "/login")
@@ -193,10 +190,7 @@ def test_in_a_browser_a_csv_is_uploaded_converted_live_and_downloaded(
         page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
         raise
     finally:
-        browser.close()
-        # Not manager.stop(), which can wait for ever for the driver's exit (see
-        # tests/services/web/test_browser.py); killing the driver ends it as well.
-        manager._client._transport._proc.kill()  # type: ignore[attr-defined]
+        context.close()
 
 
 # Last: it stops the application.

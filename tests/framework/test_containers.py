@@ -144,6 +144,19 @@ def test_worker_context_builds_call_id_stack_and_caps_it(container_factory):
     assert ctx.data == {"language": "fr"}
 
 
+def test_the_event_id_being_handled_is_not_passed_on(container_factory):
+    # A handler reads the id of the event it handles to deduplicate; a message it
+    # sends is another message, and a downstream handler deduplicating on the
+    # inherited id would drop it.
+    container = container_factory(Service, {})
+    entrypoint = next(e for e in container.entrypoints if e.method_name == "method")
+    ctx = WorkerContext(
+        container, None, entrypoint, data={"event_id": "e-1", "language": "fr"}
+    )
+    assert ctx.data["event_id"] == "e-1"
+    assert ctx.context_data == {"language": "fr", "call_id_stack": ctx.call_id_stack}
+
+
 def test_max_workers_bounds_concurrent_workers(container_factory):
     release = concurrency.Event()
     running: list[int] = []

@@ -24,7 +24,7 @@ from typing import Any
 import pyarrow.parquet
 import pytest
 import requests
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
 import services.conversions
 import services.scheduler
@@ -35,7 +35,6 @@ from framework.testing.utils import find_free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
-CHROMIUM = "/usr/bin/chromium"
 PROJECT_DIR = Path(services.web.__file__).parent.parent.parent
 FRAMEWORK = str(Path(sys.executable).parent / "framework")
 FAILURES_DIR = Path(__file__).parent / "browser-failures"
@@ -188,19 +187,10 @@ def system(
         vhost_pipeline.discard(vhost)
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    manager = sync_playwright()
-    playwright = manager.start()
-    browser = playwright.chromium.launch(executable_path=CHROMIUM)
-    yield browser
-    browser.close()
-    # Not manager.stop(): under eventlet's monkey patching it waits for ever for
-    # the driver's exit; killing the driver process ends it the same way.
-    try:
-        manager._client._transport._proc.kill()  # type: ignore[attr-defined]
-    except Exception:
-        pass
+@pytest.fixture
+def browser(chromium: Browser) -> Browser:
+    """The session's Chromium (tests/conftest.py); each page gets its own context."""
+    return chromium
 
 
 @pytest.fixture
