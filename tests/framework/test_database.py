@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import operator
 import random
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,9 +34,8 @@ from framework.database import (
     transaction_retry,
 )
 from framework.exceptions import ConfigurationError
+from framework.testing.postgres import fresh_database
 from framework.testing.services import dummy, entrypoint_hook
-
-PG_SERVER = "postgresql://postgres@127.0.0.1:5432"
 
 
 class Base(DeclarativeBase):
@@ -569,22 +567,12 @@ def test_green_psycopg2_replaces_eventlets_callback_and_installs_once() -> None:
 
 @pytest.fixture(scope="module")
 def pg_url() -> Iterator[str]:
-    """A fresh database for this module, dropped afterwards."""
-    name = f"test_{uuid.uuid4().hex}"
-    admin = psycopg2.connect(f"{PG_SERVER}/postgres")
-    admin.autocommit = True
-    try:
-        with admin.cursor() as cursor:
-            cursor.execute(f'CREATE DATABASE "{name}"')
-        url = f"{PG_SERVER}/{name}"
+    """A fresh database for this module with the tables, dropped afterwards."""
+    with fresh_database("test_database") as url:
         engine = sa.create_engine(normalise_url(url))
         Base.metadata.create_all(engine)
         engine.dispose()
         yield url
-        with admin.cursor() as cursor:
-            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        admin.close()
 
 
 @pytest.fixture

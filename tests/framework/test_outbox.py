@@ -32,10 +32,9 @@ from framework.outbox import (
     OutboxDispatcher,
     outbox_table,
 )
+from framework.testing.postgres import fresh_database
 from framework.testing.services import dummy, entrypoint_hook, entrypoint_waiter
 from tests.helpers import TcpProxy, wait_for
-
-PG_SERVER = "postgresql://postgres@127.0.0.1:5432"
 
 
 class Base(DeclarativeBase):
@@ -96,21 +95,12 @@ class Forgetful:
 
 @pytest.fixture(scope="module")
 def pg_url() -> Iterator[str]:
-    name = f"test_outbox_{uuid.uuid4().hex[:12]}"
-    admin = psycopg2.connect(f"{PG_SERVER}/postgres")
-    admin.autocommit = True
-    try:
-        with admin.cursor() as cursor:
-            cursor.execute(f'CREATE DATABASE "{name}"')
-        url = f"{PG_SERVER}/{name}"
+    """A fresh database for this module with the tables, dropped afterwards."""
+    with fresh_database("test_outbox") as url:
         engine = sa.create_engine(normalise_url(url))
         Base.metadata.create_all(engine)
         engine.dispose()
         yield url
-        with admin.cursor() as cursor:
-            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        admin.close()
 
 
 @pytest.fixture
