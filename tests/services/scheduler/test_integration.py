@@ -193,18 +193,28 @@ def test_preview_lists_the_next_five_fire_times(scheduler: Any, client: Any) -> 
 def test_every_tick_calls_the_target_once_with_the_tick_in_its_context(
     scheduler: Any, target: Any, client: Any, pg_scheduler: str
 ) -> None:
-    schedule = new_schedule(client)
-    wait_for(lambda: len(TargetService.calls) >= 3, timeout=10)
-    wait_for(lambda: outcomes(pg_scheduler, schedule["id"])[:3] == ["succeeded"] * 3)
+    # Overlap "allow": on a loaded machine one call can outlast a second, and the
+    # default policy would then rightly skip the next tick; this test is about
+    # every fired tick reaching the target exactly once.
+    schedule = new_schedule(client, overlap_policy="allow")
+    wait_for(
+        lambda: outcomes(pg_scheduler, schedule["id"]).count("succeeded") >= 3,
+        timeout=15,
+    )
 
     recorded = runs(pg_scheduler, schedule["id"])
+    assert {run["outcome"] for run in recorded} <= {"succeeded", "running"}
     ticks = [tick for _, tick in TargetService.calls]
     assert len(ticks) == len(set(ticks))
-    assert ticks[:3] == [
-        run["scheduled_for"].astimezone(UTC).isoformat() for run in recorded[:3]
-    ]
+    succeeded = {
+        run["scheduled_for"].astimezone(UTC).isoformat()
+        for run in recorded
+        if run["outcome"] == "succeeded"
+    }
+    assert succeeded <= set(ticks)
     shown = client.get_schedule(schedule["id"])
-    assert shown["last_runs"][-1]["result_summary"] == '{"recorded": "a"}'
+    summaries = {run["outcome"]: run["result_summary"] for run in shown["last_runs"]}
+    assert summaries["succeeded"] == '{"recorded": "a"}'
 
 
 def test_run_events_are_dispatched_with_the_schedule_and_the_outcome(
