@@ -81,6 +81,7 @@ from sqlalchemy import (
 )
 
 from framework import concurrency, serialization
+from framework.amqp.connection import CONNECTION_ERRORS
 from framework.constants import EVENT_ID_CONTEXT_KEY, PERSISTENT
 from framework.contextdata import ContextDataProvider
 from framework.database import EngineProvider
@@ -117,6 +118,11 @@ DEFAULT_POLL_INTERVAL = 1.0  # seconds
 DEFAULT_BATCH_SIZE = 100
 DEFAULT_RETENTION = 7 * 24 * 3600.0  # seconds a sent row is kept, for inspection
 MAX_RETRY_DELAY = 30.0  # seconds between attempts while the broker or database is down
+# A row the broker refuses while the connection is fine (a header it cannot encode,
+# say) is tried again after this many seconds, doubling up to ``MAX_REFUSED_DELAY``;
+# meanwhile the other aggregates' rows go out, and its own aggregate's wait.
+FIRST_REFUSED_DELAY = 1.0
+MAX_REFUSED_DELAY = 600.0
 STOP_GRACE = 5.0  # seconds a stopping relay may take to finish its batch
 PURGE_INTERVAL = 600.0  # seconds between deletions of rows older than the retention
 
@@ -207,6 +213,9 @@ class OutboxRelay(SharedExtension):
         self._stopping = False
         self._thread: concurrency.GreenThread | None = None
         self._last_purge = 0.0
+        # Rows the broker refused: id -> (refusals so far, monotonic time of the
+        # next try). Bounded by the rows that are broken, which an operator fixes.
+        self._refused: dict[int, tuple[int, float]] = {}
 
     @property
     def sharing_key(self) -> Any:
@@ -312,9 +321,12 @@ class OutboxRelay(SharedExtension):
             earlier.c.sent_at.is_(None),
             earlier.c.id < table.c.id,
         )
+        now = time.monotonic()
+        waiting = [row_id for row_id, (_, at) in self._refused.items() if at > now]
         query = (
             sqlalchemy.select(table)
             .where(table.c.sent_at.is_(None), first_of_its_aggregate)
+            .where(table.c.id.not_in(waiting))
             .order_by(table.c.id)
             .limit(self.batch_size)
             .with_for_update(skip_locked=True)
@@ -325,8 +337,8 @@ class OutboxRelay(SharedExtension):
                 rows = connection.execute(query).all()
                 try:
                     for row in rows:
-                        self._publish(row)
-                        published.append(row.id)
+                        if self._publish_or_set_aside(row):
+                            published.append(row.id)
                 finally:
                     # What went out is marked even if a later row failed, so it
                     # is not published twice.
@@ -343,6 +355,40 @@ class OutboxRelay(SharedExtension):
                 extra={"service": self.container.service_name, "count": len(published)},
             )
         return len(published)
+
+    def _publish_or_set_aside(self, row: Any) -> bool:
+        """Publish ``row``; whether it went out.
+
+        A lost connection ends the batch (the relay's loop backs off and retries
+        it all). Anything else is this row's own problem: it stays unsent, is
+        logged once per try at ERROR (its id and type, never its data) and tried
+        again later with a growing delay, while the rows of other aggregates go
+        out; the later rows of its own aggregate wait for it, in order.
+        """
+        try:
+            self._publish(row)
+        except CONNECTION_ERRORS:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the row's, not the relay's
+            refusals = self._refused.get(row.id, (0, 0.0))[0] + 1
+            delay = min(FIRST_REFUSED_DELAY * 2 ** (refusals - 1), MAX_REFUSED_DELAY)
+            self._refused[row.id] = (refusals, time.monotonic() + delay)
+            log.error(
+                "outbox row could not be published; it stays unsent, and its "
+                "aggregate's later events wait for it",
+                extra={
+                    "service": self.container.service_name,
+                    "table": self.table_name,
+                    "row_id": row.id,
+                    "event_type": row.event_type,
+                    "error_type": type(exc).__name__,
+                    "refusals": refusals,
+                    "retry_in": delay,
+                },
+            )
+            return False
+        self._refused.pop(row.id, None)
+        return True
 
     def _publish(self, row: Any) -> None:
         headers = {**json.loads(row.headers), EVENT_ID_HEADER: row.event_id}

@@ -369,12 +369,24 @@ class Publisher:
             # catch connection.blocked), which would race the green thread that
             # is draining it and corrupt its read buffer. Blocked notifications
             # still arrive through the normal drain.
-            channel.send_method(
-                spec.Basic.Publish,
-                "Bssbb",
-                (0, exchange, routing_key, mandatory, False),
-                message,
-            )
+            try:
+                channel.send_method(
+                    spec.Basic.Publish,
+                    "Bssbb",
+                    (0, exchange, routing_key, mandatory, False),
+                    message,
+                )
+            except Exception as exc:
+                if self.use_confirms and not is_connection_error(
+                    exc, self.connection.connection
+                ):
+                    # Refused before a byte was written (py-amqp encodes the
+                    # properties first: a header it cannot encode): the broker
+                    # never counted it, so neither do we, or every later confirm
+                    # would be matched to the message before it.
+                    del self._pending[tag]
+                    self._next_tag -= 1
+                raise
         if not self.use_confirms or on_failure is not None:
             return
         deadline = concurrency.Deadline(
