@@ -579,8 +579,11 @@ class WebSocketHub:
         self._server.subscriptions[channel].add(socket_id)
 
     def unsubscribe(self, socket_id: str, channel: str) -> None:
-        connection = self._server.get_connection(socket_id)
-        connection.subscriptions.discard(channel)
+        """Idempotent, and a socket that is not (or no longer) connected here is
+        not an error: whatever it was subscribed to went with it."""
+        info = self._server.sockets.get(socket_id)
+        if info is not None:
+            info.data.subscriptions.discard(channel)
         subscribers = self._server.subscriptions.get(channel)
         if subscribers is not None:
             subscribers.discard(socket_id)
@@ -591,16 +594,19 @@ class WebSocketHub:
         return sorted(self._server.get_connection(socket_id).subscriptions)
 
     @property
-    def subscriptions(self) -> dict[str, set[str]]:
+    def subscriptions(self) -> defaultdict[str, set[str]]:
         """Channel -> ids of the sockets subscribed to it here (nameko's attribute).
 
         A copy: subscribing goes through ``subscribe``, which keeps the socket's
-        own record in step.
+        own record in step. A channel nobody listens to reads as an empty set.
         """
-        return {
-            channel: set(sockets)
-            for channel, sockets in self._server.subscriptions.items()
-        }
+        return defaultdict(
+            set,
+            {
+                channel: set(sockets)
+                for channel, sockets in self._server.subscriptions.items()
+            },
+        )
 
     def broadcast(self, channel: str, event: str, data: Any) -> int:
         """Queue the event for every subscriber; returns how many got it queued."""

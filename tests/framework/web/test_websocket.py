@@ -77,6 +77,15 @@ class Chat:
         self.hub.subscribe(other, channel)
 
     @rpc
+    def unsubscribe_other(self, socket_id: str, other: str, channel: str) -> Any:
+        self.hub.unsubscribe(other, channel)
+
+    @rpc
+    def subscribers_of(self, socket_id: str, channel: str) -> Any:
+        # nameko's hub.subscriptions is a defaultdict: any channel can be read
+        return sorted(self.hub.subscriptions[channel])
+
+    @rpc
     def whisper(self, socket_id: str, to: str, text: str) -> Any:
         return self.hub.unicast(to, "whisper", {"from": socket_id, "text": text})
 
@@ -281,6 +290,26 @@ def test_subscribing_an_unknown_socket_is_connection_not_found(
     frame = client.rpc("subscribe_other", other="no-such-socket", channel="news")
 
     assert frame["error"]["exc_type"] == "ConnectionNotFound"
+
+
+def test_unsubscribing_an_unknown_socket_is_not_an_error(
+    chat: Any, ws_connect: Any
+) -> None:
+    client = ws_connect(chat)
+
+    frame = client.rpc("unsubscribe_other", other="no-such-socket", channel="news")
+
+    assert frame["success"] is True
+
+
+def test_subscriptions_of_a_channel_nobody_joined_read_as_empty(
+    chat: Any, ws_connect: Any
+) -> None:
+    client = ws_connect(chat)
+    client.rpc("subscribe", channel="news")
+
+    assert client.rpc("subscribers_of", channel="news")["data"] == [client.socket_id]
+    assert client.rpc("subscribers_of", channel="sports")["data"] == []
 
 
 def test_disconnect_forgets_the_socket_and_its_subscriptions(
