@@ -183,6 +183,14 @@ def find_free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+class PipelineSizeError(ValueError, RuntimeError):
+    """A ``ResourcePipeline`` without room for a ready resource.
+
+    A ``ValueError`` (a bad argument) that is also the ``RuntimeError`` nameko
+    raised, so code written for either catches it.
+    """
+
+
 class ResourcePipeline(Generic[Resource]):
     """Creates resources ahead of use and destroys used ones, both in the background.
 
@@ -207,7 +215,9 @@ class ResourcePipeline(Generic[Resource]):
         size: int = 3,
     ) -> None:
         if size < 1:
-            raise ValueError("a pipeline needs room for at least one ready resource")
+            raise PipelineSizeError(
+                f"a pipeline needs room for at least one ready resource, not {size}"
+            )
         self.create = create
         self.destroy = destroy
         self.size = size

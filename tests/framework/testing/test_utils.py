@@ -244,8 +244,10 @@ def test_resource_pipeline_get_raises_the_error_of_a_failed_create():
             pipeline.get()
 
 
-def test_resource_pipeline_needs_room_for_a_resource():
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("expected", [ValueError, RuntimeError])
+def test_resource_pipeline_needs_room_for_a_resource(expected):
+    # RuntimeError is what nameko raised, ValueError what a bad argument is
+    with pytest.raises(expected, match="at least one ready resource"):
         ResourcePipeline(lambda: 1, lambda item: None, size=0)
 
 
