@@ -15,13 +15,15 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Callable
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import kombu
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from framework import concurrency
@@ -34,9 +36,11 @@ from services.conversions.exceptions import FileNotFound, JobNotFound
 from services.conversions.models import ConversionJob, StoredFile, utcnow
 from services.conversions.runner import JobRunner
 from services.conversions.schemas import (
+    COUNT_MAX_AGE,
     FINISHED_STATES,
     STATE_QUEUED,
     STATE_RUNNING,
+    encode_cursor,
 )
 
 if TYPE_CHECKING:
@@ -76,13 +80,72 @@ def max_concurrent_conversions(config: dict[str, Any]) -> int:
 
 # -- the tables ------------------------------------------------------------------------
 
+# The list's order: newest first, ties broken by id, so that every job has one
+# place in it and a cursor names that place.
+NEWEST_FIRST = (ConversionJob.created_at.desc(), ConversionJob.id.desc())
+# Counted totals kept per replica, at most this many filters (then forgotten).
+COUNTS_MAX_ENTRIES = 10_000
+
+
+@dataclass(frozen=True)
+class JobListing:
+    rows: list[Any]
+    total: int
+    next_cursor: str | None
+
+
+class JobCounts:
+    """The list's totals per filter, counted at most every ``max_age`` seconds.
+
+    Counting every job of a filter on every page was most of a page's cost. A
+    total counted by this replica is trusted for ``max_age`` seconds, except that
+    a change made through this replica (a job added, deleted or changing state)
+    forgets them all at once, so the next page after one's own change is exact,
+    and one after another replica's change is exact within ``max_age``. A count
+    that ran while a change committed is not kept (the generation moved), so it
+    cannot outlive the change either.
+
+    A count kept per (state, owner) in a table, updated with every job change,
+    would be exact always, but every state change of every job would then
+    update one row per owner and the global one: a hot row that serializes the
+    replicas' writes, for a figure people read as "about this many".
+    """
+
+    def __init__(
+        self,
+        max_age: float = COUNT_MAX_AGE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_age = max_age
+        self._clock = clock
+        self._generation = 0
+        self._totals: dict[tuple[Any, ...], tuple[int, float]] = {}
+
+    def get(self, key: tuple[Any, ...], count: Callable[[], int]) -> int:
+        now = self._clock()
+        kept = self._totals.get(key)
+        if kept is not None and now - kept[1] < self.max_age:
+            return kept[0]
+        generation = self._generation
+        total = count()
+        if generation == self._generation:
+            if len(self._totals) >= COUNTS_MAX_ENTRIES:
+                self._totals.clear()
+            self._totals[key] = (total, now)
+        return total
+
+    def changed(self) -> None:
+        self._generation += 1
+        self._totals.clear()
+
 
 class JobRepository:
     """One worker's view of the files and jobs tables. Every write commits at once,
     so no transaction stays open across a long conversion."""
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, counts: JobCounts | None = None) -> None:
         self.session = session
+        self.counts = counts if counts is not None else JobCounts()
 
     # files
     def add_file(self, row: StoredFile) -> StoredFile:
@@ -102,6 +165,7 @@ class JobRepository:
     def add_job(self, row: ConversionJob) -> ConversionJob:
         self.session.add(row)
         self.session.commit()
+        self.counts.changed()
         return row
 
     def get_job(self, job_id: Any) -> ConversionJob:
@@ -118,22 +182,55 @@ class JobRepository:
         return self.session.get(ConversionJob, job_id)
 
     def search(
-        self, state: str | None, owner: int | None, page: int, per_page: int
-    ) -> tuple[list[ConversionJob], int]:
-        statement = select(ConversionJob)
+        self,
+        state: str | None,
+        owner: int | None,
+        page: int,
+        per_page: int,
+        after: tuple[datetime, str] | None = None,
+    ) -> JobListing:
+        """A page of the list, newest first (by ``created_at``, then ``id``).
+
+        The page's keys come from the filter's index alone: right after the
+        ``after`` key when given, else past ``page - 1`` pages, skipped inside the
+        index (no table rows read), so a deep page costs about what the first
+        does. Then only that page's rows are read. One more key than the page
+        holds tells whether a next page exists.
+        """
+        filters = []
         if state is not None:
-            statement = statement.where(ConversionJob.state == state)
+            filters.append(ConversionJob.state == state)
         if owner is not None:
-            statement = statement.where(ConversionJob.owner == owner)
-        total = self.session.scalar(
-            select(func.count()).select_from(statement.subquery())
+            filters.append(ConversionJob.owner == owner)
+        keys = select(ConversionJob.id).where(*filters)
+        if after is not None:
+            keys = keys.where(
+                tuple_(ConversionJob.created_at, ConversionJob.id) < after
+            )
+        else:
+            keys = keys.offset((page - 1) * per_page)
+        keys_page = keys.order_by(*NEWEST_FIRST).limit(per_page + 1).subquery()
+        # The table's rows as plain tuples: no ORM objects to build for a page
+        # that is only serialized.
+        rows = self.session.execute(
+            select(ConversionJob.__table__)
+            .join(keys_page, keys_page.c.id == ConversionJob.id)
+            .order_by(*NEWEST_FIRST)
+        ).all()
+        next_cursor = None
+        if len(rows) > per_page:
+            rows = rows[:per_page]
+            next_cursor = encode_cursor(rows[-1].created_at, rows[-1].id)
+        total = self.counts.get(
+            (state, owner),
+            lambda: (
+                self.session.scalar(
+                    select(func.count()).select_from(ConversionJob).where(*filters)
+                )
+                or 0
+            ),
         )
-        rows = self.session.scalars(
-            statement.order_by(ConversionJob.created_at.desc(), ConversionJob.id)
-            .offset((page - 1) * per_page)
-            .limit(per_page)
-        )
-        return list(rows), total or 0
+        return JobListing(list(rows), total, next_cursor)
 
     def transition(
         self, job_id: str, from_states: tuple[str, ...], **changes: Any
@@ -151,6 +248,8 @@ class JobRepository:
             update(ConversionJob).where(*conditions).values(**changes)
         )
         self.session.commit()
+        if "state" in changes:
+            self.counts.changed()
         return bool(result.rowcount)  # type: ignore[attr-defined]
 
     def claim(self, job_id: str, runner: str, stale_after: float) -> bool:
@@ -183,6 +282,7 @@ class JobRepository:
             )
         )
         self.session.commit()
+        self.counts.changed()
         return bool(result.rowcount)  # type: ignore[attr-defined]
 
     def stalled(self, older_than: float) -> list[ConversionJob]:
@@ -210,6 +310,7 @@ class JobRepository:
     def delete_job(self, job_id: str) -> None:
         self.session.execute(delete(ConversionJob).where(ConversionJob.id == job_id))
         self.session.commit()
+        self.counts.changed()
 
 
 def _is_uuid(value: Any) -> bool:
@@ -227,10 +328,15 @@ def _uuid(value: str) -> str:
 
 
 class JobStore(Database):
-    """``Database`` (engine, sessions, teardown) injecting a ``JobRepository``."""
+    """``Database`` (engine, sessions, teardown) injecting a ``JobRepository``;
+    the list's counted totals are the replica's, shared by its workers."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.counts = JobCounts()
 
     def get_dependency(self, worker_ctx: WorkerContext) -> JobRepository:  # type: ignore[override]
-        return JobRepository(super().get_dependency(worker_ctx).session)
+        return JobRepository(super().get_dependency(worker_ctx).session, self.counts)
 
 
 # -- the work queue ----------------------------------------------------------------------

@@ -89,10 +89,14 @@ class ConversionJob(Base):
     )
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
 
+    # The list's order is (created_at, id), newest first, under each filter it
+    # takes (owner, state, both, none): each index serves one filter's pages by
+    # key (``after``) and its deep pages by number from the index alone.
     __table_args__ = (
-        Index("ix_jobs_state_created", "state", "created_at"),
-        Index("ix_jobs_owner_created", "owner", "created_at"),
-        Index("ix_jobs_created", "created_at"),
+        Index("ix_jobs_created_id", "created_at", "id"),
+        Index("ix_jobs_owner_created_id", "owner", "created_at", "id"),
+        Index("ix_jobs_state_created_id", "state", "created_at", "id"),
+        Index("ix_jobs_owner_state_created_id", "owner", "state", "created_at", "id"),
     )
 
     def __repr__(self) -> str:

@@ -12,6 +12,8 @@ format; an option that does not apply to the format at hand is refused (see
 
 from __future__ import annotations
 
+import base64
+import uuid
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -27,6 +29,7 @@ __all__ = [
     "CONVERSION_QUEUED",
     "CONVERSION_STARTED",
     "CONVERSION_SUCCEEDED",
+    "COUNT_MAX_AGE",
     "DEFAULT_PER_PAGE",
     "FINISHED_STATES",
     "FORMATS",
@@ -50,7 +53,9 @@ __all__ = [
     "JobProgress",
     "ReadOptions",
     "WriteOptions",
+    "encode_cursor",
     "formats_payload",
+    "parse_cursor",
     "parse_options",
     "supported_pairs",
 ]
@@ -91,6 +96,10 @@ CONVERSION_EVENTS = (
 
 DEFAULT_PER_PAGE = 20
 MAX_PER_PAGE = 100
+# An ``after`` cursor: base64 of an ISO timestamp and a UUID, well under this.
+CURSOR_MAX_LENGTH = 200
+# A list's total is counted at most this often (seconds) by each replica.
+COUNT_MAX_AGE = 1.0
 
 # -- formats and their options -------------------------------------------------------
 
@@ -369,9 +378,15 @@ class JobPayload(BaseModel):
 
 class JobPage(BaseModel):
     items: list[JobPayload]
+    # Every job under the filter, counted at most COUNT_MAX_AGE seconds ago by
+    # the replica answering (exact at once after a change made through it).
     total: int
     page: int
     per_page: int
+    # Pass it back as ``after`` for the next page: it starts right after this
+    # page's last job, whatever was added or removed before it meanwhile. None
+    # on the last page.
+    next_cursor: str | None = None
 
 
 class JobEvent(BaseModel):
@@ -472,6 +487,33 @@ def parse_page(page: Any, per_page: Any, state: Any) -> tuple[int, int]:
     if errors:
         raise InvalidOptions("invalid query", errors)
     return page, per_page
+
+
+def encode_cursor(created_at: datetime, job_id: str) -> str:
+    """A page's continuation: where its last job stands in the list's order."""
+    stamp = _aware(created_at).astimezone(UTC).isoformat()  # type: ignore[union-attr]
+    return base64.urlsafe_b64encode(f"{stamp}|{job_id}".encode()).decode().rstrip("=")
+
+
+def parse_cursor(after: Any) -> tuple[datetime, str] | None:
+    """``(created_at, id)`` of the job an ``after`` cursor names; None for none."""
+    if after is None:
+        return None
+    refused = InvalidOptions(
+        "invalid query", {"after": "must be a next_cursor from an earlier page"}
+    )
+    if not isinstance(after, str) or not 1 <= len(after) <= CURSOR_MAX_LENGTH:
+        raise refused
+    try:
+        text = base64.urlsafe_b64decode(after + "=" * (-len(after) % 4)).decode()
+        stamp, _, job_id = text.partition("|")
+        created_at = datetime.fromisoformat(stamp)
+        job_id = str(uuid.UUID(job_id))
+    except (ValueError, UnicodeDecodeError):
+        raise refused from None
+    if created_at.tzinfo is None:
+        raise refused
+    return created_at.astimezone(UTC), job_id
 
 
 def parse_seconds(value: Any, field: str) -> float:

@@ -56,6 +56,7 @@ from services.conversions.schemas import (
     dump_job,
     formats_payload,
     output_name,
+    parse_cursor,
     parse_options,
     parse_owner,
     parse_page,
@@ -176,15 +177,19 @@ class ConversionsService:
         owner: int | None = None,
         page: int = 1,
         per_page: int = DEFAULT_PER_PAGE,
+        after: str | None = None,
     ) -> dict[str, Any]:
+        """A page of jobs, newest first: page ``page``, or the one right after the
+        job the ``after`` cursor names (``page`` is then only echoed back)."""
         page, per_page = parse_page(page, per_page, state)
         owner = parse_owner(owner)
-        rows, total = self.jobs.search(state, owner, page, per_page)
+        listing = self.jobs.search(state, owner, page, per_page, parse_cursor(after))
         return {
-            "items": [dump_job(row) for row in rows],
-            "total": total,
+            "items": [dump_job(row) for row in listing.rows],
+            "total": listing.total,
             "page": page,
             "per_page": per_page,
+            "next_cursor": listing.next_cursor,
         }
 
     @rpc(expected_exceptions=(JobNotFound, JobStateConflict))
