@@ -30,11 +30,14 @@ from framework.extensions import (
     Extension,
     iter_extensions,
 )
-from framework.logs import log_worker_error
+from framework.logs import RecordTemplate, log_worker_error
 from framework.utils import uuid4_str
 
 log = logging.getLogger(__name__)
 worker_log = logging.getLogger("framework.workers")
+# One record per worker, often one per request: made from a template rather than
+# through logging's generic path (see RecordTemplate).
+_worker_finished = RecordTemplate(worker_log, logging.INFO, "worker finished")
 
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 HandleResult = Callable[
@@ -516,16 +519,15 @@ class ServiceContainer:
             observer.worker_finished(worker_ctx, outcome, duration)
         if not worker_log.isEnabledFor(logging.INFO):
             return
-        worker_log.info(
-            "worker finished",
-            extra={
+        _worker_finished.log(
+            {
                 "service": self.service_name,
                 "entrypoint": worker_ctx.entrypoint.method_name,
                 "call_id": worker_ctx.call_id,
                 "call_id_stack": worker_ctx.call_id_stack,
                 "duration_ms": round(duration * 1000, 3),
                 "outcome": outcome,
-            },
+            }
         )
 
     def spawn_worker_related(

@@ -9,8 +9,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import warnings
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -452,3 +454,236 @@ def test_a_failing_dependency_hook_is_logged_without_its_error_text(
     assert record["level"] == "ERROR"
     assert record["error_type"] == "builtins.RuntimeError"
     assert record["call_args"] == {"email": "ann@example.com", "password": REDACTED}
+
+
+# -- records made from a template ------------------------------------------------------
+
+
+class Captured(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def captured() -> Iterator[Captured]:
+    handler = Captured()
+    logger = logging.getLogger("tests.logs.template")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(logging.NOTSET)
+
+
+FIELDS = {
+    "service": "orders",
+    "entrypoint": "create",
+    "call_id": "orders.create.1",
+    "call_id_stack": ["gateway.place.0", "orders.create.1"],
+    "duration_ms": 1.25,
+    "outcome": "success",
+}
+# What a template's record may differ in from logging's own for the same call.
+VOLATILE = {"created", "msecs", "relativeCreated", "thread", "threadName", "lineno"}
+
+
+def _log_from_template_then_generically(
+    template: logs.RecordTemplate, fields: dict[str, Any]
+) -> None:
+    template.log(fields)
+    template.logger.info(template.message, extra=fields)
+
+
+def test_a_template_record_has_the_attributes_logging_itself_gives(
+    captured: Captured,
+) -> None:
+    template = logs.RecordTemplate(
+        logging.getLogger("tests.logs.template"), logging.INFO, "worker finished"
+    )
+
+    for _ in range(2):  # the first record is made generically, the next copied
+        _log_from_template_then_generically(template, FIELDS)
+
+    first, generic, copied, generic_again = captured.records
+    for ours, theirs in ((first, generic), (copied, generic_again)):
+        assert ours.__dict__.keys() == theirs.__dict__.keys()
+        differing = {
+            key for key in ours.__dict__ if ours.__dict__[key] != theirs.__dict__[key]
+        }
+        assert differing <= VOLATILE
+        assert ours.funcName == "_log_from_template_then_generically"
+        assert ours.lineno == theirs.lineno - 1
+        assert ours.filename == "test_logs.py"
+        assert ours.getMessage() == "worker finished"
+        assert abs(ours.created - theirs.created) < 60
+        assert abs(ours.relativeCreated - theirs.relativeCreated) < 60_000
+        assert ours.msecs == int((ours.created - int(ours.created)) * 1000)
+        assert ours.process == theirs.process
+
+
+@pytest.mark.parametrize("formatter", [logs.TextFormatter(), logs.JsonFormatter()])
+def test_a_template_record_is_formatted_as_logging_s_own_would_be(
+    captured: Captured, formatter: logging.Formatter
+) -> None:
+    template = logs.RecordTemplate(
+        logging.getLogger("tests.logs.template"), logging.INFO, "worker finished"
+    )
+    fields = {**FIELDS, "call_id": "two words\nand a forged line"}
+    for _ in range(2):
+        _log_from_template_then_generically(template, fields)
+
+    for ours, theirs in zip(captured.records[::2], captured.records[1::2], strict=True):
+        ours.created, ours.msecs = theirs.created, theirs.msecs
+        line = formatter.format(ours)
+        assert line == formatter.format(theirs)
+        assert "\n" not in line
+        assert "orders.create.1" in line
+
+
+def test_a_template_logs_nothing_below_its_logger_s_level(
+    captured: Captured,
+) -> None:
+    logger = logging.getLogger("tests.logs.template")
+    template = logs.RecordTemplate(logger, logging.DEBUG, "detail")
+    logger.setLevel(logging.INFO)
+
+    template.log(FIELDS)
+    template.log(FIELDS)
+
+    assert captured.records == []
+
+
+def test_a_template_goes_through_a_custom_record_factory(
+    captured: Captured,
+) -> None:
+    original = logging.getLogRecordFactory()
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = original(*args, **kwargs)
+        record.tenant = "acme"
+        return record
+
+    template = logs.RecordTemplate(
+        logging.getLogger("tests.logs.template"), logging.INFO, "worker finished"
+    )
+    template.log(FIELDS)  # learnt with the standard factory
+    logging.setLogRecordFactory(factory)
+    try:
+        template.log(FIELDS)
+        template.log(FIELDS)
+    finally:
+        logging.setLogRecordFactory(original)
+
+    assert [getattr(r, "tenant", None) for r in captured.records] == [
+        None,
+        "acme",
+        "acme",
+    ]
+
+
+def test_a_template_record_reaches_the_logger_s_filters(captured: Captured) -> None:
+    logger = logging.getLogger("tests.logs.template")
+    template = logs.RecordTemplate(logger, logging.INFO, "worker finished")
+
+    def drop_errors(record: logging.LogRecord) -> bool:
+        return getattr(record, "outcome", None) != "error"
+
+    logger.addFilter(drop_errors)
+    try:
+        for outcome in ("success", "error", "success", "error"):
+            template.log({**FIELDS, "outcome": outcome})
+    finally:
+        logger.removeFilter(drop_errors)
+
+    assert [r.outcome for r in captured.records] == ["success", "success"]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "created",
+    [
+        1764558245.0,
+        1764558245.0004999,
+        1764558245.0005,
+        1764558245.123456,
+        1764558245.9994999,
+        1764558245.9999996,  # rounds into the next second
+        1764558246.5,
+        1764558246.7,  # the same second again: the cached part
+        0.25,
+    ],
+)
+def test_json_timestamp_is_the_utc_iso_time_to_the_millisecond(created: float) -> None:
+    formatter = logs.JsonFormatter()
+    record = logging.makeLogRecord({"msg": "m", "created": created})
+
+    for _ in range(2):
+        entry = json.loads(formatter.format(record))
+        assert entry["timestamp"] == datetime.fromtimestamp(created, tz=UTC).isoformat(
+            timespec="milliseconds"
+        )
+
+
+def test_text_time_is_logging_s_default_time_for_every_record() -> None:
+    ours, theirs = logs.TextFormatter(), logging.Formatter()
+    start = 1764558245.0
+    for offset in (0.0, 0.001, 0.5, 0.999, 1.0, 1.2, 61.7, 3600.05, 0.3):
+        record = logging.makeLogRecord({"msg": "m"})
+        record.created = start + offset
+        record.msecs = int(offset * 1000 % 1000)
+        assert ours.formatTime(record) == theirs.formatTime(record)
+    record.created, record.msecs = start, 0.0
+    assert ours.formatTime(record, "%H:%M") == theirs.formatTime(record, "%H:%M")
+
+
+def test_a_text_value_is_quoted_exactly_when_it_holds_whitespace_a_quote_or_equals(
+    stream: io.StringIO,
+) -> None:
+    logs.configure_logging({}, stream=stream)
+    log = logging.getLogger("tests.logs")
+    every_character = "".join(
+        chr(code) for code in range(0x110000) if not 0xD800 <= code <= 0xDFFF
+    )
+    quoted = {char for char in every_character if logs._text_value(char) != char}
+    assert quoted == {c for c in every_character if c.isspace() or c in '"='}
+
+    log.info("m", extra={"a": "x\u00a0y", "b": "plain", "c": "k=v", "d": ""})
+
+    line = stream.getvalue().strip()
+    assert line.endswith('a="x\u00a0y" b=plain c="k=v" d=""')
+
+
+def test_worker_finished_text_line_keeps_its_shape_and_escapes_forged_call_ids(
+    stream: io.StringIO,
+) -> None:
+    logs.configure_logging({}, stream=stream)
+    container = ServiceContainer(Service, {})
+    container.start()
+    try:
+        forged_parent = f"gateway.place.0\n{FORGED}"
+        for _ in range(2):
+            with entrypoint_hook(
+                container, "succeed", {"call_id_stack": [forged_parent]}
+            ) as hook:
+                assert hook(1) == 1
+        wait_for(lambda: container.active_workers == 0, timeout=5)
+    finally:
+        container.kill()
+
+    lines = stream.getvalue().splitlines()
+    finished = [line for line in lines if "framework.workers" in line]
+    assert len(finished) == 2, lines
+    assert not any(line.startswith(FORGED) for line in lines)
+    for line in finished:
+        assert re.fullmatch(
+            r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO framework\.workers: "
+            r"worker finished service=logs_test_service entrypoint=succeed "
+            r"call_id=logs_test_service\.succeed\.\S+ "
+            r'call_id_stack=\["gateway\.place\.0\\n2026-11-27 [^"]*",'
+            r'"logs_test_service\.succeed\.\S+"\] '
+            r"duration_ms=\d+\.\d+ outcome=success",
+            line,
+        ), line
