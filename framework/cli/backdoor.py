@@ -1,8 +1,10 @@
-"""``framework backdoor PORT``: attach to a service's live-debugging console.
+"""``framework backdoor [HOST:]PORT``: attach to a service's live-debugging console.
 
 The console is served by ``framework run --backdoor-port PORT`` on 127.0.0.1 only;
-from another machine, tunnel to it (``ssh -L PORT:127.0.0.1:PORT host``). This is a
-minimal line client (nameko shells out to telnet, which few systems still ship).
+from another machine, tunnel to it (``ssh -L PORT:127.0.0.1:PORT host``). ``HOST``
+defaults to 127.0.0.1; naming one reaches a console that ``setup_backdoor`` was
+explicitly told to serve elsewhere. This is a minimal line client (nameko shells out
+to telnet or netcat under rlwrap, which few systems still ship).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import IO
 from framework.exceptions import CommandError
 
 NAME = "backdoor"
+DEFAULT_HOST = "127.0.0.1"
 
 
 def init_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -25,16 +28,42 @@ def init_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
         description="Connect to the Python console of `framework run "
         "--backdoor-port PORT` on this machine. Ctrl-D leaves it.",
     )
-    parser.add_argument("port", type=int, help="the port given to --backdoor-port")
+    return add_arguments(parser)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of ``backdoor`` on ``parser`` (nameko's ``Backdoor.init_parser``)."""
+    parser.add_argument(
+        "target",
+        type=parse_target,
+        metavar="[HOST:]PORT",
+        help=f"the port given to --backdoor-port (host: {DEFAULT_HOST})",
+    )
     return parser
 
 
-def main(args: argparse.Namespace) -> int:
+def parse_target(text: str) -> tuple[str, int]:
+    """``PORT`` or ``HOST:PORT`` (``[::1]:PORT`` for an IPv6 address)."""
+    host, _, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]") or DEFAULT_HOST
     try:
-        connection = socket.create_connection(("127.0.0.1", args.port), timeout=5)
+        number = int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not PORT or HOST:PORT (PORT a number)"
+        ) from None
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"port {number} is not between 0 and 65535")
+    return host, number
+
+
+def main(args: argparse.Namespace) -> int:
+    host, port = args.target
+    try:
+        connection = socket.create_connection((host, port), timeout=5)
     except OSError as exc:
         raise CommandError(
-            f"no backdoor on 127.0.0.1:{args.port} ({exc.strerror or exc}); "
+            f"Backdoor unreachable on {host}:{port} ({exc.strerror or exc}); "
             "was the service run with --backdoor-port?"
         ) from None
     connection.settimeout(None)

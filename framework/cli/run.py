@@ -32,6 +32,13 @@ log = logging.getLogger(__name__)
 
 NAME = "run"
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: Where the backdoor listens unless a host is given explicitly: whoever reaches it
+#: runs any code as the service, so never a network interface by default.
+DEFAULT_BACKDOOR_HOST = "127.0.0.1"
+BACKDOOR_EXIT_MESSAGE = (
+    "This would kill your service, not close the backdoor. To leave the backdoor, "
+    "end its input (Ctrl-D) or close the connection."
+)
 
 
 def init_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -41,6 +48,11 @@ def init_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
         description="Run one or more services until SIGTERM or Ctrl-C. Without "
         ":ServiceClass, every class in the module that has an entrypoint is run.",
     )
+    return add_arguments(parser)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of ``run`` on ``parser`` (nameko's ``Run.init_parser`` too)."""
     parser.add_argument(
         "services",
         nargs="+",
@@ -77,7 +89,7 @@ def main(args: argparse.Namespace) -> int:
             # "svc" and "svc:Service" together name the same class once.
             if service_cls not in services:
                 services.append(service_cls)
-    return run_services(config, services, backdoor_port=args.backdoor_port)
+    return run(services, config, backdoor_port=args.backdoor_port)
 
 
 # -- discovery ---------------------------------------------------------------------
@@ -112,6 +124,10 @@ def import_services(path: str) -> list[type]:
             f"Failed to find anything that looks like a service in module {module_name!r}"
         )
     return services
+
+
+#: nameko's name (``nameko.cli.run.import_service``): it too returns a list.
+import_service = import_services
 
 
 def _import_module(module_name: str) -> ModuleType:
@@ -149,20 +165,50 @@ def _has_entrypoints(cls: type) -> bool:
 # -- running -----------------------------------------------------------------------
 
 
-def run_services(
-    config: dict[str, Any], services: list[type], backdoor_port: int | None = None
+def setup_backdoor(
+    runner: Any, port: int, host: str = DEFAULT_BACKDOOR_HOST
+) -> tuple[Any, Any]:
+    """Serve a Python console with ``runner`` in scope on ``host:port`` (0: any free
+    port); the listening socket and the green thread serving it (kill it to stop).
+
+    Only loopback unless ``host`` says otherwise: whoever reaches the console runs
+    any code as the service (from another machine, tunnel: ``ssh -L``). ``quit()``
+    and ``exit()`` raise instead of exiting: in a console served by a green thread,
+    ``SystemExit`` ends the whole process, services and all.
+    """
+    # eventlet's console server, used directly: ``concurrency.backdoor_server``
+    # binds 127.0.0.1 only and keeps its listening socket to itself, and nameko's
+    # API hands both back.
+    import eventlet.backdoor
+
+    from framework import concurrency
+
+    def refuse_to_exit(*args: Any) -> None:
+        raise RuntimeError(BACKDOOR_EXIT_MESSAGE)
+
+    namespace = {"runner": runner, "quit": refuse_to_exit, "exit": refuse_to_exit}
+    listener = concurrency.green_listen((host, port))
+    thread = concurrency.spawn(
+        eventlet.backdoor.backdoor_server, listener, locals=namespace
+    )
+    return listener, thread
+
+
+def run(
+    services: list[type], config: dict[str, Any], backdoor_port: int | None = None
 ) -> int:
     """Start ``services`` and block until they stop; the process's exit code.
 
     With ``backdoor_port``, a Python console with ``runner`` in scope listens on
-    127.0.0.1 at that port while the services run.
+    127.0.0.1 at that port while the services run (see ``setup_backdoor``).
     """
     from framework import concurrency
     from framework.runners import ServiceRunner
 
     if not concurrency.is_monkey_patched():
         raise RuntimeError(
-            "run_services needs a monkey-patched process (framework.concurrency.monkey_patch)"
+            "framework.cli.run.run needs a monkey-patched process "
+            "(framework.concurrency.monkey_patch)"
         )
 
     runner = ServiceRunner(config)
@@ -176,15 +222,13 @@ def run_services(
     if backdoor_port is not None:
         # Before the services start: a port in use fails the command at once.
         try:
-            backdoor, port = concurrency.backdoor_server(
-                backdoor_port, {"runner": runner}
-            )
+            listener, backdoor = setup_backdoor(runner, backdoor_port)
         except OSError as exc:
             raise CommandError(
-                f"cannot serve the backdoor on 127.0.0.1:{backdoor_port}: "
+                f"cannot serve the backdoor on {DEFAULT_BACKDOOR_HOST}:{backdoor_port}: "
                 f"{exc.strerror or exc}"
             ) from None
-        log.warning("backdoor console listening on 127.0.0.1:%d", port)
+        log.warning("backdoor console listening on %s:%d", *listener.getsockname()[:2])
 
     shutdown = SignalShutdown(runner)
     shutdown.install()

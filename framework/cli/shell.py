@@ -15,6 +15,12 @@ non-zero if it raised::
 
     echo 'print(n.rpc.greeter.hello("x"))' | framework shell
 
+(nameko fed piped text to its interactive console line by line; a whole script runs
+as written, blank lines inside a function included.)
+
+nameko's API is here too: ``make_nameko_helper(config)`` (connects at once, as
+nameko's did) and ``ShellRunner(banner, namespace).start_shell(interface)``.
+
 Like nameko's shell, this does not monkey-patch: the standalone proxies use
 blocking sockets, and patching underneath IPython breaks its prompt.
 """
@@ -36,7 +42,8 @@ from framework.exceptions import CommandError
 from framework.utils import sanitize_url
 
 NAME = "shell"
-INTERFACES = ("ipython", "plain")
+#: Tried in this order when no --interface is given.
+INTERFACES = ("ipython", "bpython", "plain")
 HELPER_DOC = """Shell helper for calling services and dispatching events.
 
     >>> n.rpc.<service>.<method>(*args, **kwargs)
@@ -58,10 +65,16 @@ def init_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
         "`n.dispatch_event()`, `n.config` and `n.disconnect()`. Reads a script "
         "from stdin when it is not a terminal.",
     )
+    return add_arguments(parser)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of ``shell`` on ``parser`` (nameko's ``Shell.init_parser`` too)."""
     parser.add_argument(
         "--interface",
         choices=INTERFACES,
-        help="shell to use (default: ipython when installed, else plain)",
+        help="shell to use (default: the first of ipython, bpython, plain that is "
+        "installed)",
     )
     add_config_arguments(parser)
     return parser
@@ -79,10 +92,8 @@ def main(args: argparse.Namespace) -> int:
         "n": helper,
     }
     try:
-        if not sys.stdin.isatty():
-            return run_script(sys.stdin.read(), namespace)
         banner = make_banner(config, broker_source(args, config))
-        return run_interactive(namespace, banner, args.interface)
+        return ShellRunner(banner, namespace).start_shell(args.interface)
     finally:
         helper.disconnect()
 
@@ -181,13 +192,22 @@ class LazyEventDispatcher:
 
 
 def make_helper(config: dict[str, Any]) -> ModuleType:
-    """The ``n`` module object the shell namespace exposes."""
+    """The ``n`` module object the shell namespace exposes; connects on first use."""
     helper = ModuleType("n", HELPER_DOC)
     rpc = LazyClusterRpc(config)
     helper.rpc = rpc  # type: ignore[attr-defined]
     helper.dispatch_event = LazyEventDispatcher(config)  # type: ignore[attr-defined]
     helper.config = config  # type: ignore[attr-defined]
     helper.disconnect = rpc._disconnect  # type: ignore[attr-defined]
+    return helper
+
+
+def make_nameko_helper(config: dict[str, Any]) -> ModuleType:
+    """nameko's helper: ``make_helper``'s ``n``, but connected at once, so that
+    ``n.rpc`` is the started ``ClusterProxy`` and an unreachable broker fails here
+    (``BrokerUnreachable``) rather than on first use."""
+    helper = make_helper(config)
+    helper.rpc = helper.rpc._connect()  # type: ignore[attr-defined]
     return helper
 
 
@@ -227,39 +247,77 @@ def _exit_code(exc: SystemExit) -> int:
     return 1
 
 
-def run_interactive(
-    namespace: dict[str, Any], banner: str, interface: str | None
-) -> int:
-    if interface in (None, "ipython"):
+class ShellRunner:
+    """Runs ``namespace`` in the shell asked for: a piped script when stdin is not a
+    terminal, else ``interface`` (or the first installed of ``INTERFACES``).
+
+    ``PYTHONSTARTUP`` runs in the namespace before an interactive shell, whichever it
+    is, as the plain interpreter does it.
+    """
+
+    def __init__(self, banner: str, local: dict[str, Any]) -> None:
+        self.banner = banner
+        self.local = local
+
+    def start_shell(self, name: str | None = None) -> int:
+        """Run the shell; the exit code."""
+        if not sys.stdin.isatty():
+            return run_script(sys.stdin.read(), self.local)
+        run_startup_file(self.local)
+        for candidate in [name] if name is not None else INTERFACES:
+            # Only the import is guarded: an ImportError inside a running shell is
+            # the session's business, not a sign the shell is missing.
+            try:
+                shell = self.load(candidate)
+            except ImportError:
+                if name is not None:
+                    raise CommandError(
+                        f"{name} is not installed; use --interface plain"
+                    ) from None
+                continue
+            return shell()
+        raise AssertionError("the plain shell is always available")
+
+    def load(self, name: str) -> Callable[[], int]:
+        """Shell ``name``, ready to run; ImportError if it is not installed."""
+        if name == "ipython":
+            from IPython import embed
+
+            def ipython() -> int:
+                embed(banner1=self.banner, user_ns=self.local)
+                return 0
+
+            return ipython
+        if name == "bpython":
+            import bpython  # type: ignore[import-not-found]
+
+            def run_bpython() -> int:
+                bpython.embed(locals_=self.local, banner=self.banner)
+                return 0
+
+            return run_bpython
+        if name == "plain":
+            return self.plain
+        raise CommandError(f"unknown shell {name!r}; one of {', '.join(INTERFACES)}")
+
+    def plain(self) -> int:
         try:
-            from IPython import start_ipython
+            import readline
+            import rlcompleter
         except ImportError:
-            if interface == "ipython":
-                raise CommandError(
-                    "IPython is not installed; use --interface plain"
-                ) from None
+            pass  # no readline on this platform: no tab completion, still a shell
         else:
-            sys.stdout.write(banner + "\n")
-            start_ipython(argv=[], user_ns=namespace, display_banner=False)
-            return 0
-    return run_plain(namespace, banner)
+            readline.set_completer(rlcompleter.Completer(self.local).complete)
+            readline.parse_and_bind("tab: complete")
+        try:
+            code.interact(banner=self.banner, local=self.local, exitmsg="")
+        except SystemExit as exc:
+            return _exit_code(exc)
+        return 0
 
 
-def run_plain(namespace: dict[str, Any], banner: str) -> int:
+def run_startup_file(namespace: dict[str, Any]) -> None:
     startup = os.environ.get("PYTHONSTARTUP")
     if startup and os.path.isfile(startup):
         with open(startup, encoding="utf-8") as stream:
             exec(compile(stream.read(), startup, "exec"), namespace)  # noqa: S102
-    try:
-        import readline
-        import rlcompleter
-    except ImportError:
-        pass  # no readline on this platform: no tab completion, still a shell
-    else:
-        readline.set_completer(rlcompleter.Completer(namespace).complete)
-        readline.parse_and_bind("tab: complete")
-    try:
-        code.interact(banner=banner, local=namespace, exitmsg="")
-    except SystemExit as exc:
-        return _exit_code(exc)
-    return 0

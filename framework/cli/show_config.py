@@ -23,6 +23,12 @@ def init_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
         description="Print the config, after environment substitution and --define, "
         "as block-style YAML.",
     )
+    return add_arguments(parser)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of ``show-config`` on ``parser`` (nameko's
+    ``ShowConfig.init_parser`` too)."""
     add_config_arguments(parser, default_config=DEFAULT_CONFIG_FILE, broker=False)
     return parser
 

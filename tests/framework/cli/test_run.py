@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from framework.cli.run import import_services
+from framework.cli import run as run_command
+from framework.cli.main import setup_parser
+from framework.cli.run import import_service, import_services
 from framework.exceptions import CommandError
 
 from .cli_helpers import RunningCli, run_cli
@@ -72,6 +74,37 @@ def write_module(directory: Path, source: str, package: str | None = None) -> st
 
 
 # -- discovery ---------------------------------------------------------------------
+
+
+def test_import_service_is_nameko_s_name_for_import_services(
+    module_dir: Path,
+) -> None:
+    module = write_module(module_dir, SERVICE_SOURCE)
+
+    assert [cls.__name__ for cls in import_service(module)] == ["Alpha", "Beta"]
+    assert [cls.__name__ for cls in import_service(f"{module}:Beta")] == ["Beta"]
+
+
+def test_main_hands_the_services_and_the_loaded_config_to_run(
+    module_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = write_module(module_dir, SERVICE_SOURCE)
+    config = module_dir / "config.yaml"
+    config.write_text("AMQP_URI: amqp://from-file\nserializer: json\n")
+    calls = []
+    monkeypatch.setattr(
+        run_command, "run", lambda *args, **kwargs: calls.append((args, kwargs)) or 0
+    )
+    args = setup_parser().parse_args(
+        ["run", "--config", str(config), f"{module}:Alpha"]
+    )
+
+    assert run_command.main(args) == 0
+
+    [((services, loaded), options)] = calls
+    assert [cls.__name__ for cls in services] == ["Alpha"]
+    assert loaded == {"AMQP_URI": "amqp://from-file", "serializer": "json"}
+    assert options == {"backdoor_port": None}
 
 
 def test_module_without_class_yields_every_class_with_an_entrypoint(
