@@ -108,6 +108,27 @@ DELIBERATE: dict[str, str] = {
     "too)",
     "test/cli/test_test.py": _TABLE + "CLI (no `test` command: plain pytest with "
     "our plugin; the console script is `framework`)",
+    "test/cli/test_shell.py::TestExitCode": _TABLE + "CLI (runs the `nameko` "
+    "executable; ours is `framework`, whose piped scripts exit 0 and 1 alike, "
+    "tests/framework/cli/test_shell.py)",
+    "test/cli/test_backdoor.py": _TABLE + "CLI (our backdoor client is built in: no "
+    "telnet or netcat found with os.system and run under rlwrap with call)",
+    "test/cli/test_show_config.py": _TABLE + "show-config (keys in the file's order, "
+    "not sorted; the test also patches framework.cli.main's os, where nameko's "
+    "substitution read the environment)",
+    # Their stdin is pytest's, not a terminal: ours runs it as a script where nameko
+    # fed it to code.interact, which they patch and expect called.
+    **{
+        f"test/cli/test_shell.py::{name}": _TABLE + "shell (piped stdin runs as one "
+        "script, not line by line in code.interact)"
+        for name in (
+            "test_basic",
+            "test_plain",
+            "test_plain_fallback",
+            "test_config",
+            "test_uses_plain_when_not_tty",
+        )
+    },
     "test/test_handle_result.py::test_handle_result": _TABLE + "unexpected errors in "
     "RPC replies (type and correlation id only, never the text)",
 }
@@ -135,6 +156,15 @@ INTERNALS_TESTS: dict[str, str] = {
     "test/standalone/test_rpc_proxy.py::TestConsumeEvent": "builds nameko's "
     "ConsumeEvent around a mocked PollingQueueConsumer; ours waits on the proxy's "
     "own connection",
+    "test/cli/test_run.py::test_stopping": "replaces the module's eventlet to drive "
+    "nameko's wait loop (KeyboardInterrupt from runlet.wait()); ours turns signals "
+    "into stop and kill through a wakeup fd (tests/framework/cli/test_run.py sends "
+    "real signals)",
+    "test/cli/test_run.py::test_os_error_for_signal": "replaces the module's eventlet "
+    "to raise EINTR from nameko's runlet.wait(); ours never waits in an interruptible "
+    "call there",
+    "test/cli/test_run.py::test_other_errors_propagate": "replaces the module's "
+    "eventlet to raise an OSError from nameko's runlet.wait()",
 }
 
 
