@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from typing import Any
 
 import amqp
+import amqp.exceptions
 import kombu
 import kombu.compression
 import kombu.pools
@@ -73,15 +76,44 @@ class _Confirm(Waiter):
             self.on_failure(error)
 
 
+class _PublishDefault:
+    """A publish option's default, read and set as an attribute (nameko's
+    ``publisher.mandatory = True``, ``publisher.retry_policy``)."""
+
+    def __init__(self, fallback: Any) -> None:
+        self.fallback = fallback
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        return instance.defaults.get(self.name, self.fallback)
+
+    def __set__(self, instance: Any, value: Any) -> None:
+        instance.defaults[self.name] = value
+
+
 class Publisher:
     """Publishes messages on one confirm-mode channel shared by many green threads.
 
     Also constructible as nameko's ``Publisher(amqp_uri, serializer=..., ...)``: a
     URI instead of a config, and publish options given to the constructor are the
     defaults of every ``publish`` (``ssl`` and ``login_method`` configure the
-    connection). Headers merge: the constructor's, then the call's ``headers``,
-    then its ``extra_headers``.
+    connection); they read and set as attributes too (``publisher.mandatory``).
+    Headers merge: the constructor's, then the call's ``headers``, then its
+    ``extra_headers``; ``declare`` lists add up the same way.
     """
+
+    mandatory = _PublishDefault(False)
+    retry = _PublishDefault(True)
+    retry_policy = _PublishDefault(DEFAULT_RETRY_POLICY)
+    delivery_mode = _PublishDefault(PERSISTENT)
+    priority = _PublishDefault(0)
+    expiration = _PublishDefault(None)
+    serializer = _PublishDefault("json")
+    compression = _PublishDefault(None)
 
     def __init__(
         self,
@@ -144,8 +176,48 @@ class Publisher:
             channel.events["basic_ack"].add(self._on_ack)
             channel.events["basic_nack"].add(self._on_nack)
         channel.events["basic_return"].add(self._on_return)
+        channel._callbacks[spec.Channel.Close] = partial(
+            self._on_channel_close, channel
+        )
         self._channel = channel
         self._next_tag = 1
+
+    def _on_channel_close(
+        self,
+        channel: Any,
+        reply_code: int,
+        reply_text: str,
+        class_id: int,
+        method_id: int,
+    ) -> None:
+        """The broker closed the channel because of a message it refused (a
+        ``user_id`` that is not the connection's user, an exchange that does not
+        exist): that publish raises the broker's error (``PreconditionFailed``,
+        ``NotFound``...), not a lost connection that a retry would repeat.
+
+        py-amqp would reopen the channel in place, outside confirm mode and while
+        the reader thread owns the socket; instead the connection is dropped, and
+        the next publish opens a fresh one. The broker does not say which message
+        it refused: the oldest unconfirmed one takes the error (with one publisher
+        at a time, the one just sent), the others fail as lost and are sent again.
+        """
+        channel.send_method(spec.Channel.CloseOk)
+        error = amqp.exceptions.error_for_code(
+            reply_code,
+            reply_text,
+            (class_id, method_id),
+            amqp.exceptions.ChannelError,
+        )
+        log.warning(
+            "the broker closed the publishing channel",
+            extra={"reply_code": reply_code, "reply_text": reply_text},
+        )
+        pending, self._pending = self._pending, {}
+        lost = ConnectionLost(f"the broker closed the channel: {reply_text}")
+        for number, tag in enumerate(sorted(pending)):
+            pending[tag].settle(error if number == 0 else lost)
+        # A connection error, so that whoever drains the connection drops it.
+        raise lost from error
 
     def _fail_pending(self, error: BaseException) -> None:
         pending, self._pending = self._pending, {}
@@ -212,8 +284,37 @@ class Publisher:
         """
         if self.defaults or "extra_headers" in options:
             options = self._with_defaults(options)
+        if options.get("content_type") is not None:
+            self._publish_raw(payload, options)
+            return
         serializer = options.pop("serializer", None) or "json"
         content_type, content_encoding, body = serialization.dumps(payload, serializer)
+        self.publish_encoded(
+            body,
+            content_type=content_type,
+            content_encoding=content_encoding,
+            **options,
+        )
+
+    def _publish_raw(self, body: Any, options: dict[str, Any]) -> None:
+        """A body with an explicit ``content_type`` is sent as given (kombu's and
+        so nameko's rule): a ``str`` encoded with ``content_encoding`` (UTF-8 if
+        none), ``bytes`` as they are (``binary`` if no encoding is named)."""
+        options.pop("serializer", None)
+        content_type = options.pop("content_type")
+        content_encoding = options.pop("content_encoding", None)
+        if isinstance(body, str):
+            content_encoding = content_encoding or "utf-8"
+            body = body.encode(content_encoding)
+        elif isinstance(body, bytes | bytearray | memoryview):
+            content_encoding = content_encoding or "binary"
+            body = bytes(body)
+        else:
+            raise TypeError(
+                f"a body published with content_type={content_type!r} must be str "
+                f"or bytes, not {type(body).__name__}; leave content_type out to "
+                "serialize it"
+            )
         self.publish_encoded(
             body,
             content_type=content_type,
@@ -230,6 +331,8 @@ class Publisher:
         }
         if headers:
             merged["headers"] = headers
+        if self.defaults.get("declare") and options.get("declare"):
+            merged["declare"] = [*self.defaults["declare"], *options["declare"]]
         return merged
 
     def publish_encoded(
@@ -252,6 +355,7 @@ class Publisher:
         timeout: float | None = None,
         compression: str | None = None,
         on_failure: Callable[[BaseException], None] | None = None,
+        use_confirms: bool | None = None,
         **properties: Any,
     ) -> None:
         """Publish an already serialized body (e.g. when dead-lettering as received).
@@ -264,7 +368,22 @@ class Publisher:
         ``declare`` is declared once per connection; ``redeclare`` before every
         publish (a queue with ``x-expires`` must be used to stay alive, and
         publishing to it does not count).
+
+        ``use_confirms=False`` returns as soon as the message is written, as
+        nameko's does: nothing reports a refused or unroutable message then, so a
+        ``mandatory`` one warns (``UserWarning``) and is sent as not mandatory.
         """
+        confirmed = self.use_confirms and use_confirms is not False
+        if mandatory and not confirmed:
+            warnings.warn(
+                "mandatory delivery needs publisher confirms: without them an "
+                "unroutable message is dropped and nothing raises",
+                UserWarning,
+                stacklevel=2,
+            )
+            mandatory = False
+        if not confirmed and on_failure is None:
+            on_failure = _ignore_failure
         if compression:
             body, compressed_type = kombu.compression.compress(body, compression)
             headers = {**(headers or {}), "compression": compressed_type}
@@ -392,7 +511,16 @@ class Publisher:
         deadline = concurrency.Deadline(
             timeout if timeout is not None else self.confirm_timeout
         )
-        if not self.connection.wait_for(confirm, deadline):
+        try:
+            settled = self.connection.wait_for(confirm, deadline)
+        except ConnectionLost:
+            # Without a reader thread, this thread may have read the broker
+            # closing the channel over this very message (``_on_channel_close``).
+            if isinstance(confirm.error, amqp.exceptions.ChannelError):
+                self.connection.reset(self.connection.generation)
+                raise confirm.error from None
+            raise
+        if not settled:
             self._pending.pop(tag, None)
             raise PublishConfirmFailed(
                 f"the broker did not confirm a message to {exchange!r}/{routing_key!r} "
@@ -418,6 +546,10 @@ class Publisher:
 
     def close(self) -> None:
         self.connection.close()
+
+
+def _ignore_failure(error: BaseException) -> None:
+    """``on_failure`` of a publish whose caller asked for no confirm."""
 
 
 def _entity_key(entity: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import amqp.exceptions
 import kombu
 import pytest
 
@@ -109,3 +110,104 @@ def test_nameko_style_constructor_options_are_defaults_and_headers_merge(rabbit_
     assert first.headers == {"a": 1, "b": 2, "c": 3}
     assert first.properties["priority"] == 3
     assert second.properties["priority"] == 7
+
+
+@pytest.fixture
+def named_queue(rabbit_config):
+    """A queue bound to the default exchange under its name, emptied by the test."""
+
+    def declare(name: str) -> kombu.Queue:
+        with kombu.Connection(rabbit_config["AMQP_URI"]) as connection:
+            kombu.Queue(name, channel=connection.default_channel).declare()
+        return kombu.Queue(name)
+
+    return declare
+
+
+def get_message(rabbit_config, queue_name: str, **options):
+    with kombu.Connection(rabbit_config["AMQP_URI"]) as connection:
+        queue = kombu.Queue(queue_name, channel=connection.default_channel)
+        return queue.get(no_ack=True, **options)
+
+
+@pytest.mark.integration
+def test_a_message_the_broker_refuses_raises_its_error_and_the_next_publish_goes(
+    publisher, rabbit_config, named_queue
+):
+    named_queue("refused")
+
+    # The broker closes the channel over a user_id that is not the connection's:
+    # that publish raises the broker's own error, once, without retrying it.
+    with pytest.raises(amqp.exceptions.PreconditionFailed):
+        publisher.publish({"n": 1}, routing_key="refused", user_id="somebody-else")
+    with pytest.raises(amqp.exceptions.NotFound):
+        publisher.publish({"n": 2}, exchange="no-such-exchange", routing_key="x")
+    publisher.publish(
+        {"n": 3}, routing_key="refused", user_id=rabbit_config["username"]
+    )
+
+    message = get_message(rabbit_config, "refused")
+    assert message.payload == {"n": 3}
+    assert get_message(rabbit_config, "refused") is None
+
+
+@pytest.mark.integration
+def test_a_body_with_a_content_type_is_sent_as_given(
+    publisher, rabbit_config, named_queue
+):
+    named_queue("raw")
+    gif = b"GIF89a\x01\x00\x01\x00\x00\xff\x00,"
+
+    publisher.publish(gif, routing_key="raw", content_type="image/gif")
+    publisher.publish(
+        "é".encode("utf-16"),
+        routing_key="raw",
+        content_type="text/plain",
+        content_encoding="utf-16",
+    )
+    publisher.publish("é", routing_key="raw", content_type="text/plain")
+
+    first, second, third = (get_message(rabbit_config, "raw") for _ in range(3))
+    assert (first.body, first.content_encoding) == (gif, "binary")
+    assert (second.payload, second.content_encoding) == ("é", "utf-16")
+    assert (third.payload, third.content_encoding) == ("é", "utf-8")
+    with pytest.raises(TypeError, match="leave content_type out"):
+        publisher.publish({"n": 1}, routing_key="raw", content_type="image/gif")
+
+
+@pytest.mark.integration
+def test_mandatory_without_confirms_warns_and_drops_an_unroutable_message(publisher):
+    with pytest.warns(UserWarning, match="mandatory delivery needs publisher"):
+        publisher.publish(
+            {"x": 1}, routing_key="nobody-listens", mandatory=True, use_confirms=False
+        )
+    # the channel's confirms still match: the next mandatory publish raises
+    with pytest.raises(UndeliverableMessage):
+        publisher.publish({"x": 2}, routing_key="nobody-listens", mandatory=True)
+
+
+@pytest.mark.integration
+def test_publish_defaults_read_and_set_as_attributes(rabbit_config, named_queue):
+    named_queue("declared-by-constructor")
+    publisher = Publisher(
+        rabbit_config["AMQP_URI"],
+        declare=[kombu.Queue("declared-by-constructor")],
+    )
+    try:
+        assert publisher.mandatory is False
+        assert publisher.retry_policy["max_retries"] >= 1
+        publisher.mandatory = True
+        with pytest.raises(UndeliverableMessage):
+            publisher.publish({"x": 1}, routing_key="nobody-listens")
+
+        # declare lists add up: the constructor's and the call's
+        publisher.publish(
+            {"x": 2},
+            routing_key="declared-by-call",
+            declare=[kombu.Queue("declared-by-call", auto_delete=False)],
+        )
+    finally:
+        publisher.close()
+    assert get_message(rabbit_config, "declared-by-call").payload == {"x": 2}
+    with kombu.Connection(rabbit_config["AMQP_URI"]) as connection:
+        connection.default_channel.queue_delete("declared-by-call")
