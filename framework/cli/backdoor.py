@@ -72,22 +72,44 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+#: What the console prints when it is ready for the next line.
+PROMPTS = (">>> ", "... ")
+
+
 def relay(connection: socket.socket, stdin: IO[str], stdout: IO[str]) -> None:
     """Copy the console's output to ``stdout`` and ``stdin``'s lines to it, until
-    either side ends."""
+    either side ends.
+
+    A line is sent only once the console prompts for it: eventlet's console reads
+    through a text file that throws away what it has read ahead each time it writes,
+    so lines sent together (piped in, or pasted) were lost after the first answer.
+    """
+    prompted = threading.Event()
 
     def show() -> None:
+        tail = ""
         while data := connection.recv(4096):
-            stdout.write(data.decode("utf-8", "replace"))
+            text = data.decode("utf-8", "replace")
+            stdout.write(text)
             stdout.flush()
+            tail = (tail + text)[-len(PROMPTS[0]) :]
+            if tail in PROMPTS:
+                prompted.set()
+        prompted.set()  # the console is gone: stop waiting for it
 
     reader = threading.Thread(target=show, name="backdoor-output", daemon=True)
     reader.start()
     try:
         for line in stdin:
+            prompted.wait()
+            if not reader.is_alive():
+                break
+            prompted.clear()
             connection.sendall(line.encode())
     except (BrokenPipeError, ConnectionResetError):
         pass  # the service went away
+    if reader.is_alive():
+        prompted.wait()  # the answer to the last line
     try:
         connection.shutdown(socket.SHUT_WR)  # the console sees end of input
     except OSError:

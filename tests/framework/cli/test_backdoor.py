@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import re
 import socket
 from collections.abc import Iterator
 
@@ -22,6 +23,20 @@ def test_the_console_runs_code_in_the_given_namespace_on_loopback_only():
             output = io.StringIO()
             relay(connection, io.StringIO("answer + 1\n"), output)
         assert "43" in output.getvalue()
+    finally:
+        concurrency.kill(thread)
+
+
+def test_the_client_sends_each_piped_line_once_the_console_asks_for_it():
+    thread, port = concurrency.backdoor_server(0, {})
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
+            output = io.StringIO()
+            script = "1 + 1\n2 + 2\ndef five():\n    return 5\n\nfive()\n"
+            relay(connection, io.StringIO(script), output)
+        # Each answer follows the prompt of the line that asked for it.
+        answers = re.findall(r"^(?:>>> |\.\.\. )*(\d+)$", output.getvalue(), re.M)
+        assert answers == ["2", "4", "5"]
     finally:
         concurrency.kill(thread)
 
