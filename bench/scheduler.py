@@ -4,7 +4,9 @@
 
 * **Tick latency** (scheduled time to the target's method starting), p50/p99/max,
   with 1 and with 3 replicas, for 1,000 schedules spread over each minute
-  (schedule *i* fires at second *i* mod 60: about 17 due every second).
+  (schedule *i* fires at second *i* mod 60: about 17 due every second), and the
+  replicas' CPU per run over the window (from ``/proc``), which the machine's
+  load distorts far less than the latency.
 * **Burst**: 200 schedules due in the same second, 3 replicas: when the last
   target call starts, counted from the scheduled second.
 * **Claim cost**: one ``claim_due`` transaction in this process, on the same
@@ -156,6 +158,18 @@ class Replicas:
             self.stop()
             raise SystemExit(f"replicas not ready within {START_TIMEOUT}s") from None
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU the replicas have used so far (Linux ``/proc``)."""
+        ticks_per_second = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for process in self.processes:
+            # Fields after the command name (which may hold spaces): utime is
+            # the 14th field of the line, stime the 15th.
+            fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1]
+            utime, stime = fields.split()[11:13]
+            total += int(utime) + int(stime)
+        return total / ticks_per_second
+
     def stop(self) -> None:
         stop_processes(self.processes)
 
@@ -217,9 +231,10 @@ def measure_spread(
     group = Replicas(replicas, amqp_uri, url, log_dir)
     try:
         concurrency.sleep(2)  # past start-up: the first claims coincide with it
-        since = time.time()
+        since, cpu_since = time.time(), group.cpu_seconds()
         concurrency.sleep(window)
         until = time.time() - 1  # the last second's calls may still be arriving
+        cpu = group.cpu_seconds() - cpu_since
         concurrency.sleep(2)
     finally:
         group.stop()
@@ -228,6 +243,9 @@ def measure_spread(
     return {
         "calls": len(values),
         "expected": round(expected),
+        # The replicas' CPU over the window (one second more than the calls
+        # counted) per run: what load on the machine distorts least.
+        "cpu_per_run_ms": cpu * 1000 / (SPREAD_SCHEDULES * window / 60),
         "p50": statistics.median(values),
         "p99": percentile(values, 0.99),
         "max": max(values),
@@ -328,7 +346,8 @@ def table(results: dict[str, Any], window: float) -> str:
             f"replica{'s' if replicas > 1 else ''}: p50 / p99 / max | "
             f"{spread_result['p50']:.1f} / {spread_result['p99']:.1f} / "
             f"{spread_result['max']:.1f} ms ({spread_result['calls']} calls, "
-            f"{spread_result['expected']} expected) |"
+            f"{spread_result['expected']} expected; replicas' CPU "
+            f"{spread_result['cpu_per_run_ms']:.1f} ms per run) |"
         )
     burst = results.get("burst")
     if burst is not None:

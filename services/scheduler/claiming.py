@@ -73,6 +73,17 @@ class Launch:
     # long leaves the run to be marked lost rather than call the target late).
     call_at: float
     call_by: float
+    # The database's clock as read by the claim, and this process's monotonic
+    # clock at that moment: a time measured here (the call) is stated on the
+    # database's clock, like every other time of the run, without asking it.
+    clock_at: datetime
+    clock_read_at: float
+    claimed_at: str  # ISO 8601, UTC
+    replica: str
+
+    def database_time(self, monotonic: float) -> datetime:
+        """``monotonic`` (this process's ``time.monotonic()``) on the database's clock."""
+        return self.clock_at + timedelta(seconds=monotonic - self.clock_read_at)
 
 
 @dataclass
@@ -104,7 +115,9 @@ class DueTickClaims:
     def __init__(self, session: Session, settings: SchedulerSettings) -> None:
         self.session = session
         self.settings = settings
-        # The local monotonic clock when ``now()`` last read the database's.
+        # The database's clock as ``now()`` last read it, and the local monotonic
+        # clock at that moment.
+        self._now_read = datetime.now(UTC)
         self._now_read_at = time.monotonic()
 
     def now(self) -> datetime:
@@ -114,6 +127,7 @@ class DueTickClaims:
         else:
             now = datetime.now(UTC)
         self._now_read_at = time.monotonic()
+        self._now_read = utc(now)  # type: ignore[assignment]
         return now  # type: ignore[return-value]
 
     def _clock(self) -> Any:
@@ -415,4 +429,8 @@ class DueTickClaims:
             # Half the margin: a call made by then and timing out still records
             # its outcome well before anyone may mark the run lost.
             call_by=call_at + self.settings.lost_after.total_seconds() / 2,
+            clock_at=self._now_read,
+            clock_read_at=self._now_read_at,
+            claimed_at=utc(run.claimed_at).astimezone(UTC).isoformat(),  # type: ignore[union-attr]
+            replica=self.settings.replica,
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import datetime
 from functools import partial
 from typing import Any
 
@@ -26,6 +27,7 @@ from services.scheduler.schemas import (
     DEFAULT_PER_PAGE,
     FIRE_TIMES_SHOWN,
     LAST_RUNS_SHOWN,
+    OUTCOME_RUNNING,
     SCHEDULE_RUN_FINISHED,
     SCHEDULE_RUN_STARTED,
     SCHEDULER_SERVICE,
@@ -162,14 +164,17 @@ class SchedulerService:
             )
             return
         schedule = launch.schedule
+        started: list[datetime] = []
         outcome = call_target(
             self.cluster,
             self.dispatch,
             schedule["target"],
             schedule["timeout_seconds"],
-            on_sent=partial(self._started, launch),
+            on_sent=partial(self._started, launch, started),
         )
-        finished = self.schedules.finish_run(launch.run_id, outcome, schedule)
+        finished = self.schedules.finish_run(
+            launch.run_id, outcome, schedule, started[0] if started else None
+        )
         if finished is None:
             log.warning(
                 "run finished after another replica marked it lost",
@@ -181,19 +186,23 @@ class SchedulerService:
             self.launch(queued)
         self._announce(SCHEDULE_RUN_FINISHED, schedule, run)
 
-    def _started(self, launch: Launch) -> None:
-        # Recorded once the request is on its way, while the target works: the
-        # database round trips add nothing to the tick's latency.
-        try:
-            run = self.schedules.start_run(launch.run_id)
-        except Exception:
-            # The call is made; its outcome is still recorded at the end.
-            log.warning(
-                "run start not recorded", extra={"run_id": launch.run_id}, exc_info=True
-            )
-            return
-        if run is not None:
-            self._announce(SCHEDULE_RUN_STARTED, launch.schedule, run)
+    def _started(self, launch: Launch, started: list[datetime]) -> None:
+        # No database round trip here: the start is recorded with the outcome.
+        started.append(launch.database_time(time.monotonic()))
+        # Runs due at the same instant wake in one pass of the hub; yielding once
+        # lets every one of them send its request before any spends CPU on an
+        # event, so a tick's calls do not queue behind each other's announcements.
+        concurrency.sleep(0)
+        run = Run(
+            id=launch.run_id,
+            schedule_id=launch.schedule["id"],
+            scheduled_for=datetime.fromisoformat(launch.scheduled_for),
+            claimed_at=datetime.fromisoformat(launch.claimed_at),
+            started_at=started[0],
+            replica=launch.replica,
+            outcome=OUTCOME_RUNNING,
+        )
+        self._announce(SCHEDULE_RUN_STARTED, launch.schedule, run)
 
     def _announce(self, event_type: str, schedule: dict[str, Any], run: Run) -> None:
         # The run is recorded whatever happens here; a lost event only delays

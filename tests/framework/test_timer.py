@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from framework import concurrency
-from framework.timer import timer
+from framework.timer import paced, timer
 from tests.helpers import wait_for
 
 ticks: list[float] = []
@@ -114,3 +114,71 @@ def test_a_zero_interval_timer_fires_once_while_killed(container_factory, caplog
     concurrency.sleep(0.05)  # room for a timer that is still alive to fire
     assert tracker.call_count == 1
     assert "ContainerBeingKilled" not in caplog.text
+
+
+# -- @paced: the loop whose method returns the next wait ---------------------------------
+
+
+def make_paced_service(returns, max_wait=1.0, error_wait=1.0):
+    class Paced:
+        name = "paced"
+        calls: list[float] = []
+
+        @paced(max_wait=max_wait, error_wait=error_wait)
+        def claim(self):
+            Paced.calls.append(time.monotonic())
+            if isinstance(returns, Exception):
+                raise returns
+            return returns
+
+    return Paced
+
+
+def test_a_paced_method_runs_at_start_then_again_after_the_wait_it_returns(
+    container_factory,
+):
+    service = make_paced_service(0.05)
+    container_factory(service, {}).start()
+    wait_for(lambda: len(service.calls) >= 4, timeout=5)
+    gaps = [b - a for a, b in zip(service.calls, service.calls[1:], strict=False)]
+    assert all(gap >= 0.04 for gap in gaps), gaps
+
+
+def test_a_paced_wait_is_capped_and_an_error_waits_the_error_wait(container_factory):
+    capped = make_paced_service(3600, max_wait=0.02)
+    failing = make_paced_service(RuntimeError("database down"), error_wait=0.02)
+    container_factory(capped, {}).start()
+    container = container_factory(failing, {})
+    container.start()
+    wait_for(lambda: len(capped.calls) >= 3 and len(failing.calls) >= 3, timeout=5)
+    assert not container._died.ready()
+
+
+def test_killing_a_container_mid_paced_loop_leaves_no_error_and_no_thread(
+    container_factory, caplog
+):
+    calls = []
+
+    class Busy:
+        name = "busy"
+
+        @paced()
+        def claim(self):
+            calls.append(None)
+            if len(calls) == 3:
+                # The kill starts as this worker ends, the loop about to spawn
+                # the next one.
+                concurrency.spawn_n(container.kill)
+            return 0
+
+    container = container_factory(Busy)
+    container.start()
+    with concurrency.Timeout(5):
+        container.wait()
+    count = len(calls)
+    concurrency.sleep(0.05)  # room for a loop that is still alive to call again
+    assert len(calls) == count
+    assert container._managed_threads == {}
+    assert container._worker_threads == {}
+    assert "ContainerBeingKilled" not in caplog.text
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]

@@ -471,3 +471,16 @@ def test_a_run_whose_replica_died_is_marked_lost_by_another_and_not_fired_again(
         )
     )
     assert TargetService.calls == []
+
+
+def test_killing_a_replica_mid_loop_leaves_no_error_and_no_thread(
+    scheduler: Any, target: Any, client: Any, pg_scheduler: str, caplog: Any
+) -> None:
+    schedule = new_schedule(client, overlap_policy="allow")
+    wait_for(lambda: len(outcomes(pg_scheduler, schedule["id"])) >= 2, timeout=15)
+
+    scheduler.kill()
+    assert scheduler._managed_threads == {}
+    assert scheduler._worker_threads == {}
+    assert "ContainerBeingKilled" not in caplog.text
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]

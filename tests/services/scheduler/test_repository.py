@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy.orm
 
 from framework.database import Session, create_engine
-from services.scheduler.claiming import SchedulerSettings
+from services.scheduler.claiming import SchedulerSettings, utc
 from services.scheduler.models import Run, Schedule
 from services.scheduler.repository import ScheduleRepository
 from services.scheduler.schemas import parse_schedule
@@ -93,17 +93,23 @@ def test_a_due_tick_is_claimed_once_and_the_next_pass_finds_nothing_more(
     assert 0 <= first.wait <= 1
 
 
-def test_a_run_is_started_then_finished_once(repository: ScheduleRepository) -> None:
+def test_a_run_is_finished_once_with_its_start_on_the_database_clock(
+    repository: ScheduleRepository,
+) -> None:
     schedule = add(repository)
     overdue(repository, schedule, 0)
     [launch, *_] = repository.claim_due().launches
 
-    assert repository.start_run(launch.run_id) is not None
-    assert repository.start_run(launch.run_id) is None  # already started
+    called = launch.database_time(launch.clock_read_at + 0.25)
+    assert called == launch.clock_at + timedelta(seconds=0.25)
     finished = repository.finish_run(
-        launch.run_id, Outcome("succeeded", result_summary="42"), launch.schedule
+        launch.run_id,
+        Outcome("succeeded", result_summary="42"),
+        launch.schedule,
+        started_at=called,
     )
     assert finished is not None and finished[0].outcome == "succeeded"
+    assert utc(finished[0].started_at) == called  # SQLite hands back naive UTC
     assert (
         repository.finish_run(launch.run_id, Outcome("failed"), launch.schedule) is None
     )
