@@ -27,20 +27,6 @@ def test_the_console_runs_code_in_the_given_namespace_on_loopback_only():
         concurrency.kill(thread)
 
 
-def test_the_client_sends_each_piped_line_once_the_console_asks_for_it():
-    thread, port = concurrency.backdoor_server(0, {})
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
-            output = io.StringIO()
-            script = "1 + 1\n2 + 2\ndef five():\n    return 5\n\nfive()\n"
-            relay(connection, io.StringIO(script), output)
-        # Each answer follows the prompt of the line that asked for it.
-        answers = re.findall(r"^(?:>>> |\.\.\. )*(\d+)$", output.getvalue(), re.M)
-        assert answers == ["2", "4", "5"]
-    finally:
-        concurrency.kill(thread)
-
-
 def test_run_refuses_a_backdoor_port_in_use():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -141,3 +127,14 @@ def test_backdoor_client_takes_a_port_or_host_and_port(text, target):
 def test_backdoor_client_rejects_a_malformed_target(text):
     with pytest.raises(argparse.ArgumentTypeError):
         parse_target(text)
+
+
+def test_the_client_sends_each_piped_line_once_the_console_asks_for_it(backdoor):
+    with socket.create_connection(backdoor, timeout=5) as connection:
+        output = io.StringIO()
+        script = "1 + 1\n2 + 2\ndef five():\n    return 5\n\nfive()\n"
+        relay(connection, io.StringIO(script), output)
+
+    # Each answer follows the prompt of the line that asked for it.
+    answers = re.findall(r"^(?:>>> |\.\.\. )*(\d+)$", output.getvalue(), re.M)
+    assert answers == ["2", "4", "5"]
