@@ -231,23 +231,40 @@ class RpcConsumer(SharedExtension, ProviderCollector):
 
     def stop(self) -> None:
         self.wait_for_providers()
+        if not self._providers_registered:
+            # No ``@rpc`` entrypoint ever registered (``restrict_entrypoints``
+            # removed them all), so no last unregistration takes this consumer
+            # off the queue consumer, which would wait for it.
+            self.queue_consumer.unregister_provider(self)
+
+    def get_provider_for_method(self, routing_key: str) -> Rpc:
+        """The ``@rpc`` entrypoint a request's routing key names, or
+        ``MethodNotFound``."""
+        service, _, method_name = routing_key.rpartition(".")
+        provider = (
+            self._methods.get(method_name)
+            if service == self.container.service_name
+            else None
+        )
+        if provider is None:
+            raise MethodNotFound(method_name)
+        return provider
 
     def handle_message(self, body: Any, message: Any) -> None:
         routing_key = message.delivery_info.get("routing_key", "")
         method_name = routing_key.rsplit(".", 1)[-1]
         try:
-            service, _, _ = routing_key.rpartition(".")
-            provider = (
-                self._methods.get(method_name)
-                if service == self.container.service_name
-                else None
-            )
-            if provider is None and service == self.container.service_name:
-                if method_name in self._retired:
+            try:
+                provider = self.get_provider_for_method(routing_key)
+            except MethodNotFound:
+                service = routing_key.rpartition(".")[0]
+                if (
+                    service == self.container.service_name
+                    and method_name in self._retired
+                ):
                     self._give_back(message, method_name)
                     return
-            if provider is None:
-                raise MethodNotFound(method_name)
+                raise
             provider.handle_message(body, message)
         except ContainerBeingKilled:
             self._give_back(message, method_name)
@@ -266,7 +283,7 @@ class RpcConsumer(SharedExtension, ProviderCollector):
             # Off the consumer loop: the reply waits for a publisher confirm. A
             # worker-related thread, so that a graceful stop waits for the reply.
             self.container.spawn_worker_related(
-                self.reply_and_ack,
+                self.handle_result,
                 message,
                 None,
                 (type(exc), exc, exc.__traceback__),
@@ -285,7 +302,7 @@ class RpcConsumer(SharedExtension, ProviderCollector):
         )
         message.requeue_later()
 
-    def reply_and_ack(
+    def handle_result(
         self,
         message: Any,
         result: Any,
@@ -339,7 +356,7 @@ class Rpc(Entrypoint, HeaderDecoder):
     def handle_result(
         self, message: Any, worker_ctx: WorkerContext, result: Any, exc_info: Any
     ) -> tuple[Any, Any]:
-        return self.rpc_consumer.reply_and_ack(
+        return self.rpc_consumer.handle_result(
             message, result, exc_info, self.expected_exceptions, worker_ctx.call_id
         )
 

@@ -23,9 +23,13 @@ from framework.exceptions import (
     deserialize_to_instance,
 )
 from framework.logs import JsonFormatter, TextFormatter
-from framework.rpc import ClusterRpc, Rpc, RpcProxy, ServiceRpc, rpc
+from framework.rpc import ClusterRpc, Rpc, RpcConsumer, RpcProxy, ServiceRpc, rpc
 from framework.standalone.rpc import ClusterRpcProxy, ServiceRpcProxy
-from framework.testing.services import entrypoint_hook, get_extension
+from framework.testing.services import (
+    entrypoint_hook,
+    get_extension,
+    restrict_entrypoints,
+)
 from tests.helpers import wait_for
 
 
@@ -552,7 +556,7 @@ def test_error_replies_are_worker_related_so_a_graceful_stop_waits_for_them(
     ):
         cluster.greeter.no_such_method()
     assert any(
-        call.args[0].__name__ == "reply_and_ack" for call in related.call_args_list
+        call.args[0].__name__ == "handle_result" for call in related.call_args_list
     )
 
 
@@ -604,3 +608,32 @@ def test_standalone_reply_queues_take_the_ttl_patched_into_framework_rpc():
     with patch("framework.rpc.RPC_REPLY_QUEUE_TTL", new=100):
         proxy = ClusterRpcProxy({"AMQP_URI": "memory://"})
     assert proxy.reply_listener.queue.queue_arguments == {"x-expires": 100}
+
+
+def test_rpc_consumer_names_the_provider_of_a_routing_key_or_method_not_found(
+    rabbit_config, container_factory
+):
+    container = container_factory(Greeter, rabbit_config)
+    consumer = get_extension(container, RpcConsumer)
+    container.start()
+
+    provider = consumer.get_provider_for_method("greeter.hello")
+
+    assert (provider.method_name, type(provider)) == ("hello", Rpc)
+    with pytest.raises(MethodNotFound):
+        consumer.get_provider_for_method("greeter.no_such_method")
+    with pytest.raises(MethodNotFound):
+        consumer.get_provider_for_method("other_service.hello")
+
+
+def test_an_rpc_consumer_without_entrypoints_leaves_the_queue_consumer_on_stop(
+    rabbit_config, container_factory
+):
+    container = container_factory(Greeter, rabbit_config)
+    restrict_entrypoints(container)  # no @rpc entrypoint registers
+    consumer = get_extension(container, RpcConsumer)
+
+    with patch.object(consumer, "queue_consumer") as queue_consumer:
+        consumer.stop()
+
+    queue_consumer.unregister_provider.assert_called_once_with(consumer)
