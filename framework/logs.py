@@ -35,6 +35,9 @@ worker: dependency setup, the method, result handling, teardown) and ``outcome``
 ``expected_exceptions``) or ``error``. A worker killed mid-call (container killed,
 or drain deadline passed) logs no such record. Set the ``framework.workers``
 logger to WARNING to turn these records off; the container then skips building them.
+The record is made from a ``RecordTemplate`` (a copy of the first one's constant
+attributes, not logging's generic path: it is written for every request); in a
+monkey-patched process its ``threadName`` is ``GreenThread``.
 
 Errors
 ------

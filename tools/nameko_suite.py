@@ -131,6 +131,11 @@ DELIBERATE: dict[str, str] = {
     },
     "test/test_handle_result.py::test_handle_result": _TABLE + "unexpected errors in "
     "RPC replies (type and correlation id only, never the text)",
+    "test/web/test_server.py::test_other_socket_error": _TABLE + "an unexpected "
+    "error on one HTTP connection (ends that connection; the test waits for the "
+    "container to die)",
+    "test/web/test_server.py::test_other_os_error": _TABLE + "an unexpected error "
+    "on one HTTP connection (as above)",
 }
 
 # Tests of nameko's internals that fail for another reason than a private name in the

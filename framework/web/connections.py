@@ -28,6 +28,7 @@ from typing import Any
 
 from framework import concurrency
 from framework.exceptions import ConfigurationError
+from framework.logs import log_error
 
 log = logging.getLogger(__name__)
 
@@ -111,13 +112,37 @@ class ConnectionGuard:
         if self._pool.free() == 0:
             self._evict_one()
         conn_state = args[0] if args else None
-        thread = self._pool.spawn(fn, *args)
+        thread = self._pool.spawn(self._serve_connection, fn, args)
         if conn_state is not None:
             # A connection counts as waiting from its accept until its first
             # request line is in (the protocol says so too, once it runs).
             self.waiting_for_request(conn_state)
             thread.link(self._forget, conn_state)
         return thread
+
+    def _serve_connection(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        try:
+            fn(*args)
+        except Exception as exc:
+            # An unexpected error on one connection (a socket error other than a
+            # reset, say) ends that connection only, and is logged in the
+            # service's format (type and frames: its text could quote the
+            # request) instead of being printed by eventlet. nameko's container
+            # died of it: one client could take the service down.
+            log_error(
+                log,
+                "error serving a connection",
+                exc,
+                expected=False,
+                correlation_id=None,
+                fields={"server": self.name},
+            )
+            sock = args[0][1] if args and len(args[0]) > 1 else None
+            if sock is not None:
+                try:
+                    sock.close()
+                except OSError:
+                    pass
 
     def waitall(self) -> None:
         self._pool.waitall()

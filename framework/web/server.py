@@ -84,7 +84,8 @@ class BindAddress(NamedTuple):
 
 
 def parse_address(address: str | int) -> BindAddress:
-    """``[address:]port`` → ``BindAddress``; the address defaults to ``0.0.0.0``.
+    """``[address:]port`` → ``BindAddress``; without an address, ``""``: every
+    IPv4 interface, as for ``socket.bind`` (and nameko's ``parse_address``).
 
     An IPv6 address goes in brackets: ``[::1]:8000``.
     """
@@ -93,7 +94,7 @@ def parse_address(address: str | int) -> BindAddress:
         raise ConfigurationError(
             f"Misconfigured bind address `{address}`. Should be `[address:]port`"
         )
-    host = (match.group("address") or "0.0.0.0").strip("[]")
+    host = (match.group("address") or "").strip("[]")
     return BindAddress(host, int(match.group("port")))
 
 
@@ -394,10 +395,69 @@ class WsgiApp:
             raise RequestEntityTooLarge()
 
 
+# The protocol every connection of a WebServer is served with (nameko's name): the
+# HTTP/1.1 protocol of eventlet's wsgi server with the guard's deadlines and slot
+# accounting, and the common request shape parsed without the email package (see
+# framework.concurrency.guarded_wsgi_server, which subclasses it per server).
+HttpOnlyProtocol: type = concurrency._GuardedHttpProtocol
+
+
+class BaseHTTPServer:
+    """nameko's name (``six.moves.BaseHTTPServer``) for the module of the request
+    handler ``HttpOnlyProtocol`` derives from, for code that patches that class.
+    eventlet derives from its own green copy of ``http.server``, so the standard
+    library's ``http.server.BaseHTTPRequestHandler`` is another class."""
+
+    BaseHTTPRequestHandler: type = next(
+        cls
+        for cls in HttpOnlyProtocol.__mro__
+        if cls.__name__ == "BaseHTTPRequestHandler"
+    )
+
+
+class WsgiServer:
+    """What ``WebServer.get_wsgi_server`` returns by default: the WSGI application
+    to serve on ``sock``, served by ``WebServer`` with ``protocol`` behind its
+    connection guard (cap, idle and header deadlines, socket timeouts)."""
+
+    def __init__(
+        self,
+        sock: Any,
+        app: WsgiApplication,
+        protocol: type = HttpOnlyProtocol,
+        debug: bool = False,
+    ) -> None:
+        self.sock = sock
+        self.app = app
+        self.protocol = protocol
+        self.debug = debug
+
+
+def served_application(wsgi_server: Any) -> WsgiApplication:
+    """The application of what ``get_wsgi_server`` returned (a ``WsgiServer`` or
+    eventlet's ``wsgi.Server``); ``ConfigurationError`` if it has none or asks
+    for another protocol, which this server cannot run behind its guard."""
+    app = getattr(wsgi_server, "app", None)
+    if not callable(app):
+        raise ConfigurationError(
+            f"get_wsgi_server() returned {wsgi_server!r}, which has no WSGI "
+            "application in `app`; return a WsgiServer"
+        )
+    protocol = getattr(wsgi_server, "protocol", HttpOnlyProtocol)
+    if protocol is not HttpOnlyProtocol:
+        raise ConfigurationError(
+            f"get_wsgi_server() asked for the protocol {protocol!r}; connections "
+            "are served with HttpOnlyProtocol only (it enforces the connection "
+            "limits and timeouts)"
+        )
+    return app
+
+
 class WebServer(ProviderCollector, SharedExtension):
     """The container's HTTP server, shared by every route provider.
 
-    Override points: ``get_wsgi_app()`` (wrap it in middleware) and
+    Override points: ``get_wsgi_app()`` (wrap it in middleware),
+    ``get_wsgi_server()`` (serve another application) and
     ``get_wsgi_server_options()``.
     """
 
@@ -407,6 +467,7 @@ class WebServer(ProviderCollector, SharedExtension):
         self._sock: Any = None
         self._server_thread: concurrency.GreenThread | None = None
         self._connections: ConnectionGuard | None = None
+        self._wsgi_server: Any = None
         self._accepting = False
 
     @property
@@ -470,6 +531,7 @@ class WebServer(ProviderCollector, SharedExtension):
             reuse_port=False,
         )
         self._connections = ConnectionGuard(self.limits, name="web")
+        self._wsgi_server = self.get_wsgi_server(self._sock, self.get_wsgi_app())
         self._accepting = True
         self._server_thread = self.container.spawn_managed_thread(
             self._serve, identifier="web_server"
@@ -488,6 +550,24 @@ class WebServer(ProviderCollector, SharedExtension):
         """The WSGI application served; override to wrap it in middleware."""
         return WsgiApp(self)
 
+    def get_wsgi_server(
+        self,
+        sock: Any,
+        wsgi_app: WsgiApplication,
+        protocol: type = HttpOnlyProtocol,
+        debug: bool = False,
+    ) -> Any:
+        """What serves the listening socket, made once at ``start()``: by
+        default a ``WsgiServer`` of ``wsgi_app`` (``get_wsgi_app()``).
+
+        An override may return its own ``WsgiServer`` or another object with
+        the same ``app`` attribute, such as eventlet's ``wsgi.Server``: its
+        application is then served, always through this server's connection
+        cap and timeouts, with ``HttpOnlyProtocol``, and without tracebacks
+        sent to clients (``debug`` is not honoured).
+        """
+        return WsgiServer(sock, wsgi_app, protocol=protocol, debug=debug)
+
     def get_wsgi_server_options(self) -> dict[str, Any]:
         """Keyword arguments for eventlet's wsgi server (see ``wsgi_server``); the
         pool, keep-alive and socket timeouts come from ``limits``."""
@@ -500,9 +580,10 @@ class WebServer(ProviderCollector, SharedExtension):
 
     def _serve(self) -> None:
         assert self._connections is not None
+        app = served_application(self._wsgi_server)
         concurrency.guarded_wsgi_server(
             self._sock,
-            self.get_wsgi_app(),
+            app,
             self._connections,
             socket_timeout=self._connections.limits.socket_timeout,
             **self.get_wsgi_server_options(),

@@ -5,6 +5,7 @@ Through real sockets against containers in this process (see ``conftest.py``).
 
 from __future__ import annotations
 
+import logging
 import socket
 from typing import Any
 
@@ -15,7 +16,14 @@ from werkzeug.wrappers import Request
 from framework import concurrency
 from framework.exceptions import ConfigurationError
 from framework.web.handlers import HttpRequestHandler, http
-from framework.web.server import BindAddress, WebServer, parse_address
+from framework.web.server import (
+    BaseHTTPServer,
+    BindAddress,
+    HttpOnlyProtocol,
+    WebServer,
+    WsgiServer,
+    parse_address,
+)
 
 TIMEOUT = 5
 
@@ -30,8 +38,8 @@ def wait_until(condition: Any, timeout: float = TIMEOUT) -> None:
 @pytest.mark.parametrize(
     ("address", "expected"),
     [
-        ("8000", BindAddress("0.0.0.0", 8000)),
-        (8000, BindAddress("0.0.0.0", 8000)),
+        ("8000", BindAddress("", 8000)),
+        (8000, BindAddress("", 8000)),
         ("127.0.0.1:8080", BindAddress("127.0.0.1", 8080)),
         ("localhost:0", BindAddress("localhost", 0)),
         ("[::1]:9000", BindAddress("::1", 9000)),
@@ -290,3 +298,186 @@ def test_keep_alive_connection_serves_consecutive_requests(run_service: Any) -> 
 
     assert (first.text, second.text) == ("3", "a")
     assert Store.calls == ["upload"]
+
+
+# -- nameko's server API: HttpOnlyProtocol, BaseHTTPServer, get_wsgi_server ----------
+
+
+def _raw_get(port: int, path: str) -> bytes:
+    """One request on its own connection, the answer read until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n".encode()
+        )
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+        return received
+
+
+def test_connections_are_served_with_http_only_protocol(
+    run_service: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    served: list[type] = []
+    handle_one_request = HttpOnlyProtocol.handle_one_request
+
+    def recording(protocol: Any) -> None:
+        served.append(type(protocol))
+        handle_one_request(protocol)
+
+    monkeypatch.setattr(HttpOnlyProtocol, "handle_one_request", recording)
+    service = run_service(Store)
+
+    assert requests.get(service.url("/a"), timeout=TIMEOUT).text == "a"
+    assert served and all(issubclass(cls, HttpOnlyProtocol) for cls in served)
+    assert issubclass(HttpOnlyProtocol, BaseHTTPServer.BaseHTTPRequestHandler)
+
+
+@pytest.mark.parametrize(
+    ("method", "error"),
+    [
+        ("handle_one_request", OSError("raw readinto() returned invalid length")),
+        ("finish", OSError("boom")),
+    ],
+)
+def test_an_error_on_one_connection_ends_it_and_the_service_keeps_serving(
+    run_service: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    method: str,
+    error: Exception,
+) -> None:
+    # nameko's container died of such an error: one client could stop a service.
+    service = run_service(Store)
+    owner = (
+        HttpOnlyProtocol
+        if method == "handle_one_request"
+        else BaseHTTPServer.BaseHTTPRequestHandler
+    )
+    original = getattr(owner, method)
+    failures: list[str] = []
+
+    def fail_once(protocol: Any) -> None:
+        if not failures:
+            failures.append(method)
+            raise error
+        original(protocol)
+
+    monkeypatch.setattr(owner, method, fail_once)
+
+    _raw_get(service.port, "/a")  # ends, answered or not
+
+    assert failures == [method]
+    assert requests.get(service.url("/a"), timeout=TIMEOUT).text == "a"
+    (record,) = [
+        r for r in caplog.records if r.getMessage() == "error serving a connection"
+    ]
+    assert record.levelno == logging.ERROR
+    assert record.error_type == "builtins.OSError"  # type: ignore[attr-defined]
+    assert str(error) not in caplog.text  # its text could quote the request
+    with concurrency.Timeout(0.2, False):
+        service.container.wait()
+        pytest.fail("one connection's error ended the container")
+
+
+class OtherApp(WebServer):
+    """Serves its own application instead of the routed one."""
+
+    def get_wsgi_server(
+        self,
+        sock: Any,
+        wsgi_app: Any,
+        protocol: type = HttpOnlyProtocol,
+        debug: bool = False,
+    ) -> WsgiServer:
+        def other_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+            start_response("200 OK", [("Content-Length", "8")])
+            return [b"Override"]
+
+        return WsgiServer(sock, other_app, protocol=protocol, debug=debug)
+
+
+class OtherAppHttp(HttpRequestHandler):
+    server = OtherApp()
+
+
+class OtherAppService:
+    name = "other_app"
+
+    @OtherAppHttp.decorator("GET", "/")
+    def index(self, request: Request) -> Any:
+        return "routed"  # never: the other application answers
+
+
+def test_get_wsgi_server_can_serve_another_application_behind_the_same_limits(
+    run_service: Any,
+) -> None:
+    service = run_service(OtherAppService, {"WEB_IDLE_TIMEOUT": 0.2})
+    port = service.container.shared_extensions[OtherApp].port
+
+    response = requests.get(f"http://127.0.0.1:{port}/", timeout=TIMEOUT)
+    assert response.text == "Override"
+    # The idle deadline still closes a connection that never sends a request.
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as silent:
+        assert silent.recv(1) == b""
+
+
+def test_get_wsgi_server_receives_the_socket_and_the_wsgi_app(
+    run_service: Any,
+) -> None:
+    received: list[Any] = []
+
+    class Recording(WebServer):
+        def get_wsgi_server(self, sock: Any, wsgi_app: Any, **kwargs: Any) -> Any:
+            received.extend([sock, wsgi_app, kwargs])
+            return super().get_wsgi_server(sock, wsgi_app, **kwargs)
+
+    class RecordingHttp(HttpRequestHandler):
+        server = Recording()
+
+    class RecordingService:
+        name = "recording"
+
+        @RecordingHttp.decorator("GET", "/")
+        def index(self, request: Request) -> Any:
+            return "routed"
+
+    service = run_service(RecordingService)
+    server = service.container.shared_extensions[Recording]
+
+    sock, app, kwargs = received
+    assert sock.getsockname()[1] == server.port
+    assert callable(app) and kwargs == {}
+    assert requests.get(f"http://127.0.0.1:{server.port}/", timeout=TIMEOUT).text == (
+        "routed"
+    )
+
+
+def test_a_wsgi_server_asking_for_another_protocol_stops_the_container(
+    container_factory: Any,
+) -> None:
+    class OwnProtocol(HttpOnlyProtocol):
+        pass
+
+    class OwnProtocolServer(WebServer):
+        def get_wsgi_server(self, sock: Any, wsgi_app: Any, **kwargs: Any) -> Any:
+            return WsgiServer(sock, wsgi_app, protocol=OwnProtocol)
+
+    class OwnProtocolHttp(HttpRequestHandler):
+        server = OwnProtocolServer()
+
+    class OwnProtocolService:
+        name = "own_protocol"
+
+        @OwnProtocolHttp.decorator("GET", "/")
+        def index(self, request: Request) -> Any:
+            return "routed"
+
+    container = container_factory(
+        OwnProtocolService, {"WEB_SERVER_ADDRESS": "127.0.0.1:0"}
+    )
+    container.start()
+
+    with concurrency.Timeout(TIMEOUT), pytest.raises(ConfigurationError) as raised:
+        container.wait()
+    assert "HttpOnlyProtocol" in str(raised.value)
