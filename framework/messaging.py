@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import logging
 import traceback
+import warnings
 from functools import partial
 from typing import Any
 
@@ -147,7 +148,17 @@ class HeaderEncoder:
     header_prefix = HEADER_PREFIX
 
     def get_message_headers(self, worker_ctx: WorkerContext) -> dict[str, Any]:
-        return encode_to_headers(worker_ctx.context_data, self.header_prefix)
+        """Context as headers; a ``None`` value is dropped, with a warning (as
+        nameko's), since its key then does not reach downstream services."""
+        context_data = worker_ctx.context_data
+        if None in context_data.values():
+            warnings.warn(
+                "context values of None are not published as headers: "
+                + ", ".join(sorted(k for k, v in context_data.items() if v is None)),
+                UserWarning,
+                stacklevel=2,
+            )
+        return encode_to_headers(context_data, self.header_prefix)
 
 
 class HeaderDecoder:
@@ -164,14 +175,23 @@ class ContainerPublisher(SharedExtension):
     """The container's one confirm-mode publishing channel, shared by every
     publisher in it (replies, events, RPC requests, ``Publisher``)."""
 
-    publisher: AmqpPublisher
+    _publisher: AmqpPublisher | None = None
+
+    @property
+    def publisher(self) -> AmqpPublisher:
+        """The publisher, made on first use as well as at setup: a provider bound
+        and set up on its own (nameko's tests do so, with a mock container) has
+        its shared extensions bound but not set up."""
+        if self._publisher is None:
+            self._publisher = AmqpPublisher(
+                self.container.config,
+                purpose=f"{self.container.service_name} publisher",
+                service=self.container.service_name,
+            )
+        return self._publisher
 
     def setup(self) -> None:
-        self.publisher = AmqpPublisher(
-            self.container.config,
-            purpose=f"{self.container.service_name} publisher",
-            service=self.container.service_name,
-        )
+        _ = self.publisher
 
     def publish(self, payload: Any, **options: Any) -> None:
         self.publisher.publish(payload, **options)
@@ -726,12 +746,11 @@ class Publisher(DependencyProvider, HeaderEncoder):
         }
 
     def get_dependency(self, worker_ctx: WorkerContext) -> Any:
+        context_headers = self.get_message_headers(worker_ctx)
+
         def publish(msg: Any, **kwargs: Any) -> None:
             options = self.publish_options(kwargs)
-            options["headers"] = {
-                **self.get_message_headers(worker_ctx),
-                **options["headers"],
-            }
+            options["headers"] = {**context_headers, **options["headers"]}
             options.setdefault("exchange", self.exchange or "")
             options.setdefault("declare", self.declare)
             self.container_publisher.publish(msg, **options)

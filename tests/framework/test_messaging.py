@@ -6,6 +6,7 @@ import json
 import logging
 import subprocess
 import sys
+from unittest.mock import Mock
 
 import kombu
 import pytest
@@ -423,3 +424,54 @@ def test_publisher_and_dispatcher_exchanges_are_declared_at_setup(
         channel = connection.channel()
         for name in ("announcements", "announcer.events"):
             channel.exchange_declare(name, "", passive=True)
+
+
+@pytest.mark.integration
+def test_a_publisher_bound_and_set_up_on_its_own_publishes(
+    rabbit_config, get_message_from_queue
+):
+    # nameko's tests bind a provider to a mock container and set up only it: its
+    # shared ContainerPublisher is bound but never set up.
+    container = Mock(
+        config=rabbit_config,
+        service_name="lonely",
+        shared_extensions={},
+        serializer="json",
+    )
+    sink = kombu.Queue(
+        "lonely-sink", exchange=kombu.Exchange("lonely"), routing_key="note"
+    )
+    provider = Publisher(queue=sink).bind(container, "publish")
+    provider.setup()
+    try:
+        provider.get_dependency(Mock(context_data={}))("hello", routing_key="note")
+    finally:
+        provider.container_publisher.stop()
+
+    assert get_message_from_queue("lonely-sink").payload == "hello"
+
+
+@pytest.mark.integration
+def test_a_context_value_of_none_is_left_out_of_the_headers_with_a_warning(
+    rabbit_config, get_message_from_queue
+):
+    container = Mock(
+        config=rabbit_config,
+        service_name="lonely",
+        shared_extensions={},
+        serializer="json",
+    )
+    sink = kombu.Queue(
+        "lonely-sink", exchange=kombu.Exchange("lonely"), routing_key="note"
+    )
+    provider = Publisher(queue=sink).bind(container, "publish")
+    provider.setup()
+    worker_ctx = Mock(context_data={"language": "en", "customheader": None})
+    try:
+        with pytest.warns(UserWarning, match="customheader"):
+            publish = provider.get_dependency(worker_ctx)
+        publish("hello", routing_key="note")
+    finally:
+        provider.container_publisher.stop()
+
+    assert get_message_from_queue("lonely-sink").headers == {"nameko.language": "en"}
