@@ -200,6 +200,13 @@ def _zone(name: Any) -> ZoneInfo:
         ) from None
 
 
+def _aware(moment: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; the lock only stores UTC."""
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=UTC)
+
+
 def _second_pass(moment: datetime) -> bool:
     """Whether ``moment`` is the later of two instants with the same wall time."""
     naive = moment.replace(tzinfo=None)
@@ -289,8 +296,18 @@ SYSTEM_CLOCK = SystemClock()
 # -- the cluster lock ----------------------------------------------------------------------
 
 CLAIMS_TABLE = "framework_cron_claims"
+# One row per cluster-once entrypoint whose overlap policy is not "allow": the
+# run going in the cluster (its tick, replica and lease) and the tick queued
+# behind it, so that the overlap decision is the cluster's, not one replica's.
+RUNNING_TABLE = "framework_cron_running"
 # Claims older than this are deleted; a tick is never claimed again that late.
 CLAIM_RETENTION = timedelta(days=2)
+
+# What a cluster-wide claim decided for a tick.
+CLAIM_RUN = "run"  # this replica runs it
+CLAIM_QUEUED = "queued"  # it runs when the run going ends (queue_one)
+CLAIM_SKIPPED = "skipped"  # a run is going (skip; or queue_one with one waiting)
+CLAIM_TAKEN = "taken"  # another replica claimed this tick
 
 
 class CronLock(SharedExtension):
@@ -305,11 +322,26 @@ class CronLock(SharedExtension):
     provider uses (``DATABASE_URL``).
     """
 
+    # A run going holds its entrypoint's row this long past its last renewal;
+    # its replica renews it every third of that while the run goes. A replica
+    # that died mid-run blocks the next ticks at most this long.
+    lease = timedelta(seconds=30)
+
     def __init__(self) -> None:
         self.engine: Engine | None = None
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
         self._last_purge: datetime | None = None
         metadata = sqlalchemy.MetaData()
+        self.running = sqlalchemy.Table(
+            RUNNING_TABLE,
+            metadata,
+            sqlalchemy.Column("name", sqlalchemy.String(255), primary_key=True),
+            # NULL when no run is going.
+            sqlalchemy.Column("scheduled_for", sqlalchemy.DateTime(timezone=True)),
+            sqlalchemy.Column("replica", sqlalchemy.String(255)),
+            sqlalchemy.Column("lease_until", sqlalchemy.DateTime(timezone=True)),
+            sqlalchemy.Column("queued_for", sqlalchemy.DateTime(timezone=True)),
+        )
         self.claims = sqlalchemy.Table(
             CLAIMS_TABLE,
             metadata,
@@ -367,6 +399,132 @@ class CronLock(SharedExtension):
                 )
         return True
 
+    def register(self, name: str) -> None:
+        """Create ``name``'s row of the running table (once, by any replica)."""
+        assert self.engine is not None
+        try:
+            with self.engine.begin() as connection:
+                exists = connection.execute(
+                    sqlalchemy.select(self.running.c.name).where(
+                        self.running.c.name == name
+                    )
+                ).first()
+                if exists is None:
+                    connection.execute(self.running.insert().values(name=name))
+        except sqlalchemy.exc.IntegrityError:
+            pass  # another replica registered it first
+
+    def claim_exclusive(self, name: str, scheduled_for: datetime, overlap: str) -> str:
+        """Claim the tick and decide, for the whole cluster, whether it runs now.
+
+        One transaction: the claim row (a unique violation means another replica
+        has the tick), then ``name``'s running row, locked: a run going whose
+        lease has not expired makes the tick queue or skip by ``overlap``;
+        otherwise this replica takes the row for the tick. Returns one of
+        ``CLAIM_RUN``, ``CLAIM_QUEUED``, ``CLAIM_SKIPPED``, ``CLAIM_TAKEN``.
+        """
+        assert self.engine is not None
+        now = datetime.now(UTC)
+        tick = scheduled_for.astimezone(UTC)
+        running = self.running
+        try:
+            with self.engine.begin() as connection:
+                # The claim first: on SQLite this write is what serialises replicas.
+                connection.execute(
+                    self.claims.insert().values(
+                        name=name,
+                        scheduled_for=tick,
+                        replica=self.replica,
+                        claimed_at=now,
+                    )
+                )
+                row = connection.execute(
+                    sqlalchemy.select(running)
+                    .where(running.c.name == name)
+                    .with_for_update()
+                ).first()
+                lease_until = None if row is None else _aware(row.lease_until)
+                busy = (
+                    row is not None
+                    and row.scheduled_for is not None
+                    and lease_until is not None
+                    and lease_until > now
+                )
+                if row is None or not busy:
+                    values = {
+                        "scheduled_for": tick,
+                        "replica": self.replica,
+                        "lease_until": now + self.lease,
+                        "queued_for": None,
+                    }
+                    if row is None:
+                        connection.execute(running.insert().values(name=name, **values))
+                    else:
+                        connection.execute(
+                            running.update()
+                            .where(running.c.name == name)
+                            .values(**values)
+                        )
+                    return CLAIM_RUN
+                if overlap == OVERLAP_QUEUE_ONE and row.queued_for is None:
+                    connection.execute(
+                        running.update()
+                        .where(running.c.name == name)
+                        .values(queued_for=tick)
+                    )
+                    return CLAIM_QUEUED
+                return CLAIM_SKIPPED
+        except sqlalchemy.exc.IntegrityError:
+            return CLAIM_TAKEN
+
+    def renew(self, name: str, scheduled_for: datetime) -> None:
+        """Extend the lease of this replica's run of ``scheduled_for``."""
+        assert self.engine is not None
+        running = self.running
+        with self.engine.begin() as connection:
+            connection.execute(
+                running.update()
+                .where(
+                    running.c.name == name,
+                    running.c.scheduled_for == scheduled_for.astimezone(UTC),
+                    running.c.replica == self.replica,
+                )
+                .values(lease_until=datetime.now(UTC) + self.lease)
+            )
+
+    def release(
+        self, name: str, scheduled_for: datetime, take_queued: bool
+    ) -> datetime | None:
+        """The run of ``scheduled_for`` ended: free ``name``'s row, or hand it to
+        the tick queued behind (returned, for this replica to run at once).
+
+        Nothing changes if the row is no longer this run's (its lease expired and
+        another replica's run took it).
+        """
+        assert self.engine is not None
+        running = self.running
+        tick = scheduled_for.astimezone(UTC)
+        with self.engine.begin() as connection:
+            row = connection.execute(
+                sqlalchemy.select(running)
+                .where(running.c.name == name)
+                .with_for_update()
+            ).first()
+            if row is None or _aware(row.scheduled_for) != tick:
+                return None
+            queued = _aware(row.queued_for) if take_queued else None
+            connection.execute(
+                running.update()
+                .where(running.c.name == name)
+                .values(
+                    scheduled_for=queued,
+                    replica=self.replica if queued else None,
+                    lease_until=datetime.now(UTC) + self.lease if queued else None,
+                    queued_for=None,
+                )
+            )
+            return queued
+
     def stop(self) -> None:
         self._dispose()
 
@@ -389,6 +547,10 @@ class Cron(Entrypoint):
     * ``overlap``: what a tick does while the previous run is still going:
       ``"skip"`` (default) drops it, ``"allow"`` runs it alongside,
       ``"queue_one"`` runs it as soon as the current one ends (one at most waits).
+      With ``cluster_once`` the previous run is the cluster's, wherever it runs:
+      the lock's running row holds it under a lease its replica renews, so a
+      replica that died mid-run blocks the next ticks for ``CronLock.lease`` at
+      most.
     * Ticks missed while the process could not run (suspended, hub blocked) are
       coalesced: the latest one fires, the others are logged as missed.
     * A bad expression, time zone or policy stops the service at start.
@@ -417,6 +579,10 @@ class Cron(Entrypoint):
         self._thread: Any = None
         self._running = 0
         self._queued: datetime | None = None
+        # Cluster-once with an overlap policy: the database decides overlaps for
+        # the whole cluster; ``_leases`` are the ticks this replica runs for it.
+        self._exclusive = cluster_once and overlap != OVERLAP_ALLOW
+        self._leases: set[datetime] = set()
         super().__init__(**kwargs)
 
     @property
@@ -436,6 +602,8 @@ class Cron(Entrypoint):
             )
         if self.cluster_once:
             self.lock.require()
+        if self._exclusive:
+            self.lock.register(self.name)
 
     def start(self) -> None:
         # Counted from the start, not from when the thread first runs: a tick due
@@ -443,6 +611,11 @@ class Cron(Entrypoint):
         self._thread = self.container.spawn_managed_thread(
             partial(self._run, self.clock.now()), identifier=f"cron[{self.method_name}]"
         )
+        if self._exclusive:
+            # Managed: it outlives stop() until the running ticks are drained.
+            self.container.spawn_managed_thread(
+                self._keep_leases, identifier=f"cron-lease[{self.method_name}]"
+            )
 
     def stop(self) -> None:
         if not self._stopping.ready():
@@ -475,6 +648,9 @@ class Cron(Entrypoint):
             self._tick(due)
 
     def _tick(self, due: datetime) -> None:
+        if self._exclusive:
+            self._fire_exclusive(due)
+            return
         if self._running and self.overlap != OVERLAP_ALLOW:
             if self.overlap == OVERLAP_QUEUE_ONE and self._queued is None:
                 self._queued = due
@@ -517,6 +693,83 @@ class Cron(Entrypoint):
             )
         except ContainerBeingKilled:
             self._running -= 1
+
+    def _fire_exclusive(self, due: datetime) -> None:
+        """Cluster-once with an overlap policy: the claim decides for every replica."""
+        try:
+            decision = self.lock.claim_exclusive(self.name, due, self.overlap)
+        except sqlalchemy.exc.SQLAlchemyError as exc:
+            log.error(
+                "cron tick not run: its claim failed",
+                extra={
+                    "entrypoint": self.name,
+                    "scheduled_for": due.isoformat(),
+                    "error": type(exc).__name__,
+                },
+            )
+            return
+        if decision == CLAIM_SKIPPED:
+            log.warning(
+                "cron tick skipped: the previous run is still going in the cluster",
+                extra={"entrypoint": self.name, "scheduled_for": due.isoformat()},
+            )
+        elif decision == CLAIM_RUN:
+            self._spawn_leased(due)
+
+    def _spawn_leased(self, due: datetime) -> None:
+        self._leases.add(due)
+        try:
+            self.container.spawn_worker(
+                self,
+                (),
+                {},
+                context_data={
+                    SCHEDULED_FOR_CONTEXT_KEY: due.astimezone(UTC).isoformat()
+                },
+                handle_result=partial(self._finished_leased, due),
+            )
+        except ContainerBeingKilled:
+            # The lease is left to expire: no other replica runs the next tick
+            # before then, as if this one had died mid-run.
+            self._leases.discard(due)
+
+    def _finished_leased(
+        self, due: datetime, worker_ctx: WorkerContext, result: Any, exc_info: Any
+    ) -> tuple[Any, Any]:
+        # In a thread of its own: a database round trip must not hold up this
+        # worker's teardown; a graceful stop waits for it like for a worker.
+        self.container.spawn_worker_related(self._release, due)
+        return result, exc_info
+
+    def _release(self, due: datetime) -> None:
+        try:
+            queued = self.lock.release(
+                self.name, due, take_queued=not self._stopping.ready()
+            )
+        except sqlalchemy.exc.SQLAlchemyError as exc:
+            # The lease expires by itself; until then the next ticks skip.
+            log.error(
+                "cron run end not recorded",
+                extra={"entrypoint": self.name, "error": type(exc).__name__},
+            )
+            queued = None
+        finally:
+            self._leases.discard(due)
+        if queued is not None:
+            self._spawn_leased(queued)
+
+    def _keep_leases(self) -> None:
+        interval = self.lock.lease.total_seconds() / 3
+        while True:
+            concurrency.sleep(interval)
+            for due in list(self._leases):
+                try:
+                    self.lock.renew(self.name, due)
+                except sqlalchemy.exc.SQLAlchemyError as exc:
+                    log.warning(
+                        "cron lease not renewed",
+                        extra={"entrypoint": self.name, "error": type(exc).__name__},
+                    )
 
     def _finished(
         self, worker_ctx: WorkerContext, result: Any, exc_info: Any

@@ -256,7 +256,10 @@ def test_stop_drains_the_running_tick_then_no_more_fire(container_factory: Any) 
 def run_replicas(container_factory: Any, url: str, replicas: int = 3) -> Any:
     """``replicas`` containers of one cluster-once service on one clock and database."""
     clock = ManualClock(datetime(2026, 1, 1, 10, 0, 30, tzinfo=UTC))
-    service = make_service("* * * * *", clock, cluster_once=True)
+    # "allow": the clock moves a minute every 20 ms, faster than a run's end is
+    # recorded in the database; with "skip" the cluster would rightly skip ticks
+    # (the overlap tests below), and this test is about one replica per tick.
+    service = make_service("* * * * *", clock, cluster_once=True, overlap="allow")
     for _ in range(replicas):
         container_factory(service, {"DATABASE_URL": url}).start()
     for _ in range(5):
@@ -329,3 +332,119 @@ def test_walking_back_finds_the_same_fire_times_as_walking_forward(
     assert [t.astimezone(UTC) for t in backward[::-1]] == [
         t.astimezone(UTC) for t in forward
     ]
+
+
+# -- cluster_once and the overlap policy: decided for the whole cluster ----------------------
+
+
+def two_replicas(container_factory: Any, url: str, overlap: str) -> tuple[Any, Any]:
+    """Two containers of a cluster-once service on one clock and database, whose
+    runs block until released."""
+    clock = ManualClock(datetime(2026, 1, 1, 10, 0, 30, tzinfo=UTC))
+    service = make_service("* * * * *", clock, cluster_once=True, overlap=overlap)
+    service.block = True
+    replicas = [container_factory(service, {"DATABASE_URL": url}) for _ in range(2)]
+    for replica in replicas:
+        replica.start()
+    return service, clock, replicas
+
+
+def running_row(url: str) -> Any:
+    engine = sqlalchemy.create_engine(
+        url.replace("postgresql:", "postgresql+psycopg2:")
+    )
+    try:
+        with engine.begin() as connection:
+            return connection.execute(
+                sqlalchemy.text(
+                    "SELECT scheduled_for, queued_for FROM framework_cron_running"
+                )
+            ).one()
+    finally:
+        engine.dispose()
+
+
+def expire_leases(url: str) -> None:
+    """As if the lease of the run going had run out (its replica died long ago)."""
+    engine = sqlalchemy.create_engine(
+        url.replace("postgresql:", "postgresql+psycopg2:")
+    )
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                sqlalchemy.text(
+                    "UPDATE framework_cron_running "
+                    "SET lease_until = now() - interval '1 second'"
+                )
+            )
+    finally:
+        engine.dispose()
+
+
+def tick_at(minute: int) -> str:
+    return f"2026-01-01T10:{minute:02d}:00+00:00"
+
+
+@pytest.mark.integration
+def test_cluster_once_skip_is_decided_for_the_cluster_not_per_replica(
+    container_factory: Any, pg_cron_url: str
+) -> None:
+    service, clock, replicas = two_replicas(container_factory, pg_cron_url, "skip")
+    clock.advance(minutes=1)
+    wait_for(lambda: len(service.ticks) == 1, timeout=5)
+    # The other replica is idle, but the run going on the first one is the
+    # cluster's: the next ticks are skipped on both.
+    for _ in range(2):
+        clock.advance(minutes=1)
+        concurrency.sleep(0.02)
+    wait_for(lambda: len(claims(pg_cron_url)) == 3, timeout=5)
+    assert service.ticks == [tick_at(1)]
+
+    service.release.send(None)
+    wait_for(lambda: running_row(pg_cron_url)[0] is None, timeout=5)
+    clock.advance(minutes=1)
+    wait_for(lambda: len(service.ticks) == 2, timeout=5)
+    assert service.ticks == [tick_at(1), tick_at(4)]
+
+
+@pytest.mark.integration
+def test_cluster_once_queue_one_runs_the_waiting_tick_once_the_cluster_run_ends(
+    container_factory: Any, pg_cron_url: str
+) -> None:
+    service, clock, replicas = two_replicas(container_factory, pg_cron_url, "queue_one")
+    for _ in range(3):
+        clock.advance(minutes=1)
+        concurrency.sleep(0.02)
+    wait_for(lambda: len(claims(pg_cron_url)) == 3, timeout=5)
+    assert service.ticks == [tick_at(1)]
+    assert running_row(pg_cron_url)[1] is not None  # 10:02 waits; 10:03 dropped
+
+    service.release.send(None)
+    wait_for(lambda: len(service.ticks) == 2, timeout=5)
+    wait_for(lambda: tuple(running_row(pg_cron_url)) == (None, None), timeout=5)
+    assert service.ticks == [tick_at(1), tick_at(2)]
+
+
+@pytest.mark.integration
+def test_a_replica_that_died_mid_run_blocks_the_cluster_only_until_its_lease_expires(
+    container_factory: Any, pg_cron_url: str
+) -> None:
+    service, clock, (first, second) = two_replicas(
+        container_factory, pg_cron_url, "skip"
+    )
+    clock.advance(minutes=1)
+    wait_for(lambda: len(service.ticks) == 1, timeout=5)
+    running_on = first if first.active_workers else second
+    survivor = second if running_on is first else first
+    running_on.kill()  # its run never ends: nothing releases the row
+
+    clock.advance(minutes=1)
+    wait_for(lambda: len(claims(pg_cron_url)) == 2, timeout=5)
+    assert service.ticks == [tick_at(1)]  # the lease still holds
+
+    expire_leases(pg_cron_url)
+    service.block = False
+    clock.advance(minutes=1)
+    wait_for(lambda: len(service.ticks) == 2, timeout=5)
+    assert service.ticks == [tick_at(1), tick_at(3)]
+    assert survivor.active_workers == 0
