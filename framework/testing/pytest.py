@@ -74,7 +74,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--amqp-ssl-port",
         action="store",
-        type=int,
+        # A string when given, as nameko's (tests compare it with one).
         dest="AMQP_SSL_PORT",
         default=DEFAULT_AMQP_SSL_PORT,
         help=f"broker's AMQPS port, for rabbit_ssl_config (default {DEFAULT_AMQP_SSL_PORT})",

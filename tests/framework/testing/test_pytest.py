@@ -363,3 +363,32 @@ def test_predictable_call_ids_cover_standalone_proxies(predictable_call_ids):
     proxy = ClusterRpcProxy({"AMQP_URI": "memory://"})
     headers = proxy._context_headers()
     assert headers["nameko.call_id_stack"] == ["standalone_rpc_proxy.call.0"]
+
+
+def test_the_amqps_port_option_reads_back_as_given(tmp_path):
+    # nameko's plugin leaves the value a string; tests compare it with one
+    (tmp_path / "test_port.py").write_text(
+        textwrap.dedent(
+            """
+            def test_port(request):
+                assert request.config.getoption("AMQP_SSL_PORT") == "1234"
+            """
+        )
+    )
+    process = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            "--amqp-ssl-port",
+            "1234",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT,
+    )
+    assert process.returncode == 0, process.stdout + process.stderr
