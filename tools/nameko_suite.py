@@ -136,6 +136,27 @@ DELIBERATE: dict[str, str] = {
     "container to die)",
     "test/web/test_server.py::test_other_os_error": _TABLE + "an unexpected error "
     "on one HTTP connection (as above)",
+    **{
+        f"test/test_errors.py::{name}": _TABLE + "errors in dependency hooks and "
+        "`handle_result` (logged, the container keeps serving; the test patches "
+        "RpcConsumer.handle_result to raise and waits for the container to die)"
+        for name in (
+            "test_handle_result_error",
+            "test_runner_catches_container_errors",
+            "test_graceful_stop_on_one_container_error",
+        )
+    },
+    "test/standalone/test_event_dispatcher.py::TestMandatoryDelivery::"
+    "test_mandatory_delivery_no_exchange": _TABLE + "standalone event dispatcher "
+    "exchange (declared, so a mandatory event to a service that never ran is "
+    "UndeliverableMessage, not the broker's NotFound)",
+    "test/testing/test_pytest_plugin.py::TestMonkeyPatchWarning": _TABLE + "pytest "
+    "plugin (monkey-patches on import; the inner test asserts nothing is patched)",
+    "test/testing/test_pytest_plugin.py::TestFastTeardown::test_order": _TABLE
+    + "pytest fast_teardown (containers torn down before their vhost, not after)",
+    "test/testing/test_services.py::test_worker_factory": _TABLE + "test doubles "
+    "(unittest.mock's MagicMock; the test checks isinstance against the `mock` "
+    "backport package's Mock, a separate class)",
 }
 
 # Tests of nameko's internals that fail for another reason than a private name in the
@@ -170,6 +191,43 @@ INTERNALS_TESTS: dict[str, str] = {
     "call there",
     "test/cli/test_run.py::test_other_errors_propagate": "replaces the module's "
     "eventlet to raise an OSError from nameko's runlet.wait()",
+    "test/standalone/test_rpc_proxy.py::test_proxy_connection_error": "patches "
+    "get_message of nameko's PollingQueueConsumer, reached as "
+    "proxy.reply_listener.queue_consumer; ours has no polling consumer",
+    "test/standalone/test_rpc_proxy.py::test_consumer_replacing": "calls "
+    "_setup_consumer of nameko's PollingQueueConsumer and swaps its replies dict",
+    "test/standalone/test_rpc_proxy.py::test_unexpected_correlation_id": "builds "
+    "nameko's Responder(amqp_uri, exchange, serializer, message) and patches the "
+    "module's private _logger",
+    "test/amqp/test_publish.py::TestPublisher::test_declare": "wraps "
+    "kombu.messaging.maybe_declare and asserts the publisher declares through it; "
+    "ours declares on its own channel, once per connection (the declarations "
+    "themselves: tests/framework/amqp/test_publish.py)",
+    "test/amqp/test_publish.py::TestPublisher::test_retry": "patches kombu's "
+    "Producer._publish to raise and counts its calls; ours writes to py-amqp's "
+    "channel directly, so the patch is never called (test_retry and "
+    "test_retry_policy)",
+    "test/testing/test_utils.py::test_get_extension": "asserts the exact set of a "
+    "container's extensions; ours also holds the shared ContainerPublisher RPC "
+    "replies go out on (nameko's Responder opened a producer per reply)",
+    "test/test_messaging.py::test_consume_provider": "replaces the QueueConsumer "
+    "with a Mock and asserts nameko's QueueConsumer API (ack_message, "
+    "requeue_message) and container.spawn_worker(handle_result=...); ours "
+    "settles the message itself",
+    "test/test_messaging.py::test_consume_from_rabbit": "runs the QueueConsumer "
+    "against a Mock container shaped after nameko's: it has no free_workers, "
+    "which ours asks so that a full worker pool never blocks the consumer loop",
+    "test/testing/test_pytest_plugin.py::TestFastTeardown::"
+    "test_consumer_mixin_patch": "checks that the plugin patches kombu's "
+    "ConsumerMixin to stop at teardown; nothing of ours uses ConsumerMixin",
+}
+
+# Tests that need something this machine's libraries do not give them, with why.
+ENVIRONMENT_TESTS: dict[str, str] = {
+    "test/web/test_websocket.py::test_client_closing_connection": "its on_close(ws) "
+    "takes one argument; websocket-client 1.x calls on_close(ws, status, reason), "
+    "so the TypeError is swallowed and the wait for it never ends (with "
+    "on_close(ws, *args) it passes)",
 }
 
 
@@ -591,6 +649,9 @@ def classify(result: Result, ported: Path) -> tuple[str, str]:
     text = f"{node}\n{result.message}"
     if any(pattern.search(text) for pattern in ENVIRONMENT_PATTERNS):
         return ENVIRONMENT, ""
+    for prefix, why in ENVIRONMENT_TESTS.items():
+        if node.startswith(prefix):
+            return ENVIRONMENT, why
     if result.outcome == "skipped":
         # nameko's own skip conditions (a kombu limitation, a parameter combination
         # that makes no sense): skipped under nameko as well.
