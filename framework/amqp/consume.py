@@ -25,9 +25,15 @@ from framework.amqp.connection import (
     heartbeat_interval,
     is_connection_error,
     make_connection,
+    read_frames,
     tune_transport,
 )
-from framework.amqp.frames import MARKER_HEADER, FrameGuard, UnparsableProperties
+from framework.amqp.frames import (
+    MARKER_HEADER,
+    FrameGuard,
+    UnparsableProperties,
+    send_ack,
+)
 from framework.amqp.heartbeat import HeartbeatGuard
 from framework.utils import sanitize_url
 
@@ -221,7 +227,7 @@ class ConsumeLoop:
             return
         try:
             if how == "ack":
-                self._channel.basic_ack(delivery.delivery_tag)
+                send_ack(self._channel, delivery.delivery_tag)
             else:
                 self._channel.basic_reject(
                     delivery.delivery_tag, requeue=(how == "requeue")
@@ -274,11 +280,15 @@ class ConsumeLoop:
                     },
                 )
                 next_heartbeat_check = 0.0
+                amqp_connection = connection.connection if self._amqp else None
                 while not self._stopping:
-                    try:
-                        connection.drain_events(timeout=tick)
-                    except TimeoutError:
-                        pass
+                    if amqp_connection is not None:
+                        read_frames(amqp_connection, tick)
+                    else:
+                        try:
+                            connection.drain_events(timeout=tick)
+                        except TimeoutError:
+                            pass
                     # py-amqp asks for a check at least twice per interval; doing
                     # it after every message only cost time under load.
                     if heartbeat and time.monotonic() >= next_heartbeat_check:

@@ -25,7 +25,7 @@ import kombu.serialization
 from amqp import spec
 
 from framework import concurrency, serialization
-from framework.amqp import channels
+from framework.amqp import channels, frames
 from framework.amqp.connection import (
     ConnectionLost,
     DrainedConnection,
@@ -474,7 +474,6 @@ class Publisher:
                     mandatory,
                 )
             return
-        message = amqp.Message(body, **message_properties)
         confirm = _Confirm(
             message_properties.get("correlation_id"), mandatory, on_failure
         )
@@ -487,13 +486,11 @@ class Publisher:
             # Not channel.basic_publish: py-amqp's reads the connection there (to
             # catch connection.blocked), which would race the green thread that
             # is draining it and corrupt its read buffer. Blocked notifications
-            # still arrive through the normal drain.
+            # still arrive through the normal drain. The frames are built here, not
+            # by py-amqp's general encoder (see amqp.frames).
             try:
-                channel.send_method(
-                    spec.Basic.Publish,
-                    "Bssbb",
-                    (0, exchange, routing_key, mandatory, False),
-                    message,
+                frames.send_publish(
+                    channel, exchange, routing_key, mandatory, message_properties, body
                 )
             except Exception as exc:
                 if self.use_confirms and not is_connection_error(

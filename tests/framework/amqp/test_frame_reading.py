@@ -1,0 +1,96 @@
+"""read_frames: every frame that has arrived, handed to py-amqp's frame handler
+(a socket pair stands in for the broker)."""
+
+from __future__ import annotations
+
+import socket
+from struct import pack
+from typing import Any
+
+import amqp.exceptions
+import amqp.transport
+import pytest
+
+from framework import concurrency
+from framework.amqp.connection import read_frames
+
+
+def frame(frame_type: int, channel: int, payload: bytes) -> bytes:
+    return pack(">BHI", frame_type, channel, len(payload)) + payload + b"\xce"
+
+
+class _Connection:
+    """What read_frames uses of a py-amqp connection."""
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+        self.frames: list[tuple[int, int, bytes]] = []
+
+    def on_inbound_frame(self, received: tuple[int, int, bytes]) -> None:
+        self.frames.append(received)
+
+
+@pytest.fixture
+def pair():
+    ours, theirs = socket.socketpair()
+    transport = amqp.transport.TCPTransport("127.0.0.1:1")
+    transport.sock = ours
+    transport._setup_transport()
+    transport.connected = True
+    yield _Connection(transport), theirs
+    ours.close()
+    theirs.close()
+
+
+def test_every_whole_frame_that_arrived_is_handled_in_order(pair):
+    connection, broker = pair
+    frames = [frame(1, 1, b"method"), frame(2, 1, b"header"), frame(3, 1, b"body")]
+    broker.sendall(b"".join(frames) + frames[0][:5])  # and the start of a fourth
+    assert read_frames(connection, timeout=1) is True
+    assert connection.frames == [(1, 1, b"method"), (2, 1, b"header"), (3, 1, b"body")]
+    # The partial frame waits in py-amqp's buffer, where its own reads find it.
+    assert connection.transport._read_buffer == frames[0][:5]
+    broker.sendall(frames[0][5:])
+    assert read_frames(connection, timeout=1) is True
+    assert connection.frames[-1] == (1, 1, b"method")
+    assert connection.transport._read_buffer == b""
+
+
+def test_a_frame_py_amqp_buffered_is_handled_without_waiting(pair):
+    connection, _ = pair
+    connection.transport._read_buffer = frame(8, 0, b"")  # a heartbeat
+    assert read_frames(connection, timeout=None) is True
+    assert connection.frames == [(8, 0, b"")]
+
+
+def test_a_frame_bigger_than_one_read_is_put_together(pair):
+    connection, broker = pair
+    payload = bytes(range(256)) * 1000  # 256 KB: several reads
+    # From another green thread: more than the socket buffer holds.
+    sender = concurrency.spawn(broker.sendall, frame(3, 2, payload))
+    assert read_frames(connection, timeout=5) is True
+    sender.wait()
+    assert connection.frames == [(3, 2, payload)]
+
+
+def test_nothing_arriving_is_a_timeout_not_an_error(pair):
+    connection, broker = pair
+    broker.sendall(frame(1, 1, b"method")[:3])
+    assert read_frames(connection, timeout=0.05) is False
+    assert connection.frames == []
+    assert connection.transport._read_buffer == frame(1, 1, b"method")[:3]
+
+
+def test_a_closed_connection_raises_and_is_marked_down(pair):
+    connection, broker = pair
+    broker.close()
+    with pytest.raises(OSError):
+        read_frames(connection, timeout=1)
+    assert connection.transport.connected is False
+
+
+def test_a_frame_without_its_end_octet_is_refused(pair):
+    connection, broker = pair
+    broker.sendall(frame(1, 1, b"method")[:-1] + b"\x00")
+    with pytest.raises(amqp.exceptions.UnexpectedFrame):
+        read_frames(connection, timeout=1)
