@@ -343,18 +343,7 @@ class DueTickClaims:
             elif decision == QUEUE:
                 schedule.queued_for = tick
             else:
-                run = Run(
-                    schedule_id=schedule.id,
-                    scheduled_for=tick,
-                    claimed_at=now,
-                    finished_at=now,
-                    deadline_at=now,
-                    replica=self.settings.replica,
-                    outcome=OUTCOME_SKIPPED,
-                    error="not run: the previous run was still going "
-                    f"(overlap policy {schedule.overlap_policy})",
-                )
-                self.session.add(run)
+                run = self._skipped_run(schedule, tick, now, schedule.overlap_policy)
                 claimed.finished.append((dump_schedule(schedule), run))
         schedule.next_fire_at = plan.next_fire_at
         return None
@@ -410,6 +399,23 @@ class DueTickClaims:
         )
         self.session.add(run)
         return run, delay
+
+    def _skipped_run(
+        self, schedule: Schedule, tick: datetime, now: datetime, policy: str
+    ) -> Run:
+        """A run recording that ``tick`` was skipped by the overlap policy."""
+        run = Run(
+            schedule_id=schedule.id,
+            scheduled_for=tick,
+            claimed_at=now,
+            finished_at=now,
+            deadline_at=now,
+            replica=self.settings.replica,
+            outcome=OUTCOME_SKIPPED,
+            error=f"not run: the previous run was still going (overlap policy {policy})",
+        )
+        self.session.add(run)
+        return run
 
     def _launch(
         self,

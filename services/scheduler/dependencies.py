@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -87,7 +86,7 @@ class ScheduleStore(EngineProvider[ScheduleRepository]):
         )
 
 
-class RunLauncher(DependencyProvider[Callable[[Launch], None]]):
+class RunLauncher(DependencyProvider["RunLauncher"]):
     """Injects ``launch(launch)``: call a claimed run's target in a worker of its own.
 
     The run's tick, id and schedule travel in the worker's context data, hence in
@@ -100,8 +99,21 @@ class RunLauncher(DependencyProvider[Callable[[Launch], None]]):
             raise RuntimeError("RunLauncher needs exactly one @run_target method")
         self.entrypoint = found[0]
 
-    def get_dependency(self, worker_ctx: WorkerContext) -> Callable[[Launch], None]:
-        return self.launch
+    def get_dependency(self, worker_ctx: WorkerContext) -> RunLauncher:
+        return self
+
+    def __call__(self, launch: Launch) -> None:
+        self.launch(launch)
+
+    def launch_all(self, launches: list[Launch]) -> None:
+        """Start many runs from a thread of their own: the caller (an RPC) does
+        not wait while they queue for free workers."""
+        if launches:
+            self.container.spawn_worker_related(self._launch_each, launches)
+
+    def _launch_each(self, launches: list[Launch]) -> None:
+        for launch in launches:
+            self.launch(launch)
 
     def launch(self, launch: Launch) -> None:
         self.container.spawn_worker(

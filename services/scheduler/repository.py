@@ -2,16 +2,35 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
 
-from services.scheduler.claiming import DueTickClaims, Launch, utc
-from services.scheduler.exceptions import ScheduleNotFound
+from services.scheduler.claiming import DueTickClaims, Launch, cron_schedule, utc
+from services.scheduler.exceptions import InvalidSchedule, ScheduleNotFound
 from services.scheduler.models import Run, Schedule
-from services.scheduler.schemas import OUTCOME_RUNNING, OVERLAP_QUEUE_ONE, ScheduleSpec
+from services.scheduler.planning import FIRE, QUEUE, overlap_decision
+from services.scheduler.schemas import (
+    MAX_BACKFILL_TICKS,
+    OUTCOME_RUNNING,
+    OVERLAP_QUEUE_ONE,
+    ScheduleSpec,
+    dump_schedule,
+)
 from services.scheduler.targets import Outcome
+
+
+@dataclass
+class Backfilled:
+    """What a backfill claimed: runs to launch, ticks skipped, ticks already run."""
+
+    already_run: int = 0
+    runs: list[Run] = field(default_factory=list)
+    launches: list[Launch] = field(default_factory=list)
+    skipped: list[Run] = field(default_factory=list)
+    schedule: dict[str, Any] = field(default_factory=dict)
 
 
 class ScheduleRepository(DueTickClaims):
@@ -90,6 +109,94 @@ class ScheduleRepository(DueTickClaims):
         launch = self._launch(run, schedule, delay)
         self.session.commit()
         return run, launch
+
+    def backfill(
+        self,
+        schedule: Schedule,
+        start: datetime,
+        end: datetime,
+        overlap_policy: str,
+    ) -> Backfilled:
+        """Claim a run for each tick of ``schedule`` in ``[start, end]`` (past).
+
+        The claim path of any tick: the schedule row locked, then one run per
+        tick that has none yet (a tick already run, or being run, is left
+        alone), unique on ``(schedule_id, scheduled_for)``, committed before any
+        target is called. Ticks oldest first follow ``overlap_policy`` as a
+        catch-up does: ``allow`` runs all of them at once; ``skip`` runs the
+        first (if no run is going) and records the others skipped;
+        ``queue_one`` queues one more. Raises ``InvalidSchedule`` for a range
+        that is not wholly past or holds more than ``MAX_BACKFILL_TICKS`` ticks.
+        """
+        now = self.now()
+        if end > now:
+            raise InvalidSchedule(
+                "invalid backfill",
+                {
+                    "end": f"must be in the past (the scheduler's clock: {now.isoformat()})"
+                },
+            )
+        cron = cron_schedule(schedule.cron, schedule.timezone)
+        ticks: list[datetime] = []
+        for tick in cron.iter_after(start - timedelta(microseconds=1)):
+            if tick > end:
+                break
+            if len(ticks) == MAX_BACKFILL_TICKS:
+                raise InvalidSchedule(
+                    "invalid backfill",
+                    {
+                        "end": f"the range holds more than {MAX_BACKFILL_TICKS} ticks "
+                        "of the schedule; backfill it in parts"
+                    },
+                )
+            ticks.append(tick.astimezone(UTC))
+        # Locked as a claim pass locks it: passes skip it meanwhile, and a
+        # concurrent backfill waits, then sees the runs this one made.
+        locked = self.session.get(
+            Schedule, schedule.id, with_for_update=True, populate_existing=True
+        )
+        if locked is None:
+            raise ScheduleNotFound(f"no schedule with id {schedule.id}")
+        done = {
+            utc(tick)
+            for tick in self.session.scalars(
+                select(Run.scheduled_for).where(
+                    Run.schedule_id == locked.id,
+                    Run.scheduled_for >= start,
+                    Run.scheduled_for <= end,
+                )
+            )
+        }
+        result = Backfilled(already_run=len(done & set(ticks)))
+        running = bool(self._running_among([locked.id]))
+        fired: list[tuple[Run, float]] = []
+        for tick in ticks:
+            if tick in done:
+                continue
+            decision = overlap_decision(
+                overlap_policy, running, locked.queued_for is not None
+            )
+            if decision == FIRE:
+                fired.append(self._new_run(locked, tick, now))
+                running = True
+            elif decision == QUEUE:
+                locked.queued_for = tick
+            else:
+                result.skipped.append(
+                    self._skipped_run(locked, tick, now, overlap_policy)
+                )
+        # The schedule's own catch-up must not walk these ticks again.
+        next_fire_at = utc(locked.next_fire_at)
+        if locked.enabled and next_fire_at is not None and next_fire_at <= end:
+            locked.next_fire_at = cron.next_after(end)
+        self.session.flush()
+        payload = dump_schedule(locked)
+        for run, delay in fired:
+            result.runs.append(run)
+            result.launches.append(self._launch(run, locked, delay, payload))
+        result.schedule = payload
+        self.session.commit()
+        return result
 
     def finish_run(
         self,

@@ -37,6 +37,7 @@ __all__ = [
     "DEFAULT_PER_PAGE",
     "FIRE_TIMES_SHOWN",
     "LAST_RUNS_SHOWN",
+    "MAX_BACKFILL_TICKS",
     "MAX_PER_PAGE",
     "MISSED_RUN_POLICIES",
     "MISSED_RUN_RUN_ALL",
@@ -138,6 +139,8 @@ MAX_JSON_BYTES = 64 * 1024
 
 # Schedule ids are PostgreSQL ``integer`` keys.
 MAX_SCHEDULE_ID = 2**31 - 1
+# A backfill runs at most this many ticks (its range is refused otherwise).
+MAX_BACKFILL_TICKS = 1000
 
 # Service, method and event type names as nameko routes them.
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -391,6 +394,35 @@ def parse_preview(cron: Any, timezone: Any) -> CronSchedule:
         except _CronField as exc:
             errors[exc.field] = str(exc)
     raise InvalidSchedule("invalid cron expression", errors)
+
+
+def parse_backfill(
+    start: Any, end: Any, overlap_policy: Any
+) -> tuple[datetime, datetime, str | None]:
+    """A backfill's range (aware ISO 8601 datetimes, ``start <= end``) and its
+    overlap policy (``None``: the schedule's). Whether the range is in the past
+    and how many ticks it holds are checked against the schedule."""
+    errors: dict[str, str] = {}
+    moments: dict[str, datetime] = {}
+    for field_name, value in (("start", start), ("end", end)):
+        try:
+            moment = datetime.fromisoformat(value) if isinstance(value, str) else None
+        except ValueError:
+            moment = None
+        if moment is None or moment.tzinfo is None:
+            errors[field_name] = (
+                "must be an ISO 8601 date and time with its offset, "
+                "such as 2026-01-31T02:30:00+00:00"
+            )
+        else:
+            moments[field_name] = moment.astimezone(UTC)
+    if len(moments) == 2 and moments["end"] < moments["start"]:
+        errors["end"] = "must not be before start"
+    if overlap_policy is not None and overlap_policy not in OVERLAP_POLICIES:
+        errors["overlap_policy"] = f"must be one of {', '.join(OVERLAP_POLICIES)}"
+    if errors:
+        raise InvalidSchedule("invalid backfill", errors)
+    return moments["start"], moments["end"], overlap_policy
 
 
 def parse_schedule_id(schedule_id: Any) -> int:

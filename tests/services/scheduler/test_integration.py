@@ -484,3 +484,116 @@ def test_killing_a_replica_mid_loop_leaves_no_error_and_no_thread(
     assert scheduler._worker_threads == {}
     assert "ContainerBeingKilled" not in caplog.text
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+
+
+# -- backfill ----------------------------------------------------------------------------
+
+HOURLY = "0 * * * *"
+DAY = "2026-01-01T"
+
+
+def backfilled_ticks(hours: range) -> list[str]:
+    return [f"{DAY}{hour:02d}:00:00+00:00" for hour in hours]
+
+
+def test_a_backfill_runs_each_past_tick_once_with_that_tick_in_its_context(
+    scheduler: Any, target: Any, client: Any, pg_scheduler: str
+) -> None:
+    schedule = new_schedule(client, cron=HOURLY)
+    answer = client.backfill(
+        schedule["id"], f"{DAY}00:00:00+00:00", f"{DAY}03:00:00+00:00", "allow"
+    )
+    assert [run["scheduled_for"] for run in answer["runs"]] == backfilled_ticks(
+        range(4)
+    )
+    assert answer["already_run"] == 0
+    wait_for(lambda: outcomes(pg_scheduler, schedule["id"]) == ["succeeded"] * 4)
+    assert sorted(tick for _, tick in TargetService.calls) == backfilled_ticks(range(4))
+
+    # Overlapping the first: only the ticks without a run are run.
+    again = client.backfill(
+        schedule["id"], f"{DAY}02:00:00+00:00", f"{DAY}05:00:00+00:00", "allow"
+    )
+    assert [run["scheduled_for"] for run in again["runs"]] == backfilled_ticks(
+        range(4, 6)
+    )
+    assert again["already_run"] == 2
+    wait_for(lambda: outcomes(pg_scheduler, schedule["id"]) == ["succeeded"] * 6)
+    assert sorted(tick for _, tick in TargetService.calls) == backfilled_ticks(range(6))
+    history = client.list_runs(schedule["id"])
+    assert history["total"] == 6
+
+
+def test_a_backfill_follows_the_overlap_policy_like_a_catch_up(
+    scheduler: Any, target: Any, client: Any, pg_scheduler: str
+) -> None:
+    schedule = new_schedule(
+        client, cron=HOURLY, target=rpc_target("linger", seconds=0.5)
+    )
+    answer = client.backfill(
+        schedule["id"], f"{DAY}00:00:00+00:00", f"{DAY}02:00:00+00:00"
+    )  # the schedule's policy: skip
+    assert [run["scheduled_for"] for run in answer["runs"]] == backfilled_ticks(
+        range(1)
+    )
+    assert [run["outcome"] for run in answer["skipped"]] == ["skipped", "skipped"]
+    wait_for(
+        lambda: (
+            outcomes(pg_scheduler, schedule["id"])
+            == ["succeeded", "skipped", "skipped"]
+        )
+    )
+
+
+def test_concurrent_backfills_on_two_replicas_run_each_tick_once(
+    container_factory: Any,
+    config: dict[str, Any],
+    target: Any,
+    client: Any,
+    pg_scheduler: str,
+) -> None:
+    container_factory(SchedulerService, config).start()
+    container_factory(SchedulerService, config).start()
+    schedule = new_schedule(client, cron=HOURLY)
+
+    def backfill() -> dict[str, Any]:
+        with ClusterRpcProxy(config, timeout=RPC_TIMEOUT) as proxy:
+            return proxy.scheduler.backfill(  # type: ignore[no-any-return]
+                schedule["id"], f"{DAY}00:00:00+00:00", f"{DAY}09:00:00+00:00", "allow"
+            )
+
+    answers = [
+        thread.wait() for thread in [concurrency.spawn(backfill) for _ in range(4)]
+    ]
+    assert sum(len(answer["runs"]) for answer in answers) == 10
+    wait_for(lambda: outcomes(pg_scheduler, schedule["id"]) == ["succeeded"] * 10)
+    assert sorted(tick for _, tick in TargetService.calls) == backfilled_ticks(
+        range(10)
+    )
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "policy", "field"),
+    [
+        (f"{DAY}00:00:00+00:00", "2999-01-01T00:00:00+00:00", None, "end"),
+        (f"{DAY}05:00:00+00:00", f"{DAY}01:00:00+00:00", None, "end"),
+        (f"{DAY}00:00:00", f"{DAY}01:00:00+00:00", None, "start"),
+        (f"{DAY}00:00:00+00:00", "2026-03-01T00:00:00+00:00", None, "end"),
+        (f"{DAY}00:00:00+00:00", f"{DAY}01:00:00+00:00", "sometimes", "overlap_policy"),
+    ],
+    ids=["future", "end-before-start", "naive", "too-many-ticks", "bad-policy"],
+)
+def test_a_bad_backfill_is_refused_with_the_reason_and_runs_nothing(
+    scheduler: Any,
+    client: Any,
+    pg_scheduler: str,
+    start: str,
+    end: str,
+    policy: str | None,
+    field: str,
+) -> None:
+    schedule = new_schedule(client, cron=HOURLY)
+    with pytest.raises(InvalidSchedule) as caught:
+        client.backfill(schedule["id"], start, end, policy)
+    assert list(caught.value.errors) == [field]
+    assert runs(pg_scheduler, schedule["id"]) == []
