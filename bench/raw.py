@@ -15,7 +15,15 @@ confirmed. ``--confirms`` picks how publisher confirms are handled:
 * ``none``: no publisher confirms at all (not nameko's semantics; for scale).
 
 ``--transient`` publishes requests and replies with delivery mode 1: what
-persistence costs the broker, everything else equal.
+persistence costs the broker, everything else equal. The other options change
+one thing each, to measure what it costs the broker (``bench/costs.py``):
+whether replies or requests are confirmed (``--reply-confirms``,
+``--request-confirms``), ``mandatory``, the properties and headers our
+framework sends (``--properties ours``, ``--context-header``), the reply
+queue's arguments (``--reply-queue``), acking several requests at once
+(``--multiple-acks``), replies acked by the client (``--ack-replies``), a
+connection per caller (``--connections``) and a separate connection for the
+server's replies (``--reply-connection``).
 
 Both sides are single-threaded. The client keeps ``--concurrency`` requests in
 flight on one connection and sends a new one whenever a reply arrives.
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import select
 import sys
 import time
 import uuid
@@ -38,6 +47,8 @@ from bench.payloads import PAYLOAD_NAMES, TINY, make_payload
 
 SERVICE = "bench_raw"
 CONFIRM_MODES = ("turn", "async", "none")
+PROPERTY_SETS = ("nameko", "ours", "minimal")
+REPLY_QUEUES = ("exclusive", "expires", "auto-delete", "plain")
 
 
 class Confirms:
@@ -92,26 +103,46 @@ def serve(args: argparse.Namespace) -> int:
     channel.queue_declare(queue, durable=True, auto_delete=False)
     channel.queue_bind(queue, RPC_EXCHANGE, routing_key=f"{SERVICE}.*")
     channel.basic_qos(0, args.prefetch, False)
-    confirms = Confirms(connection, channel, args.confirms)
+    reply_confirms = args.reply_confirms or args.confirms
+    # Replies on a connection of their own, as our services publish them; its
+    # confirms are read between two reads of the consuming connection.
+    reply_connection = connect(args.amqp_uri) if args.reply_connection else connection
+    reply_channel = reply_connection.channel() if args.reply_connection else channel
+    confirms = Confirms(reply_connection, reply_channel, reply_confirms)
     inbox: list[amqp.Message] = []
     awaiting_confirm: dict[
         int, int
     ] = {}  # reply's publish tag -> request's delivery tag
+    to_ack: list[int] = []
 
     def ack_request(reply_tag: int) -> None:
         delivery_tag = awaiting_confirm.pop(reply_tag, None)
         if delivery_tag is not None:
-            channel.basic_ack(delivery_tag)
+            to_ack.append(delivery_tag)
 
-    confirms.on_confirmed = ack_request if args.confirms == "async" else None
+    def send_acks() -> None:
+        # Requests are answered and confirmed in order, so the done ones are
+        # always the oldest: one ack with ``multiple`` settles them all.
+        if to_ack and args.multiple_acks:
+            channel.basic_ack(max(to_ack), multiple=True)
+        else:
+            for delivery_tag in to_ack:
+                channel.basic_ack(delivery_tag)
+        to_ack.clear()
+
+    confirms.on_confirmed = ack_request if reply_confirms == "async" else None
     channel.basic_consume(queue, callback=inbox.append, no_ack=False)
     sys.stdout.write("ready\n")
     sys.stdout.flush()
+    connections = [connection, reply_connection] if args.reply_connection else []
     while True:
-        try:
-            connection.drain_events(timeout=1.0)
-        except TimeoutError:
-            pass
+        if connections:
+            drain_ready(connections, timeout=1.0)
+        else:
+            try:
+                connection.drain_events(timeout=1.0)
+            except TimeoutError:
+                pass
         # Callbacks only collect: publishing from inside drain_events would nest
         # another drain (``turn`` mode) in the middle of this one.
         while inbox:
@@ -119,47 +150,139 @@ def serve(args: argparse.Namespace) -> int:
             body = json.loads(request.body)
             reply = amqp.Message(
                 json.dumps({"result": body["args"][0], "error": None}),
-                content_type="application/json",
-                content_encoding="utf-8",
-                delivery_mode=args.delivery_mode,
-                correlation_id=request.properties.get("correlation_id"),
+                **message_properties(
+                    args,
+                    correlation_id=request.properties.get("correlation_id"),
+                    application_headers={},
+                ),
             )
             delivery_tag = request.delivery_info["delivery_tag"]
-            if args.confirms == "async":
+            if reply_confirms == "async":
                 awaiting_confirm[confirms.next_tag] = delivery_tag
             confirms.publish(reply, request.properties["reply_to"], mandatory=False)
-            if args.confirms != "async":
-                channel.basic_ack(delivery_tag)
+            if reply_confirms != "async":
+                to_ack.append(delivery_tag)
+        send_acks()
+
+
+def drain_ready(connections: list[amqp.Connection], timeout: float) -> int:
+    """Read every frame waiting on any of ``connections`` (waiting at most
+    ``timeout`` for the first); how many connections had some.
+
+    py-amqp reads exactly a frame's bytes and keeps nothing buffered (no read
+    timeouts are used here), so a readable socket means a frame is arriving.
+    """
+    by_socket = {c.sock.fileno(): c for c in connections}
+    readable, _, _ = select.select(list(by_socket), [], [], timeout)
+    for fd in readable:
+        connection = by_socket[fd]
+        connection.drain_events()
+        while select.select([fd], [], [], 0)[0]:
+            connection.drain_events()
+    return len(readable)
+
+
+def message_properties(args: argparse.Namespace, **properties: Any) -> dict[str, Any]:
+    """The properties of a request or reply: nameko's, or ours (``--properties``).
+
+    nameko's (kombu's) carry no ``priority`` and an empty header table only when
+    there are headers; ours always carry ``priority`` 0 and the header table.
+    """
+    if args.properties == "minimal":
+        # Only what RPC needs: the reply needs neither type nor encoding when
+        # both sides assume JSON.
+        keep = ("correlation_id", "reply_to")
+        return {
+            "delivery_mode": args.delivery_mode,
+            **{k: v for k, v in properties.items() if k in keep},
+        }
+    result = {
+        "content_type": "application/json",
+        "content_encoding": "utf-8",
+        "delivery_mode": args.delivery_mode,
+        **properties,
+    }
+    if args.properties == "ours":
+        result["priority"] = 0
+    elif not result.get("application_headers"):
+        result.pop("application_headers", None)
+    return result
+
+
+def declare_reply_queue(channel: Any, kind: str) -> str:
+    """The client's reply queue: a server-named exclusive one, or ours/nameko's
+    (named, not exclusive, not auto-deleted, expiring when unused)."""
+    if kind == "exclusive":
+        name, _, _ = channel.queue_declare("", exclusive=True, auto_delete=True)
+        return str(name)
+    name = f"rpc.reply-{SERVICE}-{uuid.uuid4()}"
+    arguments = {"x-expires": 300000} if kind == "expires" else {}
+    channel.queue_declare(
+        name, auto_delete=(kind == "auto-delete"), arguments=arguments
+    )
+    return name
+
+
+class Caller:
+    """One connection of the client, with its reply queue and its confirms."""
+
+    def __init__(self, args: argparse.Namespace, replies: list[Any]) -> None:
+        self.connection = connect(args.amqp_uri)
+        self.channel = self.connection.channel()
+        self.routing_key = str(uuid.uuid4())
+        reply_queue = declare_reply_queue(self.channel, args.reply_queue)
+        self.channel.queue_bind(reply_queue, RPC_EXCHANGE, routing_key=self.routing_key)
+        channel = self.channel
+
+        def on_reply(message: amqp.Message) -> None:
+            replies.append((message, time.perf_counter()))
+            if args.ack_replies:
+                channel.basic_ack(message.delivery_info["delivery_tag"])
+
+        self.channel.basic_consume(
+            reply_queue, callback=on_reply, no_ack=not args.ack_replies
+        )
+        self.confirms = Confirms(
+            self.connection, self.channel, args.request_confirms or args.confirms
+        )
 
 
 def run_client(args: argparse.Namespace) -> int:
-    connection = connect(args.amqp_uri)
-    channel = connection.channel()
-    routing_key = str(uuid.uuid4())
-    reply_queue, _, _ = channel.queue_declare("", exclusive=True, auto_delete=True)
-    channel.queue_bind(reply_queue, RPC_EXCHANGE, routing_key=routing_key)
     replies: list[tuple[amqp.Message, float]] = []
-
-    def on_reply(message: amqp.Message) -> None:
-        replies.append((message, time.perf_counter()))
-
-    channel.basic_consume(reply_queue, callback=on_reply, no_ack=True)
-    confirms = Confirms(connection, channel, args.confirms)
+    callers = [Caller(args, replies) for _ in range(args.connections)]
+    connections = [caller.connection for caller in callers]
     body = json.dumps({"args": [make_payload(args.payload)], "kwargs": {}})
     sent_at: dict[str, float] = {}
+    headers: dict[str, Any] = {}
+    sent = 0
 
     def send() -> None:
+        nonlocal sent
+        caller = callers[sent % len(callers)]
+        sent += 1
         correlation_id = str(uuid.uuid4())
         sent_at[correlation_id] = time.perf_counter()
+        if args.context_header:
+            # What a standalone proxy of ours (or nameko's) sends as context.
+            headers["nameko.call_id_stack"] = [
+                f"standalone_rpc_proxy.call.{uuid.uuid4()}"
+            ]
         message = amqp.Message(
             body,
-            content_type="application/json",
-            content_encoding="utf-8",
-            delivery_mode=args.delivery_mode,
-            reply_to=routing_key,
-            correlation_id=correlation_id,
+            **message_properties(
+                args,
+                reply_to=caller.routing_key,
+                correlation_id=correlation_id,
+                application_headers=headers,
+            ),
         )
-        confirms.publish(message, f"{SERVICE}.echo", mandatory=True)
+        caller.confirms.publish(message, f"{SERVICE}.echo", mandatory=args.mandatory)
+
+    def drain() -> None:
+        if len(callers) == 1:
+            callers[0].connection.drain_events(timeout=10)
+        elif not drain_ready(connections, timeout=10):
+            raise TimeoutError
 
     for _ in range(args.concurrency):
         send()
@@ -169,7 +292,7 @@ def run_client(args: argparse.Namespace) -> int:
     while time.perf_counter() < window_end:
         if not replies:
             try:
-                connection.drain_events(timeout=10)
+                drain()
             except TimeoutError:
                 raise RuntimeError(
                     "no reply in 10s: is the raw server running?"
@@ -185,7 +308,8 @@ def run_client(args: argparse.Namespace) -> int:
             if received_at < window_end:
                 send()
     latencies.sort()
-    connection.close()
+    for caller in callers:
+        caller.connection.close()
     result = {
         "calls": len(latencies),
         "elapsed": args.duration,
@@ -218,6 +342,62 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         const=1,
         default=2,
         help="publish requests and replies transient (delivery mode 1), not persistent",
+    )
+    parser.add_argument(
+        "--reply-confirms",
+        choices=CONFIRM_MODES,
+        help="server: confirms of replies, if not --confirms",
+    )
+    parser.add_argument(
+        "--request-confirms",
+        choices=CONFIRM_MODES,
+        help="client: confirms of requests, if not --confirms",
+    )
+    parser.add_argument(
+        "--no-mandatory",
+        dest="mandatory",
+        action="store_false",
+        help="client: requests without the mandatory flag",
+    )
+    parser.add_argument(
+        "--properties",
+        choices=PROPERTY_SETS,
+        default="nameko",
+        help="properties sent: nameko's, ours (priority 0, header table always), "
+        "or minimal (delivery mode, correlation id, reply-to only)",
+    )
+    parser.add_argument(
+        "--context-header",
+        action="store_true",
+        help="client: a nameko.call_id_stack header on every request",
+    )
+    parser.add_argument(
+        "--reply-queue",
+        choices=REPLY_QUEUES,
+        default="exclusive",
+        help="client: server-named exclusive auto-delete, or named with x-expires "
+        "(ours and nameko's), auto-delete, or plain",
+    )
+    parser.add_argument(
+        "--multiple-acks",
+        action="store_true",
+        help="server: one ack (multiple) for every request done in a read",
+    )
+    parser.add_argument(
+        "--ack-replies",
+        action="store_true",
+        help="client: consume replies with acks instead of no-ack",
+    )
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=1,
+        help="client: connections (each its own reply queue); calls go round them",
+    )
+    parser.add_argument(
+        "--reply-connection",
+        action="store_true",
+        help="server: publish replies on a second connection",
     )
     parser.add_argument(
         "--duration", type=float, default=3.0, help="client: seconds measured"
