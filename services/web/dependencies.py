@@ -14,6 +14,8 @@ import hashlib
 import hmac
 import logging
 import secrets
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -42,6 +44,9 @@ DEVELOPMENT_SECRET_KEY = "web-development-secret-key-not-for-production"
 SESSION_IDLE_SECONDS_CONFIG_KEY = "SESSION_IDLE_SECONDS"
 SESSION_MAX_SECONDS_CONFIG_KEY = "SESSION_MAX_SECONDS"
 SESSION_COOKIE_SECURE_CONFIG_KEY = "SESSION_COOKIE_SECURE"  # "auto", true or false
+# Seconds a replica trusts a session or token it looked up (0: every request asks
+# the database). Also how late a revocation made on another replica applies here.
+CREDENTIAL_CACHE_SECONDS_CONFIG_KEY = "CREDENTIAL_CACHE_SECONDS"
 LOGIN_MAX_FAILURES_CONFIG_KEY = "LOGIN_MAX_FAILURES"  # per account, per window
 LOGIN_MAX_FAILURES_PER_ADDRESS_CONFIG_KEY = "LOGIN_MAX_FAILURES_PER_ADDRESS"
 LOGIN_WINDOW_SECONDS_CONFIG_KEY = "LOGIN_WINDOW_SECONDS"
@@ -55,6 +60,7 @@ DEFAULTS: dict[str, Any] = {
     SESSION_IDLE_SECONDS_CONFIG_KEY: 30 * 60,
     SESSION_MAX_SECONDS_CONFIG_KEY: 12 * 3600,
     SESSION_COOKIE_SECURE_CONFIG_KEY: "auto",
+    CREDENTIAL_CACHE_SECONDS_CONFIG_KEY: 1.0,
     LOGIN_MAX_FAILURES_CONFIG_KEY: 5,
     LOGIN_MAX_FAILURES_PER_ADDRESS_CONFIG_KEY: 20,
     LOGIN_WINDOW_SECONDS_CONFIG_KEY: 15 * 60,
@@ -68,6 +74,21 @@ DEFAULTS: dict[str, Any] = {
 # writing it would make every page view a database write.
 TOUCH_INTERVAL = timedelta(seconds=60)
 TOKEN_PREFIX = "wt_"
+# A revocation elsewhere must not wait long: the cache is for bursts of requests.
+MAX_CREDENTIAL_CACHE_SECONDS = 10.0
+# Credentials a replica keeps at most (then it forgets them all and looks up again).
+CREDENTIAL_CACHE_MAX_ENTRIES = 10_000
+
+
+def _seconds(value: Any, key: str, most: float) -> float:
+    refused = ValueError(f"{key} must be a number of seconds from 0 to {most:g}")
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise refused from None
+    if not 0 <= seconds <= most:  # NaN too
+        raise refused
+    return seconds
 
 
 @dataclass(frozen=True)
@@ -76,6 +97,7 @@ class Settings:
     session_idle: timedelta
     session_max: timedelta
     cookie_secure: str  # "auto", "true", "false"
+    credential_cache_seconds: float
     max_failures: int
     max_failures_per_address: int
     login_window: timedelta
@@ -107,6 +129,11 @@ class Settings:
                 ),
                 session_max=timedelta(seconds=int(get(SESSION_MAX_SECONDS_CONFIG_KEY))),
                 cookie_secure=str(get(SESSION_COOKIE_SECURE_CONFIG_KEY)).lower(),
+                credential_cache_seconds=_seconds(
+                    get(CREDENTIAL_CACHE_SECONDS_CONFIG_KEY),
+                    CREDENTIAL_CACHE_SECONDS_CONFIG_KEY,
+                    most=MAX_CREDENTIAL_CACHE_SECONDS,
+                ),
                 max_failures=int(get(LOGIN_MAX_FAILURES_CONFIG_KEY)),
                 max_failures_per_address=int(
                     get(LOGIN_MAX_FAILURES_PER_ADDRESS_CONFIG_KEY)
@@ -149,6 +176,83 @@ class NewCredential:
     id: Any
 
 
+class CredentialCache:
+    """Sessions and tokens this replica looked up, trusted for ``max_age`` seconds.
+
+    Looking the caller up in the database was a transaction on every request,
+    about a fifth of a list request's CPU in this service. Only credentials
+    found valid are kept (an unknown cookie or token always asks the database),
+    keyed by their digest, each until the earliest of ``max_age`` after it was
+    read and the session's own idle or absolute expiry.
+
+    What revokes a credential through this replica (logout, a token revoked, a
+    user deactivated, deleted, demoted or their password reset, the users
+    service's events) forgets the user's entries at once, so it applies to the
+    very next request here. Another replica's revocation reaches this one's
+    database row at once and this cache within ``max_age``: that is the bound.
+    A lookup that was reading while something was forgotten is not kept (the
+    generation moved), so a revocation cannot be undone by a read that raced it.
+    Wall-clock time, as the expiries are: a clock set back forgets everything.
+    """
+
+    def __init__(
+        self,
+        max_age: float,
+        clock: Callable[[], float] = time.time,
+        max_entries: int = CREDENTIAL_CACHE_MAX_ENTRIES,
+    ) -> None:
+        self.max_age = max_age
+        self.max_entries = max_entries
+        self._clock = clock
+        self._entries: dict[str, tuple[Principal, float, float]] = {}
+        self.generation = 0
+
+    def get(self, key: str) -> Principal | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        principal, read_at, valid_until = entry
+        now = self._clock()
+        if not read_at <= now < valid_until:
+            self._entries.pop(key, None)
+            return None
+        return principal
+
+    def put(
+        self,
+        key: str,
+        principal: Principal,
+        generation: int,
+        expires_at: datetime | None = None,
+    ) -> None:
+        """Keep ``principal`` if nothing was forgotten since ``generation``."""
+        if self.max_age <= 0 or generation != self.generation:
+            return
+        now = self._clock()
+        valid_until = now + self.max_age
+        if expires_at is not None:
+            valid_until = min(valid_until, expires_at.timestamp())
+        if len(self._entries) >= self.max_entries:
+            self._entries.clear()
+        self._entries[key] = (principal, now, valid_until)
+
+    def clear(self) -> None:
+        self.generation += 1
+        self._entries.clear()
+
+    def forget_user(self, user_id: int) -> None:
+        self.generation += 1
+        for key, (principal, _, _) in list(self._entries.items()):
+            if principal.user_id == user_id:
+                self._entries.pop(key, None)
+
+    def forget_session(self, session_id: str) -> None:
+        self.generation += 1
+        for key, (principal, _, _) in list(self._entries.items()):
+            if principal.session_id == session_id:
+                self._entries.pop(key, None)
+
+
 def _aware(value: datetime) -> datetime:
     # SQLite hands back naive datetimes; we only ever store UTC.
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
@@ -161,6 +265,7 @@ class EdgeState:
     def __init__(self, sessionmaker: sqlalchemy.orm.sessionmaker, settings: Settings):
         self._sessionmaker = sessionmaker
         self.settings = settings
+        self.credentials = CredentialCache(settings.credential_cache_seconds)
 
     def digest(self, secret: str) -> str:
         return hmac.new(
@@ -185,7 +290,7 @@ class EdgeState:
         )
         with self._sessionmaker() as session, session.begin():
             # Each login sweeps the sessions that can no longer be used.
-            session.execute(
+            swept = session.execute(
                 delete(LoginSession).where(
                     (LoginSession.last_seen_at < now - self.settings.session_idle)
                     | (LoginSession.created_at < now - self.settings.session_max)
@@ -193,33 +298,54 @@ class EdgeState:
                 )
             )
             session.add(row)
+        if swept.rowcount:  # type: ignore[attr-defined]
+            # Gone from the database, so gone from here (which rows, it does not say).
+            self.credentials.clear()
         return NewCredential(secret, row.id)
 
     def session_principal(self, cookie: str | None) -> Principal | None:
-        """The live session the cookie names (its last-seen time refreshed), or None."""
+        """The live session the cookie names (its last-seen time refreshed), or None.
+
+        From the replica's ``CredentialCache`` when it was read there lately."""
         if not cookie or len(cookie) > 200:
             return None
-        return self._live_session(LoginSession.token_hash == self.digest(cookie))
+        digest = self.digest(cookie)
+        key = "session:" + digest
+        cached = self.credentials.get(key)
+        if cached is not None:
+            return cached
+        generation = self.credentials.generation
+        found = self._live_session(LoginSession.token_hash == digest)
+        if found is None:
+            return None
+        principal, expires_at = found
+        self.credentials.put(key, principal, generation, expires_at)
+        return principal
 
     def session_principal_by_id(self, session_id: str | None) -> Principal | None:
+        """The live session with this public id: always from the database (a
+        websocket's subscribe, not every request)."""
         if not session_id:
             return None
-        return self._live_session(LoginSession.id == session_id)
+        found = self._live_session(LoginSession.id == session_id)
+        return found[0] if found is not None else None
 
-    def _live_session(self, condition: Any) -> Principal | None:
+    def _live_session(self, condition: Any) -> tuple[Principal, datetime] | None:
+        """The session, and when it expires if not used before then."""
         now = utcnow()
         with self._sessionmaker() as session, session.begin():
             row = session.scalars(select(LoginSession).where(condition)).one_or_none()
             if row is None or row.revoked_at is not None:
                 return None
+            ends = _aware(row.created_at) + self.settings.session_max
             if (
-                now - _aware(row.created_at) > self.settings.session_max
+                now > ends
                 or now - _aware(row.last_seen_at) > self.settings.session_idle
             ):
                 return None
             if now - _aware(row.last_seen_at) > TOUCH_INTERVAL:
                 row.last_seen_at = now
-            return Principal(
+            principal = Principal(
                 user_id=row.user_id,
                 role=row.role,
                 email=row.email,
@@ -227,6 +353,9 @@ class EdgeState:
                 via="session",
                 session_id=row.id,
                 csrf_token=row.csrf_token,
+            )
+            return principal, min(
+                ends, _aware(row.last_seen_at) + self.settings.session_idle
             )
 
     def revoke_session(self, session_id: str) -> None:
@@ -236,6 +365,7 @@ class EdgeState:
                 .where(LoginSession.id == session_id, LoginSession.revoked_at.is_(None))
                 .values(revoked_at=utcnow())
             )
+        self.credentials.forget_session(session_id)
 
     def revoke_user_sessions(self, user_id: int) -> int:
         with self._sessionmaker() as session, session.begin():
@@ -246,7 +376,8 @@ class EdgeState:
                 )
                 .values(revoked_at=utcnow())
             )
-            return int(result.rowcount or 0)  # type: ignore[attr-defined]
+        self.credentials.forget_user(user_id)
+        return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
     # -- API tokens --------------------------------------------------------------------
 
@@ -269,12 +400,25 @@ class EdgeState:
         return secret, payload
 
     def token_principal(self, secret: str | None) -> Principal | None:
+        """The live token's owner, or None; cached like sessions."""
         if not secret or len(secret) > 200:
             return None
+        digest = self.digest(secret)
+        key = "token:" + digest
+        cached = self.credentials.get(key)
+        if cached is not None:
+            return cached
+        generation = self.credentials.generation
+        principal = self._live_token(digest)
+        if principal is not None:
+            self.credentials.put(key, principal, generation)
+        return principal
+
+    def _live_token(self, digest: str) -> Principal | None:
         now = utcnow()
         with self._sessionmaker() as session, session.begin():
             row = session.scalars(
-                select(ApiToken).where(ApiToken.token_hash == self.digest(secret))
+                select(ApiToken).where(ApiToken.token_hash == digest)
             ).one_or_none()
             if row is None or row.revoked_at is not None:
                 return None
@@ -311,7 +455,9 @@ class EdgeState:
                 )
                 .values(revoked_at=utcnow())
             )
-            return bool(result.rowcount)  # type: ignore[attr-defined]
+        # The cache does not know which entry is this token: the user's go.
+        self.credentials.forget_user(user_id)
+        return bool(result.rowcount)  # type: ignore[attr-defined]
 
     def revoke_user_tokens(self, user_id: int) -> int:
         with self._sessionmaker() as session, session.begin():
@@ -320,7 +466,8 @@ class EdgeState:
                 .where(ApiToken.user_id == user_id, ApiToken.revoked_at.is_(None))
                 .values(revoked_at=utcnow())
             )
-            return int(result.rowcount or 0)  # type: ignore[attr-defined]
+        self.credentials.forget_user(user_id)
+        return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
     # -- what the users service tells us ------------------------------------------------
 
@@ -342,11 +489,13 @@ class EdgeState:
                 .where(ApiToken.user_id == user_id)
                 .values(role=user["role"])
             )
+        self.credentials.forget_user(user_id)
 
     def forget_user(self, user_id: int) -> None:
         with self._sessionmaker() as session, session.begin():
             session.execute(delete(LoginSession).where(LoginSession.user_id == user_id))
             session.execute(delete(ApiToken).where(ApiToken.user_id == user_id))
+        self.credentials.forget_user(user_id)
 
     # -- login throttling ---------------------------------------------------------------
 

@@ -91,6 +91,9 @@ templates = jinja2.Environment(
     undefined=jinja2.StrictUndefined,
     trim_blocks=True,
     lstrip_blocks=True,
+    # Compiled once per process: the templates ship with the code, so checking
+    # each file's modification time on every page would buy nothing.
+    auto_reload=False,
 )
 
 

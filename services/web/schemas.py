@@ -12,13 +12,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.conversions.schemas import MAX_PER_PAGE as MAX_JOBS_PER_PAGE
 from services.conversions.schemas import (
+    CURSOR_MAX_LENGTH,
     FormatsPayload,
     JobPage,
     JobPayload,
     JobState,
 )
+from services.conversions.schemas import MAX_PER_PAGE as MAX_JOBS_PER_PAGE
 from services.scheduler.schemas import (
     Run,
     RunPage,
@@ -144,6 +145,9 @@ class ConversionQuery(_Input):
     state: JobState | None = None
     page: int = Field(default=1, ge=1, le=1_000_000)
     per_page: int = Field(default=20, ge=1, le=MAX_JOBS_PER_PAGE)
+    # A page's next_cursor: the next page starts right after its last job, even
+    # if newer jobs arrived meanwhile (``page`` is then only echoed back).
+    after: str | None = Field(default=None, min_length=1, max_length=CURSOR_MAX_LENGTH)
 
 
 # -- users ----------------------------------------------------------------------------

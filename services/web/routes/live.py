@@ -123,6 +123,9 @@ class LiveRoutes:
         old rights. Their pages reconnect and are authorized afresh (or refused)."""
         changed = set(payload.get("changed") or ("deleted",))
         if changed & {"role", "is_active", "password", "deleted"}:
+            # Every replica hears this: its cached credentials of the user go
+            # too, usually well before their bound (CREDENTIAL_CACHE_SECONDS).
+            self.store.credentials.forget_user(payload["user"]["id"])
             self.hub.close_sockets(user_id=payload["user"]["id"])
 
     @event_handler("users", USER_UPDATED)

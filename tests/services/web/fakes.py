@@ -143,6 +143,7 @@ class FakeConversions:
         owner: int | None = None,
         page: int = 1,
         per_page: int = 20,
+        after: str | None = None,
     ) -> dict[str, Any]:
         found = [
             job
@@ -151,11 +152,20 @@ class FakeConversions:
             and (owner is None or job["owner"] == owner)
         ]
         start = (page - 1) * per_page
+        if after is not None:
+            # This fake's cursor is the id of the last job of the page before.
+            ids = [job["id"] for job in found]
+            if after not in ids:
+                raise InvalidOptions("invalid query", {"after": "not a cursor"})
+            start = ids.index(after) + 1
+        items = found[start : start + per_page]
+        more = start + per_page < len(found)
         return {
-            "items": found[start : start + per_page],
+            "items": items,
             "total": len(found),
             "page": page,
             "per_page": per_page,
+            "next_cursor": items[-1]["id"] if items and more else None,
         }
 
     @rpc(expected_exceptions=(JobNotFound, JobStateConflict))

@@ -142,6 +142,30 @@ def test_conversions_are_started_listed_and_fetched(admin: Any) -> None:
     assert admin.get(f"/api/v1/conversions/{job['id']}").json() == job
 
 
+def test_the_conversions_list_is_walked_page_after_page_by_its_cursor(
+    admin: Any,
+) -> None:
+    file = upload(admin)
+    jobs = [start(admin, file["id"]) for _ in range(5)]
+    first = admin.get("/api/v1/conversions?per_page=2").json()
+    start(admin, file["id"])  # a newer job does not shift the pages after
+
+    second = admin.get(
+        f"/api/v1/conversions?per_page=2&page=2&after={first['next_cursor']}"
+    ).json()
+    last = admin.get(
+        f"/api/v1/conversions?per_page=2&page=3&after={second['next_cursor']}"
+    ).json()
+
+    newest_first = [job["id"] for job in reversed(jobs)]
+    assert [job["id"] for job in first["items"]] == newest_first[:2]
+    assert [job["id"] for job in second["items"]] == newest_first[2:4]
+    assert [job["id"] for job in last["items"]] == newest_first[4:]
+    assert second["page"] == 2 and last["next_cursor"] is None
+    assert problem(admin.get("/api/v1/conversions?after=nope"), 422)["errors"]["after"]
+    assert problem(admin.get("/api/v1/conversions?after="), 422)["errors"]["after"]
+
+
 def test_bad_conversion_requests_are_422_with_field_errors(admin: Any) -> None:
     file = upload(admin)
     bad_option = admin.post(

@@ -517,3 +517,75 @@ def test_logins_sweep_away_sessions_that_can_no_longer_be_used(app: App) -> None
     with store.engine.connect() as connection:
         (count,) = connection.exec_driver_sql("SELECT count(*) FROM web_sessions").one()
     assert count == 1
+
+
+# -- the credential cache (services.web.dependencies.CredentialCache) ---------------
+
+
+def edge_store(app: App) -> Any:
+    return next(e for e in app.web.extensions if type(e).__name__ == "EdgeStore")
+
+
+def revoke_in_the_database(app: App, table: str) -> None:
+    """What another replica's revocation does: the row, not this replica's cache."""
+    with edge_store(app).engine.begin() as connection:
+        connection.exec_driver_sql(
+            f"UPDATE {table} SET revoked_at = CURRENT_TIMESTAMP"  # noqa: S608
+        )
+
+
+def after_the_cache_bound(app: App) -> Any:
+    import time_machine
+
+    bound = edge_store(app).state.settings.credential_cache_seconds
+    return time_machine.travel(time.time() + bound + 0.01)
+
+
+def test_a_session_revoked_by_another_replica_ends_within_the_cache_bound(
+    app: App,
+) -> None:
+    panel = app.admin()
+    assert panel.get("/", allow_redirects=False).status_code == 200
+
+    revoke_in_the_database(app, "web_sessions")
+
+    with after_the_cache_bound(app):
+        assert panel.get("/", allow_redirects=False).status_code == 303
+
+
+def test_a_token_revoked_by_another_replica_ends_within_the_cache_bound(
+    app: App,
+) -> None:
+    api = app.api(app.token())
+    assert api.get("/api/v1/conversions").status_code == 200
+
+    revoke_in_the_database(app, "web_api_tokens")
+
+    with after_the_cache_bound(app):
+        assert api.get("/api/v1/conversions").status_code == 401
+
+
+def test_a_demoted_admin_loses_admin_routes_at_once(app: App) -> None:
+    """The cached session and token of the demoted admin are forgotten by the
+    demotion itself, not left to expire."""
+    member = app.create_member()
+    admin = app.api(app.token())
+    assert (
+        admin.patch(f"/api/v1/users/{member['id']}", json={"role": "admin"}).status_code
+        == 200
+    )
+    panel = app.session()
+    panel.login("member@example.com", "member password")
+    api = app.api(app.token("member@example.com", "member password"))
+    assert panel.get("/users").status_code == 200
+    assert api.get("/api/v1/users").status_code == 200
+
+    assert (
+        admin.patch(
+            f"/api/v1/users/{member['id']}", json={"role": "member"}
+        ).status_code
+        == 200
+    )
+
+    assert panel.get("/users").status_code == 403
+    assert api.get("/api/v1/users").status_code == 403
