@@ -210,13 +210,18 @@ class JobRepository:
         else:
             keys = keys.offset((page - 1) * per_page)
         keys_page = keys.order_by(*NEWEST_FIRST).limit(per_page + 1).subquery()
-        # The table's rows as plain tuples: no ORM objects to build for a page
+        # The table's rows as plain tuples, through the session's connection: no
+        # ORM objects to build (nor the ORM's statement handling) for a page
         # that is only serialized.
-        rows = self.session.execute(
-            select(ConversionJob.__table__)
-            .join(keys_page, keys_page.c.id == ConversionJob.id)
-            .order_by(*NEWEST_FIRST)
-        ).all()
+        rows = (
+            self.session.connection()
+            .execute(
+                select(ConversionJob.__table__)
+                .join(keys_page, keys_page.c.id == ConversionJob.id)
+                .order_by(*NEWEST_FIRST)
+            )
+            .all()
+        )
         next_cursor = None
         if len(rows) > per_page:
             rows = rows[:per_page]
