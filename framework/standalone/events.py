@@ -44,14 +44,24 @@ def event_dispatcher(
         headers = encode_to_headers(
             {**base_context, CALL_ID_STACK_CONTEXT_KEY: [call_id]}
         )
+        # Where an event goes is the dispatch's to say: an exchange or routing key
+        # given to event_dispatcher() has no effect, as in nameko.
+        options = {
+            k: v
+            for k, v in publisher_options.items()
+            if k not in ("headers", "exchange", "routing_key", "declare")
+        }
+        declare = list(publisher_options.get("declare") or ())
+        if not exchange.no_declare:
+            declare.append(exchange)
         publisher.publish(
             event_data,
             exchange=exchange,
             routing_key=event_type,
             serializer=serializer,
             headers={**(publisher_options.get("headers") or {}), **headers},
-            declare=[] if exchange.no_declare else [exchange],
-            **{k: v for k, v in publisher_options.items() if k != "headers"},
+            declare=declare,
+            **options,
         )
 
     dispatch.close = publisher.close  # type: ignore[attr-defined]

@@ -214,6 +214,23 @@ def test_standalone_dispatcher_sends_context_headers(
     dispatch.close()
 
 
+def test_standalone_dispatcher_ignores_an_exchange_or_routing_key_it_is_given(
+    rabbit_config, spy
+):
+    # the dispatch names where an event goes, as in nameko
+    wire = spy("orders.events")
+    dispatch = event_dispatcher(
+        rabbit_config, exchange="elsewhere", routing_key="other", priority=3
+    )
+    try:
+        dispatch("orders", "order_created", {"id": 1})
+    finally:
+        dispatch.close()
+    message = wire.get()
+    assert message.delivery_info["routing_key"] == "order_created"
+    assert message.properties["priority"] == 3
+
+
 def test_handler_gets_context_data_from_the_event(rabbit_config, runner_factory):
     seen: list[dict] = []
 
