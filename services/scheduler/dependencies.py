@@ -43,6 +43,11 @@ DEFAULT_LOST_AFTER_SECONDS = 10.0
 # schedules' row locks; PostgreSQL ends such a session after this long, its claim
 # rolls back, and the other replicas take over those schedules.
 IDLE_IN_TRANSACTION_TIMEOUT_MS = 2000
+# The runs of one second record their outcomes at about the same time: with
+# SQLAlchemy's default pool (5 kept, 10 more opened on demand and closed on
+# return) a replica opened and closed a dozen connections every second, each a
+# new PostgreSQL backend. Twenty are kept; a burst beyond 25 waits for one.
+POOL_OPTIONS = {"pool_size": 20, "max_overflow": 5}
 
 
 class ScheduleStore(EngineProvider[ScheduleRepository]):
@@ -63,7 +68,12 @@ class ScheduleStore(EngineProvider[ScheduleRepository]):
                 "options",
                 f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT_MS}",
             )
-            self.engine_options = {**self.engine_options, "connect_args": connect_args}
+            self.engine_options = {
+                # Defaults DB_ENGINE_OPTIONS may override.
+                **POOL_OPTIONS,
+                **self.engine_options,
+                "connect_args": connect_args,
+            }
         self.settings = SchedulerSettings(
             replica=config.get(REPLICA_CONFIG_KEY)
             or f"{socket.gethostname()}:{os.getpid()}",
