@@ -18,11 +18,17 @@ machine, others only ever slow a window down); latencies (wrk's p50 and p99) and
 CPU per request are medians. CPU per request is the service process's own
 (``/proc``), which a busy machine disturbs far less than requests/s. Prints a
 markdown table and writes it to ``bench/results/http.md``.
+
+``--instructions`` measures instead what a busy machine cannot move: the
+instructions each service process executes per ``GET /ping`` (valgrind's
+callgrind, Debian's ``valgrind`` package), quiet and with default logging, over
+1,000 requests on 10 keep-alive connections after a warm-up.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import os
 import re
 import shutil
@@ -31,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,8 +93,10 @@ def check_identical() -> None:
         raise SystemExit("bench/http_services_*.py differ below the marker")
 
 
-def wait_until_serving(port: int, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT
+def wait_until_serving(
+    port: int, process: subprocess.Popen, log: Path, timeout: float = STARTUP_TIMEOUT
+) -> None:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise SystemExit(f"the service exited:\n{log.read_text()[-3000:]}")
@@ -101,11 +110,17 @@ def wait_until_serving(port: int, process: subprocess.Popen, log: Path) -> None:
         except OSError:
             pass
         time.sleep(0.1)
-    raise SystemExit(f"the service did not answer within {STARTUP_TIMEOUT}s")
+    raise SystemExit(f"the service did not answer within {timeout}s")
 
 
 def start_service(
-    side: str, port: int, workdir: Path, *, default_logging: bool = False
+    side: str,
+    port: int,
+    workdir: Path,
+    *,
+    default_logging: bool = False,
+    wrapper: tuple[str, ...] = (),
+    startup_timeout: float = STARTUP_TIMEOUT,
 ) -> subprocess.Popen:
     framework = load_frameworks()[side]
     name = f"{side}-{'default' if default_logging else 'quiet'}"
@@ -120,14 +135,20 @@ def start_service(
     # measured is producing them, not a terminal's speed.
     log = workdir / f"{name}.log"
     process = subprocess.Popen(
-        [*framework.run_command, SERVICE_MODULES[side], "--config", str(config)],
+        [
+            *wrapper,
+            *framework.run_command,
+            SERVICE_MODULES[side],
+            "--config",
+            str(config),
+        ],
         cwd=ROOT,
         env=child_env(),
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
         preexec_fn=die_with_parent,
     )
-    wait_until_serving(port, process, log)
+    wait_until_serving(port, process, log, startup_timeout)
     return process
 
 
@@ -208,7 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--output", type=Path, default=ROOT / "bench" / "results" / "http.md"
     )
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="instructions per request under callgrind instead of wrk windows",
+    )
     args = parser.parse_args(argv)
+    if args.instructions:
+        return print_instructions()
     if shutil.which("wrk") is None:
         print("wrk is missing: apt-get install wrk", file=sys.stderr)
         return 2
@@ -255,6 +283,108 @@ def main(argv: list[str] | None = None) -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(table)
     print(table)
+    return 0
+
+
+CALLGRIND_REQUESTS = 1000  # measured, over 10 connections
+CALLGRIND_WARMUP = 200
+
+
+def keep_alive_requests(port: int, total: int, connections: int = 10) -> None:
+    """``total`` ``GET /ping`` over ``connections`` keep-alive connections at once."""
+    errors: list[BaseException] = []
+
+    def one_connection() -> None:
+        client = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        try:
+            for _ in range(total // connections):
+                client.request("GET", "/ping")
+                response = client.getresponse()
+                if response.read() != b"pong":
+                    raise RuntimeError(f"unexpected answer, status {response.status}")
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=one_connection) for _ in range(connections)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise SystemExit(f"requests failed: {errors[0]!r}")
+
+
+def callgrind_control(pid: int, *command: str) -> None:
+    subprocess.run(
+        ["callgrind_control", *command, str(pid)], check=True, capture_output=True
+    )
+
+
+def instructions_per_request(side: str, workdir: Path, default_logging: bool) -> float:
+    """Instructions the service process executes per request, counted by callgrind
+    only while the measured requests run (not start-up, not the warm-up)."""
+    out = workdir / f"callgrind-{side}-{default_logging}.out"
+    port = free_port()
+    process = start_service(
+        side,
+        port,
+        workdir,
+        default_logging=default_logging,
+        wrapper=(
+            "valgrind",
+            "--tool=callgrind",
+            "--instr-atstart=no",
+            f"--callgrind-out-file={out}",
+        ),
+        startup_timeout=300.0,
+    )
+    try:
+        keep_alive_requests(port, CALLGRIND_WARMUP)
+        callgrind_control(process.pid, "-i", "on")
+        keep_alive_requests(port, CALLGRIND_REQUESTS)
+        callgrind_control(process.pid, "-i", "off")
+        # Written now: a service that outlives stop()'s patience is killed, and a
+        # killed valgrind writes nothing.
+        callgrind_control(process.pid, "-d")
+    finally:
+        stop(process)
+    # Each dump holds the counts since the previous one, on its `totals:` line
+    # (its `summary:` line can say 0 when instrumentation starts switched off).
+    total = 0
+    for path in workdir.glob(f"{out.name}*"):
+        for line in path.read_text().splitlines():
+            if line.startswith("totals:"):
+                total += int(line.split()[1])
+    return total / CALLGRIND_REQUESTS
+
+
+def print_instructions() -> int:
+    if shutil.which("valgrind") is None:
+        print("valgrind is missing: apt-get install valgrind", file=sys.stderr)
+        return 2
+    check_identical()
+    lines = [
+        f"Instructions per `GET /ping` in the service process (callgrind, "
+        f"{CALLGRIND_REQUESTS:,} requests over 10 keep-alive connections after "
+        f"{CALLGRIND_WARMUP} to warm up):",
+        "",
+        "| logging | ours | nameko | nameko / ours |",
+        "|---|---:|---:|---:|",
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        for default_logging in (False, True):
+            counts = {
+                side: instructions_per_request(side, Path(tmp), default_logging)
+                for side in (OURS, NAMEKO)
+            }
+            lines.append(
+                f"| {'default' if default_logging else 'warnings only'} | "
+                f"{counts[OURS] / 1e6:.2f} M | {counts[NAMEKO] / 1e6:.2f} M | "
+                f"{counts[NAMEKO] / counts[OURS]:.2f}x |"
+            )
+    print("\n".join(lines))
     return 0
 
 
