@@ -70,8 +70,8 @@ class Sample:
         return self.cores[role] / self.rate * 1e6 if self.rate else float("nan")
 
 
-def wait_for_consumer(uri: str, queue: str) -> None:
-    limit = time.monotonic() + START_TIMEOUT
+def wait_for_consumer(uri: str, queue: str, timeout: float = START_TIMEOUT) -> None:
+    limit = time.monotonic() + timeout
     while time.monotonic() < limit:
         connection = connect(uri)
         try:
@@ -84,7 +84,7 @@ def wait_for_consumer(uri: str, queue: str) -> None:
         finally:
             connection.close()
         time.sleep(0.2)
-    raise RuntimeError(f"nothing consumed {queue} within {START_TIMEOUT}s")
+    raise RuntimeError(f"nothing consumed {queue} within {timeout}s")
 
 
 def commands(

@@ -375,6 +375,7 @@ class DrainedConnection:
         self.uri = uri
         self.purpose = purpose
         self.connection: kombu.Connection | None = None
+        self._amqp_connection: Any = None  # its py-amqp connection, when it has one
         self.generation = 0
         self.drain_lock = concurrency.Semaphore(1)
         self._connect_lock = concurrency.Semaphore(1)
@@ -393,7 +394,15 @@ class DrainedConnection:
 
     @property
     def connected(self) -> bool:
-        return self.connection is not None and self.connection.connected
+        connection = self.connection
+        if connection is None:
+            return False
+        amqp_connection = self._amqp_connection
+        if amqp_connection is not None:
+            # What kombu's ``connected`` asks in the end, without its two layers
+            # (this runs on every publish).
+            return bool(amqp_connection.connected)
+        return bool(connection.connected)
 
     @property
     def has_reader(self) -> bool:
@@ -412,12 +421,14 @@ class DrainedConnection:
             connect_with_retry(
                 connection, self.config, purpose=self.purpose, max_attempts=max_attempts
             )
+            amqp_connection = None
             if channels.is_amqp(connection):
-                tune_transport(connection.connection)
+                amqp_connection = connection.connection
+                tune_transport(amqp_connection)
             with self.drain_lock:
                 for callback in self._on_connect:
                     callback(connection)
-            self.connection = connection
+            self.connection, self._amqp_connection = connection, amqp_connection
             self.generation += 1
             if concurrency.is_monkey_patched():
                 self._reader = concurrency.spawn(
