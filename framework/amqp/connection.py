@@ -11,6 +11,7 @@ import amqp.exceptions
 import amqp.transport
 import kombu
 import kombu.exceptions
+from amqp import spec
 
 from framework import concurrency
 from framework.amqp import channels
@@ -278,7 +279,14 @@ def read_frames(amqp_connection: Any, timeout: float | None) -> bool:
                 # Taken off the buffer before dispatching: a callback that reads
                 # the connection itself must find the next frame, not this one.
                 transport._read_buffer = buffer[end + 1 :]
-                amqp_connection.on_inbound_frame((frame_type, channel, buffer[7:end]))
+                if not (
+                    length == _ACK_LENGTH
+                    and buffer[7:11] == _BASIC_ACK
+                    and _confirmed(amqp_connection, channel, buffer)
+                ):
+                    amqp_connection.on_inbound_frame(
+                        (frame_type, channel, buffer[7:end])
+                    )
                 handled = True
                 continue
         if handled:
@@ -288,6 +296,26 @@ def read_frames(amqp_connection: Any, timeout: float | None) -> bool:
         except TimeoutError:
             return False
         transport._read_buffer += data
+
+
+_BASIC_ACK = b"\x00\x3c\x00\x50"  # a method frame's class and method ids
+_ACK_LENGTH = 4 + 8 + 1  # ids, delivery tag, flags
+
+
+def _confirmed(amqp_connection: Any, channel_id: int, buffer: bytes) -> bool:
+    """Hand a publisher confirm (``basic.ack`` from the broker) to the channel's
+    listeners as py-amqp's ``Channel._on_basic_ack`` would; False to leave it to
+    py-amqp. One arrives per publish: py-amqp's generic method dispatch (argument
+    parser, listener lists) cost more than the rest of handling it."""
+    channel = amqp_connection.channels.get(channel_id)
+    if channel is None or channel.is_closing or _ACK_SIG in channel._pending:
+        return False  # closing, or someone waits on it: py-amqp's rules apply
+    delivery_tag, flags = unpack_from(">QB", buffer, 11)
+    amqp_connection.bytes_recv += 1
+    multiple = bool(flags & 1)
+    for callback in channel.events["basic_ack"]:
+        callback(delivery_tag, multiple)
+    return True
 
 
 def _recv(transport: Any, timeout: float | None) -> bytes:
@@ -313,6 +341,7 @@ def _recv(transport: Any, timeout: float | None) -> bytes:
 
 
 _RETRYABLE_ERRNOS = {errno.EAGAIN, errno.EINTR}
+_ACK_SIG = spec.Basic.Ack
 
 
 def tune_transport(amqp_connection: Any) -> None:

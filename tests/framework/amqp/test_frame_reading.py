@@ -10,9 +10,11 @@ from typing import Any
 import amqp.exceptions
 import amqp.transport
 import pytest
+from amqp import spec
 
 from framework import concurrency
 from framework.amqp.connection import read_frames
+from framework.amqp.frames import ack_frame
 
 
 def frame(frame_type: int, channel: int, payload: bytes) -> bytes:
@@ -94,3 +96,36 @@ def test_a_frame_without_its_end_octet_is_refused(pair):
     broker.sendall(frame(1, 1, b"method")[:-1] + b"\x00")
     with pytest.raises(amqp.exceptions.UnexpectedFrame):
         read_frames(connection, timeout=1)
+
+
+class _Channel:
+    def __init__(self) -> None:
+        self.is_closing = False
+        self._pending: dict[Any, Any] = {}
+        self.acked: list[tuple[int, bool]] = []
+        self.events = {
+            "basic_ack": [lambda tag, multiple: self.acked.append((tag, multiple))]
+        }
+
+
+def test_a_publisher_confirm_goes_straight_to_the_channels_ack_listeners(pair):
+    connection, broker = pair
+    channel = connection.channels = {5: _Channel()}  # type: ignore[attr-defined]
+    connection.bytes_recv = 0  # type: ignore[attr-defined]
+    broker.sendall(ack_frame(5, 42, True) + ack_frame(5, 43, False))
+    assert read_frames(connection, timeout=1) is True
+    assert channel[5].acked == [(42, True), (43, False)]
+    assert connection.frames == []  # not through py-amqp's frame handler
+
+
+def test_a_confirm_someone_waits_for_is_left_to_py_amqp(pair):
+    connection, broker = pair
+    waited = _Channel()
+    waited._pending[spec.Basic.Ack] = object()
+    closing = _Channel()
+    closing.is_closing = True
+    connection.channels = {1: waited, 2: closing}  # type: ignore[attr-defined]
+    broker.sendall(ack_frame(1, 7) + ack_frame(2, 8) + ack_frame(3, 9))
+    assert read_frames(connection, timeout=1) is True
+    assert [frame[1] for frame in connection.frames] == [1, 2, 3]
+    assert waited.acked == closing.acked == []
