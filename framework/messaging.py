@@ -327,6 +327,10 @@ class QueueConsumer(SharedExtension, ProviderCollector):
         With the pool full, a green thread waits for a free worker instead of the
         loop, so heartbeats and replies keep flowing. A graceful stop waits for
         it as for a worker.
+
+        ``ContainerBeingKilled`` goes to the caller, which gives the message back
+        its own way (RPC after a pause, see ``RpcConsumer.requeue_message``); on
+        the waiting green thread the message is requeued.
         """
         if self.container.free_workers > 0:
             # Errors go to the caller: RPC answers them, the loop disposes of
@@ -352,20 +356,19 @@ class QueueConsumer(SharedExtension, ProviderCollector):
         context_data: dict,
         handle_result: Any,
     ) -> None:
-        try:
-            self.container.spawn_worker(
-                entrypoint,
-                args,
-                kwargs,
-                context_data=context_data,
-                handle_result=handle_result,
-            )
-        except ContainerBeingKilled:
-            message.requeue()
+        self.container.spawn_worker(
+            entrypoint,
+            args,
+            kwargs,
+            context_data=context_data,
+            handle_result=handle_result,
+        )
 
     def _spawn_when_free(self, *spawn_args: Any) -> None:
         try:
             self._spawn(*spawn_args)
+        except ContainerBeingKilled:
+            spawn_args[1].requeue()
         except Exception as exc:
             # E.g. the service class's constructor failed. No caller to tell on
             # this thread: the message follows the redelivery policy.
@@ -791,14 +794,17 @@ class Consumer(Entrypoint, HeaderDecoder):
 
     def handle_message(self, body: Any, message: Delivery) -> None:
         context_data = self.unpack_message_headers(message)
-        self.queue_consumer.spawn_worker(
-            self,
-            message,
-            (body,),
-            {},
-            context_data,
-            partial(self.handle_result, message),
-        )
+        try:
+            self.queue_consumer.spawn_worker(
+                self,
+                message,
+                (body,),
+                {},
+                context_data,
+                partial(self.handle_result, message),
+            )
+        except ContainerBeingKilled:
+            message.requeue()
 
     def handle_result(
         self, message: Delivery, worker_ctx: WorkerContext, result: Any, exc_info: Any

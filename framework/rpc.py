@@ -267,7 +267,7 @@ class RpcConsumer(SharedExtension, ProviderCollector):
                 raise
             provider.handle_message(body, message)
         except ContainerBeingKilled:
-            self._give_back(message, method_name)
+            self.requeue_message(message)
         except Exception as exc:
             # The caller's correlation id is the only id this request has yet.
             correlation_id = message.properties.get("correlation_id")
@@ -290,6 +290,12 @@ class RpcConsumer(SharedExtension, ProviderCollector):
                 (),
                 correlation_id,
             )
+
+    def requeue_message(self, message: Any) -> None:
+        """Give a request this container cannot run now (it is being killed)
+        back to the queue, for another replica (nameko's name)."""
+        method_name = message.delivery_info.get("routing_key", "").rsplit(".", 1)[-1]
+        self._give_back(message, method_name)
 
     def _give_back(self, message: Any, method_name: str) -> None:
         # A stopping container no longer runs this method, but the service still
@@ -349,9 +355,12 @@ class Rpc(Entrypoint, HeaderDecoder):
         self.check_signature(args, kwargs)
         context_data = self.unpack_message_headers(message)
         handle_result = partial(self.handle_result, message)
-        self.rpc_consumer.queue_consumer.spawn_worker(
-            self, message, tuple(args), kwargs, context_data, handle_result
-        )
+        try:
+            self.rpc_consumer.queue_consumer.spawn_worker(
+                self, message, tuple(args), kwargs, context_data, handle_result
+            )
+        except ContainerBeingKilled:
+            self.rpc_consumer.requeue_message(message)
 
     def handle_result(
         self, message: Any, worker_ctx: WorkerContext, result: Any, exc_info: Any

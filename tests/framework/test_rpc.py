@@ -12,6 +12,7 @@ import pytest
 
 from framework import concurrency
 from framework.exceptions import (
+    ContainerBeingKilled,
     IncorrectSignature,
     MalformedRequest,
     MethodNotFound,
@@ -637,3 +638,28 @@ def test_an_rpc_consumer_without_entrypoints_leaves_the_queue_consumer_on_stop(
         consumer.stop()
 
     queue_consumer.unregister_provider.assert_called_once_with(consumer)
+
+
+def test_a_request_reaching_a_container_being_killed_goes_back_to_the_queue(
+    rabbit_config, container_factory
+):
+    container = container_factory(Greeter, rabbit_config)
+    container.start()
+    consumer = get_extension(container, RpcConsumer)
+
+    def call():
+        with ServiceRpcProxy("greeter", rabbit_config, timeout=20) as greeter:
+            return greeter.hello("again")
+
+    with (
+        patch.object(container, "spawn_worker", side_effect=ContainerBeingKilled),
+        patch.object(
+            consumer, "requeue_message", wraps=consumer.requeue_message
+        ) as requeued,
+    ):
+        caller = concurrency.spawn(call)
+        wait_for(lambda: requeued.called)
+        assert not caller.dead  # given back, not answered with an error
+
+    # the container runs workers again: the request comes back and is answered
+    assert caller.wait() == "Hello, again!"
