@@ -170,10 +170,6 @@ INTERNALS_TESTS: dict[str, str] = {
     "test/test_log_helpers.py::test_timing_logger": "patches the module's `time` and "
     "feeds time.time(); ours measures with time.perf_counter (docs/framework.md, "
     "differences table: make_timing_logger)",
-    "test/test_rpc.py::test_rpc_container_being_killed_retries": "sets the "
-    "container's private _being_killed and waits for nameko's "
-    "QueueConsumer.requeue_message; ours gives such a request back with "
-    "requeue_later (tests/framework/test_rpc.py covers the stopping container)",
     "test/testing/test_utils.py::TestResourcePipeline::test_pipeline": "asserts that "
     "exactly size+1 resources exist when full, an artefact of nameko's creator "
     "blocking on a full queue with one in hand; ours creates only what fits",
