@@ -257,11 +257,16 @@ def measure_burst(amqp_uri: str, url: str, log_dir: Path) -> dict[str, Any]:
     try:
         due = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=8)
         reset(url, [f"{due.second} {due.minute} * * * *"] * BURST_SCHEDULES)
+        # From before the claims (half a second ahead) to after the last call.
+        concurrency.sleep(max(due.timestamp() - 1 - time.time(), 0))
+        cpu_since = group.cpu_seconds()
         concurrency.sleep(max(due.timestamp() - time.time(), 0) + 3)
+        cpu = group.cpu_seconds() - cpu_since
     finally:
         group.stop()
     values = latencies_ms(due.timestamp(), due.timestamp() + 1)
     return {
+        "cpu_per_run_ms": cpu * 1000 / BURST_SCHEDULES,
         "calls": len(values),
         "first": min(values),
         "p50": statistics.median(values),
@@ -354,7 +359,8 @@ def table(results: dict[str, Any], window: float) -> str:
         lines.append(
             f"| burst of {BURST_SCHEDULES} due in one second, 3 replicas: first / "
             f"median / last call | {burst['first']:.0f} / {burst['p50']:.0f} / "
-            f"{burst['last']:.0f} ms ({burst['calls']} calls) |"
+            f"{burst['last']:.0f} ms ({burst['calls']} calls; replicas' CPU "
+            f"{burst['cpu_per_run_ms']:.1f} ms per run) |"
         )
     for due in (1, BURST_SCHEDULES):
         claim = results.get(f"claim-{due}")
