@@ -182,3 +182,26 @@ def test_killing_a_container_mid_paced_loop_leaves_no_error_and_no_thread(
     assert container._worker_threads == {}
     assert "ContainerBeingKilled" not in caplog.text
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+
+
+def test_a_paced_loop_whose_worker_meets_a_container_being_killed_ends_quietly(
+    container_factory, caplog
+):
+    from framework.exceptions import ContainerBeingKilled
+
+    service = make_paced_service(0)
+    container = container_factory(service, {})
+    spawn_worker = container.spawn_worker
+
+    def spawn_while_killed(*args, **kwargs):
+        # What spawn_worker does once kill() has begun.
+        if len(service.calls) >= 2:
+            raise ContainerBeingKilled()
+        return spawn_worker(*args, **kwargs)
+
+    container.spawn_worker = spawn_while_killed
+    container.start()
+    wait_for(lambda: len(service.calls) == 2, timeout=5)
+    wait_for(lambda: "paced[claim]" not in container._managed_threads.values())
+    assert not container._died.ready()  # the loop's end is not an error
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
