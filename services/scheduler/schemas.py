@@ -74,6 +74,7 @@ __all__ = [
     "Target",
     "dump_run",
     "dump_schedule",
+    "parse_backfill",
     "parse_changes",
     "parse_page",
     "parse_preview",
