@@ -255,7 +255,7 @@ import re  # noqa: E402
 import urllib.parse  # noqa: E402
 from typing import Protocol  # noqa: E402
 
-__all__ += ["HttpGuard", "guarded_wsgi_server"]
+__all__ += ["GuardedHttpProtocol", "HttpGuard", "guarded_wsgi_server"]
 
 _REQUEST_TIMEOUT_RESPONSE = (
     b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
@@ -294,7 +294,7 @@ _MAX_HEADER_LINE = 65536
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
-class _GuardedHttpProtocol(eventlet.wsgi.HttpProtocol):
+class GuardedHttpProtocol(eventlet.wsgi.HttpProtocol):
     guard: HttpGuard  # set on the subclass made for each server
     # The headers of the request `_parse_plain_request` read, for get_environ.
     _plain_headers: list[tuple[str, str]] | None = None
@@ -489,7 +489,7 @@ def guarded_wsgi_server(
     ``socket_timeout`` bounds every other socket operation once a request line is
     in: reading the body, writing the response.
     """
-    protocol = type("GuardedHttpProtocol", (_GuardedHttpProtocol,), {"guard": guard})
+    protocol = type("GuardedHttpProtocol", (GuardedHttpProtocol,), {"guard": guard})
     sweeper = spawn(guard.sweep_forever)
     try:
         eventlet.wsgi.server(

@@ -399,7 +399,7 @@ class WsgiApp:
 # HTTP/1.1 protocol of eventlet's wsgi server with the guard's deadlines and slot
 # accounting, and the common request shape parsed without the email package (see
 # framework.concurrency.guarded_wsgi_server, which subclasses it per server).
-HttpOnlyProtocol: type = concurrency._GuardedHttpProtocol
+HttpOnlyProtocol: type = concurrency.GuardedHttpProtocol
 
 
 class BaseHTTPServer:

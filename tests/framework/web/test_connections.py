@@ -232,9 +232,9 @@ def test_a_quiet_websocket_that_answers_pings_stays_connected(
 
 
 def test_eventlet_internals_the_guarded_protocol_overrides_are_still_there() -> None:
-    # concurrency._GuardedHttpProtocol overrides these; if eventlet renames or
+    # concurrency.GuardedHttpProtocol overrides these; if eventlet renames or
     # reshapes them the deadlines silently stop applying, so fail here instead.
-    base = concurrency._GuardedHttpProtocol.__mro__[1]
+    base = concurrency.GuardedHttpProtocol.__mro__[1]
     for name in ("_read_request_line", "parse_request", "get_environ"):
         method = getattr(base, name)
         assert list(inspect.signature(method).parameters) == ["self"], name
@@ -269,7 +269,7 @@ def test_the_environ_of_a_plainly_parsed_request_is_eventlets(
     # The guarded protocol builds the environ itself for requests it parsed;
     # here both are built for the same request and compared, so that a change
     # in eventlet's environ fails this test rather than services.
-    protocol = concurrency._GuardedHttpProtocol
+    protocol = concurrency.GuardedHttpProtocol
     built: list[tuple[dict[str, Any], dict[str, Any]]] = []
 
     def both(self: Any) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """The web server's own request parsing and response path, byte for byte.
 
-The server parses the common request shape itself (``concurrency._GuardedHttpProtocol``)
+The server parses the common request shape itself (``concurrency.GuardedHttpProtocol``)
 and writes plain responses without werkzeug's general path (``server._plain_response``),
 both for speed; these tests pin what a client sees on the wire, through raw sockets.
 """
