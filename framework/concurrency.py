@@ -694,10 +694,13 @@ def backdoor_server(port: int, namespace: dict[str, Any]) -> tuple[GreenThread, 
     tunnel). ``port`` 0 takes a free port. Returns the serving green thread (kill
     it to close the console) and the port.
     """
+    listener = eventlet.listen(("127.0.0.1", port))
+    return serve_backdoor(listener, namespace), listener.getsockname()[1]
+
+
+def serve_backdoor(listener: Any, namespace: dict[str, Any]) -> GreenThread:
+    """The console of ``backdoor_server`` on a socket the caller bound (a green
+    listening socket, e.g. from ``green_listen``); the serving green thread."""
     import eventlet.backdoor
 
-    listener = eventlet.listen(("127.0.0.1", port))
-    thread = eventlet.spawn(
-        eventlet.backdoor.backdoor_server, listener, locals=namespace
-    )
-    return thread, listener.getsockname()[1]
+    return eventlet.spawn(eventlet.backdoor.backdoor_server, listener, locals=namespace)

@@ -176,11 +176,6 @@ def setup_backdoor(
     and ``exit()`` raise instead of exiting: in a console served by a green thread,
     ``SystemExit`` ends the whole process, services and all.
     """
-    # eventlet's console server, used directly: ``concurrency.backdoor_server``
-    # binds 127.0.0.1 only and keeps its listening socket to itself, and nameko's
-    # API hands both back.
-    import eventlet.backdoor
-
     from framework import concurrency
 
     def refuse_to_exit(*args: Any) -> None:
@@ -188,10 +183,7 @@ def setup_backdoor(
 
     namespace = {"runner": runner, "quit": refuse_to_exit, "exit": refuse_to_exit}
     listener = concurrency.green_listen((host, port))
-    thread = concurrency.spawn(
-        eventlet.backdoor.backdoor_server, listener, locals=namespace
-    )
-    return listener, thread
+    return listener, concurrency.serve_backdoor(listener, namespace)
 
 
 def run(
