@@ -186,16 +186,70 @@ def encode_properties(properties: dict[str, Any]) -> bytes:
         elif kind == "o" and type(value) is int:
             parts.append(pack("B", value))
         elif kind == "F" and isinstance(value, dict):
-            parts.append(
-                b"\x00\x00\x00\x00"
-                if not value
-                else amqp.serialization.dumps("F", [value])
-            )
+            parts.append(encode_table(value))
         else:  # anything unusual: py-amqp's own encoding, whatever it does
             return amqp.basic_message.Message(**properties)._serialize_properties()
         flags |= bit
     parts[0] = pack(">H", flags)
     return b"".join(parts)
+
+
+class _Unusual(Exception):
+    """A header value of a type left to py-amqp's encoder."""
+
+
+def encode_table(table: dict[str, Any]) -> bytes:
+    """A header table, as py-amqp encodes it (its own encoder for any value not
+    of a plain JSON-like type: a subclass, a ``Decimal``, a ``datetime``...)."""
+    if not table:
+        return b"\x00\x00\x00\x00"  # what every reply carries
+    try:
+        return _table(table)
+    except _Unusual:
+        return bytes(amqp.serialization.dumps("F", [table]))
+
+
+def _table(table: dict[Any, Any]) -> bytes:
+    parts: list[bytes] = []
+    for key, value in table.items():
+        if type(key) is str:
+            key = key.encode("utf-8", "surrogatepass")
+        elif type(key) is not bytes:
+            raise _Unusual
+        parts += (pack("B", len(key)), key)
+        _item(value, parts)
+    data = b"".join(parts)
+    return pack(">I", len(data)) + data
+
+
+def _item(value: Any, parts: list[bytes]) -> None:
+    kind = type(value)
+    if kind is str:
+        raw = value.encode("utf-8", "surrogatepass")
+        parts += (pack(">cI", b"S", len(raw)), raw)
+    elif kind is bytes:
+        parts += (pack(">cI", b"S", len(value)), value)
+    elif value is None:
+        parts.append(b"V")
+    elif kind is bool:
+        parts.append(b"t\x01" if value else b"t\x00")
+    elif kind is int:
+        if -2147483647 <= value <= 2147483647:
+            parts.append(pack(">ci", b"I", value))
+        else:
+            parts.append(pack(">cq", b"L", value))
+    elif kind is float:
+        parts.append(pack(">cd", b"d", value))
+    elif kind is dict:
+        parts += (b"F", _table(value))
+    elif kind is list or kind is tuple:
+        items: list[bytes] = []
+        for item in value:
+            _item(item, items)
+        data = b"".join(items)
+        parts += (b"A", pack(">I", len(data)), data)
+    else:
+        raise _Unusual
 
 
 def publish_frames(

@@ -3,6 +3,9 @@ publish through them on the real broker."""
 
 from __future__ import annotations
 
+import datetime
+import decimal
+import enum
 from typing import Any
 
 import amqp
@@ -11,10 +14,23 @@ import kombu
 import pytest
 from amqp import spec
 
-from framework.amqp.frames import ack_frame, encode_properties, publish_frames
+from framework.amqp.frames import (
+    ack_frame,
+    encode_properties,
+    encode_table,
+    publish_frames,
+)
 from framework.amqp.publish import Publisher
 
 FRAME_MAX = 131072
+
+
+class _Level(enum.IntEnum):
+    HIGH = 3
+
+
+class _Name(str):
+    pass
 
 
 class _Transport:
@@ -87,6 +103,27 @@ PROPERTY_SETS = [
         "cluster_id": "c",
     },
     {"priority": True, "reply_to": "\udc80"},  # odd values: py-amqp's encoding
+    # header values of every type a table holds, and some left to py-amqp
+    {
+        "application_headers": {
+            "s": "tøken\udc80",
+            "b": b"raw",
+            "t": True,
+            "f": False,
+            "i": -2147483647,
+            "big": 2147483648,
+            "neg": -(2**40),
+            "d": 1.5,
+            "n": None,
+            "l": ["a", 1, [2.5, None], {"x": "y"}],
+            "tuple": ("a", "b"),
+            "nested": {"deeper": {"deepest": ["z"]}},
+            b"bytes-key": 1,
+        }
+    },
+    {"application_headers": {"when": datetime.datetime(2026, 12, 1, 3, 0)}},
+    {"application_headers": {"amount": decimal.Decimal("1.25"), "s": "x"}},
+    {"application_headers": {"level": _Level.HIGH, "name": _Name("n")}},
 ]
 
 
@@ -175,3 +212,14 @@ def test_a_publish_through_the_direct_frames_arrives_whole(
     assert message.properties["correlation_id"] == "c1"
     assert message.properties["reply_to"] == "r1"
     assert message.properties["priority"] == 3
+
+
+def test_plain_headers_are_encoded_without_py_amqps_encoder(monkeypatch):
+    plain = PROPERTY_SETS[5]["application_headers"]
+    expected = amqp.serialization.dumps("F", [plain])
+
+    def refuse(*args: Any) -> bytes:
+        raise AssertionError("py-amqp's table encoder was used")
+
+    monkeypatch.setattr(amqp.serialization, "dumps", refuse)
+    assert encode_table(plain) == expected
