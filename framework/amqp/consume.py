@@ -33,6 +33,7 @@ from framework.amqp.frames import (
     FrameGuard,
     UnparsableProperties,
     send_ack,
+    speed_up_deliveries,
 )
 from framework.amqp.heartbeat import HeartbeatGuard
 from framework.utils import sanitize_url
@@ -258,6 +259,8 @@ class ConsumeLoop:
                     tune_transport(connection.connection)
                     FrameGuard.install(connection.connection)
                 self._channel = connection.channel()
+                if self._amqp:
+                    speed_up_deliveries(self._channel)
                 self.generation += 1
                 self.connected = True
                 # Every queue and binding exists before the first consume, and

@@ -19,6 +19,7 @@ from framework import concurrency, containers, serialization
 from framework import rpc as rpc_module
 from framework.amqp import channels
 from framework.amqp.connection import CONNECTION_ERRORS, DrainedConnection, Waiter
+from framework.amqp.frames import speed_up_deliveries
 from framework.amqp.publish import Publisher
 from framework.constants import (
     ACCEPT_CONFIG_KEY,
@@ -158,6 +159,8 @@ class SingleThreadedReplyListener:
                     )
                 )
         channel = connection.channel()
+        if channels.is_amqp(connection):
+            speed_up_deliveries(channel)
         self.queue.bind(channel).declare()
         self._declared = True
         channels.consume(channel, self.queue.name, self._on_message, no_ack=True)

@@ -11,10 +11,11 @@ import amqp.exceptions
 import amqp.transport
 import pytest
 from amqp import spec
+from amqp.serialization import dumps, loads
 
 from framework import concurrency
 from framework.amqp.connection import read_frames
-from framework.amqp.frames import ack_frame
+from framework.amqp.frames import ack_frame, parse_deliver, speed_up_deliveries
 
 
 def frame(frame_type: int, channel: int, payload: bytes) -> bytes:
@@ -129,3 +130,72 @@ def test_a_confirm_someone_waits_for_is_left_to_py_amqp(pair):
     assert read_frames(connection, timeout=1) is True
     assert [frame[1] for frame in connection.frames] == [1, 2, 3]
     assert waited.acked == closing.acked == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["ctag", 7, False, "nameko-rpc", "rpc-reply"],
+        ["amq.ctag-ü", 2**40, True, "", "bench_target.echo"],
+        ["", 1, False, "x" * 255, "\udc80"],
+    ],
+)
+def test_a_delivery_is_parsed_as_py_amqp_parses_it(args):
+    payload = pack(">HH", *spec.Basic.Deliver) + dumps("sLbss", args)
+    assert list(parse_deliver(payload)) == loads("sLbss", payload, 4)[0]
+
+
+class _Delivered:
+    def __init__(self, body: bytes, **properties: Any) -> None:
+        self.body = body
+        self.properties = properties
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.properties[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class _ConsumingChannel:
+    def __init__(self) -> None:
+        self.is_closing = False
+        self.auto_decode = True
+        self._pending: dict[Any, Any] = {}
+        self.delivered: list[tuple] = []
+        self.generic: list[tuple] = []
+        self._callbacks = {spec.Basic.Deliver: self.on_deliver}
+
+    def on_deliver(self, *args: Any) -> None:
+        self.delivered.append(args)
+
+    def dispatch_method(self, *args: Any) -> None:
+        self.generic.append(args)
+
+
+def test_deliveries_reach_the_consumer_without_py_amqps_dispatch():
+    channel = _ConsumingChannel()
+    speed_up_deliveries(channel)
+    payload = pack(">HH", *spec.Basic.Deliver) + dumps(
+        "sLbss", ["ctag", 9, True, "ex", "rk"]
+    )
+    message = _Delivered("é".encode(), content_encoding="utf-8")
+    channel.dispatch_method(spec.Basic.Deliver, payload, message)
+    assert channel.delivered == [("ctag", 9, True, "ex", "rk", message)]
+    assert message.body == "é"  # decoded as py-amqp's dispatch decodes it
+    binary = _Delivered(b"\xff")  # no encoding: kept as bytes
+    channel.dispatch_method(spec.Basic.Deliver, payload, binary)
+    assert binary.body == b"\xff"
+    assert channel.generic == []
+
+
+def test_other_methods_and_awaited_deliveries_go_through_py_amqp():
+    channel = _ConsumingChannel()
+    generic = channel.generic
+    speed_up_deliveries(channel)
+    channel.dispatch_method(spec.Basic.CancelOk, b"", None)
+    channel._pending[spec.Basic.Deliver] = object()
+    payload = pack(">HH", *spec.Basic.Deliver) + dumps("sLbss", ["c", 1, False, "", ""])
+    channel.dispatch_method(spec.Basic.Deliver, payload, _Delivered(b""))
+    assert [call[0] for call in generic] == [spec.Basic.CancelOk, spec.Basic.Deliver]
+    assert channel.delivered == []
