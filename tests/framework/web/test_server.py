@@ -333,6 +333,28 @@ def test_connections_are_served_with_http_only_protocol(
     assert issubclass(HttpOnlyProtocol, BaseHTTPServer.BaseHTTPRequestHandler)
 
 
+def test_connections_send_each_write_at_once(
+    run_service: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Nagle's algorithm off on every accepted connection: with it on, a response
+    # written in two pieces waited for the client's delayed acknowledgement of
+    # the first (40 ms on each keep-alive request for a page over about 16 KB).
+    nodelay: list[int] = []
+    handle_one_request = HttpOnlyProtocol.handle_one_request
+
+    def recording(protocol: Any) -> None:
+        nodelay.append(
+            protocol.connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        )
+        handle_one_request(protocol)
+
+    monkeypatch.setattr(HttpOnlyProtocol, "handle_one_request", recording)
+    service = run_service(Store)
+
+    assert requests.get(service.url("/a"), timeout=TIMEOUT).text == "a"
+    assert nodelay and all(nodelay)
+
+
 @pytest.mark.parametrize(
     ("method", "error"),
     [
