@@ -12,6 +12,7 @@ without patching at all.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import inspect
 import logging
@@ -238,6 +239,7 @@ def run(
             if backdoor is not None:
                 concurrency.kill(backdoor)
             return 1
+        freeze_heap()
         try:
             runner.wait()
         except Exception:
@@ -252,6 +254,22 @@ def run(
         shutdown.uninstall()
     log.info("services stopped: %s", ", ".join(runner.service_names))
     return 0
+
+
+def freeze_heap() -> None:
+    """Move every object alive once the services have started out of the garbage
+    collector's reach (``gc.freeze``).
+
+    A full collection walks every object of the process (modules, classes,
+    templates...) and stops the hub meanwhile: in the scheduler's and the web
+    service's traces, one every few seconds to every 30 s stalled every request
+    or tick in flight by 50-370 ms, most of their p99. After the freeze it walks
+    only what was made since, and took a few ms there. Once per process, after
+    start: what is frozen is never collected, and little of it would ever be.
+    """
+    gc.collect()
+    gc.freeze()
+    log.debug("heap frozen after start", extra={"objects": gc.get_freeze_count()})
 
 
 def _ignore_signal(signum: int, frame: FrameType | None) -> None:

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import socket
@@ -55,7 +54,6 @@ class ScheduleStore(EngineProvider[ScheduleRepository]):
     """The engine provider injecting a ``ScheduleRepository``, with the replica's settings."""
 
     settings: SchedulerSettings
-    _heap_frozen = False  # gc.freeze() done in this process
 
     def setup(self) -> None:
         config = self.container.config
@@ -91,20 +89,6 @@ class ScheduleStore(EngineProvider[ScheduleRepository]):
             ),
         )
         super().setup()
-
-    def start(self) -> None:
-        super().start()
-        # A full (generation 2) garbage collection walks every object of the
-        # process, modules and classes included, and stops the hub meanwhile: the
-        # in-process trace saw one in every 30 s or so, stalling every run due
-        # then by 100-370 ms (most of the tick latency's p99). Objects alive
-        # once started are moved out of the collector's reach (``gc.freeze``),
-        # which cut that pause to under 20 ms. Once per process: what is frozen
-        # is never collected, and a test process starts many containers.
-        if not ScheduleStore._heap_frozen:
-            ScheduleStore._heap_frozen = True
-            gc.collect()
-            gc.freeze()
 
     def get_dependency(self, worker_ctx: WorkerContext) -> ScheduleRepository:
         return ScheduleRepository(

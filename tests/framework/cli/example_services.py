@@ -6,8 +6,12 @@ these need are defined here.
 
 from __future__ import annotations
 
+import gc
+import sys
+
 from framework import concurrency
 from framework.extensions import Entrypoint
+from framework.timer import timer
 
 
 class Idle(Entrypoint):
@@ -53,3 +57,17 @@ class Broken:
     @fails_to_start
     def nothing(self) -> None:
         pass
+
+
+class HeapWatcher:
+    """Prints the garbage collector's frozen object count once it is not zero."""
+
+    name = "cli_heap_watcher"
+    reported = False
+
+    @timer(interval=0.05)
+    def watch(self) -> None:
+        frozen = gc.get_freeze_count()
+        if frozen and not HeapWatcher.reported:
+            HeapWatcher.reported = True
+            print(f"frozen objects: {frozen}", file=sys.stderr, flush=True)

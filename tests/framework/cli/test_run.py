@@ -258,6 +258,16 @@ def test_service_that_fails_to_start_exits_non_zero() -> None:
         broken.close()
 
 
+def test_the_heap_alive_after_start_is_frozen_out_of_the_collector() -> None:
+    watcher = RunningCli(["run", "example_services:HeapWatcher"])
+    try:
+        watcher.wait_for_output("frozen objects: ")
+        watcher.send_signal(signal.SIGTERM)
+        assert watcher.wait_for_exit() == 0
+    finally:
+        watcher.close()
+
+
 def test_logging_key_in_config_configures_logging(tmp_path: Path) -> None:
     config = tmp_path / "config.yaml"
     config.write_text(
