@@ -352,7 +352,8 @@ def send_publish(
 def send_ack(channel: Any, delivery_tag: int) -> None:
     """``basic.ack`` of one delivery (see ``send_publish`` for the fast path)."""
     connection = channel.connection
-    transport: Any = connection.transport if connection is not None else None
+    # Not every channel is py-amqp's: the in-memory transport's has no transport.
+    transport: Any = getattr(connection, "transport", None)
     if getattr(transport, "coalesced", False):
         transport.write(ack_frame(channel.channel_id, delivery_tag))
         connection.bytes_sent += 1

@@ -95,6 +95,17 @@ def test_rpc_events_and_consumers_work_without_a_broker(memory_config, services)
     )
 
 
+def test_deliveries_are_acked_so_the_prefetch_window_never_fills(
+    memory_config, services
+):
+    # Far more calls than the consumer's prefetch (its worker pool): an
+    # unacknowledged delivery holds a slot, and once all are held nothing more
+    # is delivered.
+    calls = 5 * memory_config.get("max_workers", 10)
+    with ClusterRpcProxy(memory_config, timeout=5) as cluster:
+        assert [cluster.orders.create(n) for n in range(calls)] == list(range(calls))
+
+
 def test_errors_and_unknown_services_behave_as_on_rabbitmq(memory_config, services):
     with ClusterRpcProxy(memory_config, timeout=5) as cluster:
         with pytest.raises(RemoteError, match="ValueError"):
