@@ -387,8 +387,9 @@ class Publisher:
         if compression:
             body, compressed_type = kombu.compression.compress(body, compression)
             headers = {**(headers or {}), "compression": compressed_type}
+        # None is the default exchange, as in kombu (nameko's tests pass it).
         exchange_name = (
-            exchange.name if isinstance(exchange, kombu.Exchange) else exchange
+            exchange.name if isinstance(exchange, kombu.Exchange) else exchange or ""
         )
         message_properties = {
             "content_type": content_type,

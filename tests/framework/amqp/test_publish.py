@@ -211,3 +211,12 @@ def test_publish_defaults_read_and_set_as_attributes(rabbit_config, named_queue)
     assert get_message(rabbit_config, "declared-by-call").payload == {"x": 2}
     with kombu.Connection(rabbit_config["AMQP_URI"]) as connection:
         connection.default_channel.queue_delete("declared-by-call")
+
+
+@pytest.mark.integration
+def test_exchange_none_is_the_default_exchange(publisher, rabbit_config, named_queue):
+    named_queue("by-name")
+
+    publisher.publish({"n": 1}, exchange=None, routing_key="by-name")
+
+    assert get_message(rabbit_config, "by-name").payload == {"n": 1}
