@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import socket
@@ -337,25 +336,9 @@ class JobStore(Database):
     """``Database`` (engine, sessions, teardown) injecting a ``JobRepository``;
     the list's counted totals are the replica's, shared by its workers."""
 
-    _heap_frozen = False  # gc.freeze() done in this process
-
     def setup(self) -> None:
         super().setup()
         self.counts = JobCounts()
-
-    def start(self) -> None:
-        super().start()
-        # A full (generation 2) garbage collection walks every object of the
-        # process, modules and classes included, and stops the hub meanwhile:
-        # about 30 ms here (polars is imported), stalling every call in
-        # flight, which is what a list's p99 under load sees. Objects alive
-        # once started are moved out of the collector's reach (``gc.freeze``),
-        # as the scheduler does. Once per process: what is frozen is never
-        # collected, and a test process starts many containers.
-        if not JobStore._heap_frozen:
-            JobStore._heap_frozen = True
-            gc.collect()
-            gc.freeze()
 
     def get_dependency(self, worker_ctx: WorkerContext) -> JobRepository:  # type: ignore[override]
         return JobRepository(super().get_dependency(worker_ctx).session, self.counts)

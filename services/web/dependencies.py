@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import hmac
 import logging
@@ -574,8 +573,6 @@ def _token_payload(row: ApiToken) -> dict[str, Any]:
 class EdgeStore(Database):
     """The web database, injecting an ``EdgeState`` (also at ``.state``)."""
 
-    _heap_frozen = False  # gc.freeze() done in this process
-
     def __init__(self) -> None:
         super().__init__(Base)
         self.state: EdgeState | None = None
@@ -584,20 +581,6 @@ class EdgeStore(Database):
         super().setup()
         settings = Settings.from_config(self.container.config)
         self.state = EdgeState(self.sessionmaker, settings)  # type: ignore[arg-type]
-
-    def start(self) -> None:
-        super().start()
-        # A full (generation 2) garbage collection walks every object of the
-        # process, modules and classes included, and stops the hub meanwhile:
-        # about 70 ms here, stalling every request in flight, which is what a
-        # p99 under 10 concurrent connections sees. Objects alive once started
-        # are moved out of the collector's reach (``gc.freeze``), as the
-        # scheduler does. Once per process: what is frozen is never collected,
-        # and a test process starts many containers.
-        if not EdgeStore._heap_frozen:
-            EdgeStore._heap_frozen = True
-            gc.collect()
-            gc.freeze()
 
     def get_dependency(self, worker_ctx: WorkerContext) -> EdgeState:  # type: ignore[override]
         assert self.state is not None

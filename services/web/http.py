@@ -22,7 +22,6 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import socket
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -228,15 +227,6 @@ class EdgeServer(WebServer):
 
     def get_wsgi_app(self) -> Any:
         return EdgeWsgiApp(self)
-
-    def get_wsgi_server(self, sock: Any, wsgi_app: Any, **kwargs: Any) -> Any:
-        # Connections (accepted from this socket, whose options they inherit)
-        # send each write at once. With Nagle's algorithm on, a page written
-        # in more than one piece kept its last piece until the client
-        # acknowledged the first, which a keep-alive client delays by 40 ms:
-        # every panel page over about 16 KB took 40 ms more.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return super().get_wsgi_server(sock, wsgi_app, **kwargs)
 
 
 # -- routes ---------------------------------------------------------------------------
