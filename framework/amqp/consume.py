@@ -118,6 +118,12 @@ class Delivery:
             self.body, self.content_type, self.content_encoding, accept
         )
 
+    @property
+    def payload(self) -> Any:
+        """The decoded body, as kombu's ``Message.payload``: only in the content
+        types its consuming loop accepts (never pickle unless configured)."""
+        return self.decode(self.loop.accept)
+
     def ack(self) -> None:
         self.loop.settle(self, "ack")
 

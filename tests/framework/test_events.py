@@ -270,3 +270,37 @@ def test_events_wait_in_reliable_queues_while_the_handler_is_down(
     wait_for(lambda: len(handled) >= 3)
     assert sorted(i for _, i in handled) == [0, 1, 2]
     dispatch.close()
+
+
+class RecordingHandler(EventHandler):
+    """An event handler subclass that keeps the messages it handles."""
+
+    messages: list[object] = []
+
+    def handle_message(self, body: object, message: object) -> None:
+        RecordingHandler.messages.append(message)
+        super().handle_message(body, message)  # type: ignore[arg-type]
+
+
+class PayloadReader:
+    name = "payload_reader"
+
+    @RecordingHandler.decorator("source", "happened")
+    def on_happened(self, payload: dict[str, object]) -> None:
+        pass
+
+
+def test_a_handled_message_s_payload_is_its_decoded_body(
+    container_factory, rabbit_config
+):
+    from framework.testing.services import entrypoint_waiter
+
+    RecordingHandler.messages.clear()
+    container = container_factory(PayloadReader, rabbit_config)
+    container.start()
+
+    with entrypoint_waiter(container, "on_happened", timeout=5):
+        event_dispatcher(rabbit_config)("source", "happened", {"custom": "data"})
+
+    (message,) = RecordingHandler.messages
+    assert message.payload == {"custom": "data"}  # type: ignore[attr-defined]
