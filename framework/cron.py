@@ -669,14 +669,7 @@ class Cron(Entrypoint):
             except sqlalchemy.exc.SQLAlchemyError as exc:
                 # Without the lock, running could mean running on every replica;
                 # a tick lost is the smaller harm, and it is logged.
-                log.error(
-                    "cron tick not run: its claim failed",
-                    extra={
-                        "entrypoint": self.name,
-                        "scheduled_for": due.isoformat(),
-                        "error": type(exc).__name__,
-                    },
-                )
+                self._log_claim_failed(due, exc)
                 return
             if not won:
                 return
@@ -694,19 +687,22 @@ class Cron(Entrypoint):
         except ContainerBeingKilled:
             self._running -= 1
 
+    def _log_claim_failed(self, due: datetime, exc: BaseException) -> None:
+        log.error(
+            "cron tick not run: its claim failed",
+            extra={
+                "entrypoint": self.name,
+                "scheduled_for": due.isoformat(),
+                "error": type(exc).__name__,
+            },
+        )
+
     def _fire_exclusive(self, due: datetime) -> None:
         """Cluster-once with an overlap policy: the claim decides for every replica."""
         try:
             decision = self.lock.claim_exclusive(self.name, due, self.overlap)
         except sqlalchemy.exc.SQLAlchemyError as exc:
-            log.error(
-                "cron tick not run: its claim failed",
-                extra={
-                    "entrypoint": self.name,
-                    "scheduled_for": due.isoformat(),
-                    "error": type(exc).__name__,
-                },
-            )
+            self._log_claim_failed(due, exc)
             return
         if decision == CLAIM_SKIPPED:
             log.warning(

@@ -143,10 +143,10 @@ def call(container: ServiceContainer, method_name: str, *args: Any) -> Any:
         return hook(*args)
 
 
-def outbox_rows(pg_url: str) -> list[tuple[str, bool]]:
-    """``(event_type, sent)`` of every row, oldest first."""
+def outbox_rows(pg_url: str, key: str = "event_type") -> list[tuple[Any, bool]]:
+    """``(key, sent)`` of every row (``key`` a column name), oldest first."""
     with psycopg2.connect(pg_url) as connection, connection.cursor() as cursor:
-        cursor.execute("SELECT event_type, sent_at IS NOT NULL FROM outbox ORDER BY id")
+        cursor.execute(f"SELECT {key}, sent_at IS NOT NULL FROM outbox ORDER BY id")
         rows = cursor.fetchall()
     connection.close()
     return rows
@@ -326,8 +326,4 @@ def test_a_row_the_broker_can_never_take_holds_up_only_its_own_aggregate(
 
 
 def outbox_rows_by_id(pg_url: str) -> list[tuple[int, bool]]:
-    with psycopg2.connect(pg_url) as connection, connection.cursor() as cursor:
-        cursor.execute("SELECT id, sent_at IS NOT NULL FROM outbox ORDER BY id")
-        rows = cursor.fetchall()
-    connection.close()
-    return rows
+    return outbox_rows(pg_url, "id")
