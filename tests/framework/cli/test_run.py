@@ -95,6 +95,9 @@ def test_main_hands_the_services_and_the_loaded_config_to_run(
     monkeypatch.setattr(
         run_command, "run", lambda *args, **kwargs: calls.append((args, kwargs)) or 0
     )
+    # Configuring logging in this process would outlive the test (handlers on
+    # stderr, logger levels) and change what later tests' caplog sees.
+    monkeypatch.setattr(run_command, "setup_logging", lambda *args, **kwargs: None)
     args = setup_parser().parse_args(
         ["run", "--config", str(config), f"{module}:Alpha"]
     )
