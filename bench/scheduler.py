@@ -31,6 +31,7 @@ import argparse  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -217,6 +218,16 @@ def spread() -> list[str]:
     return [f"{number % 60} * * * * *" for number in range(SPREAD_SCHEDULES)]
 
 
+def spread_ticks(since: float, until: float) -> int:
+    """How many ticks of ``spread()``'s schedules fall in ``[since, until)``: at each
+    whole second, the schedules whose second field is that second's (UTC)."""
+    per_second, remainder = divmod(SPREAD_SCHEDULES, 60)
+    return sum(
+        per_second + (1 if second % 60 < remainder else 0)
+        for second in range(math.ceil(since), math.ceil(until))
+    )
+
+
 # -- measurements -------------------------------------------------------------------------
 
 
@@ -240,10 +251,10 @@ def measure_spread(
     finally:
         group.stop()
     values = latencies_ms(since, until)
-    expected = SPREAD_SCHEDULES * (until - since) / 60
+    expected = spread_ticks(since, until)
     return {
         "calls": len(values),
-        "expected": round(expected),
+        "expected": expected,
         # The replicas' CPU over the window (one second more than the calls
         # counted) per run: what load on the machine distorts least.
         "cpu_per_run_ms": cpu * 1000 / (SPREAD_SCHEDULES * window / 60),
