@@ -106,22 +106,16 @@ def _parse_reference(
     text: str, start: int, env: Mapping[str, str]
 ) -> tuple[str, int] | None:
     """The value of the reference at ``text[start:]`` and the index after it."""
-    i = start + len(_REFERENCE_START)
-    name_start = i
-    while i < len(text) and text[i] not in "}:" and not text[i].isspace():
-        i += 1
-    name = text[name_start:i]
-    if not name or i >= len(text) or text[i].isspace():
+    reference = _reference_span(text, start)
+    if reference is None:
         return None
-    if text[i] == "}":
-        return env.get(name, ""), i + 1
-    # text[i] == ":" -- a default follows, up to the brace that closes this reference.
-    default = _expand(text, i + 1, env, in_default=True)
-    if default is None:
-        return None
-    default_value, closing = default
+    name, default, end = reference
     value = env.get(name)
-    return (default_value if value is None else value), closing + 1
+    if value is None:
+        # The default's braces balance (or it would not have ended), so expanding
+        # it on its own gives what expanding it in place would.
+        value = substitute_env_vars(default, env)
+    return value, end
 
 
 class ConfigLoader(yaml.SafeLoader):
@@ -160,10 +154,51 @@ ConfigLoader.add_constructor(RAW_ENV_VAR_TAG, _construct_raw_env_var)
 ConfigLoader.add_implicit_resolver(ENV_VAR_TAG, IMPLICIT_ENV_VAR_PATTERN, None)
 
 
-# ``(name, default)`` of each ``${NAME}`` / ``${NAME:default}`` in a string, for
-# ``findall`` (the default is "" when absent); nameko exports one as
-# ``cli.main.ENV_VAR_MATCHER``. Substitution itself is ``substitute_env_vars``.
-ENV_VAR_MATCHER = re.compile(r"\$\{([^{}:\s]+)(?::([^{}]*))?\}")
+class EnvVarMatcher:
+    """``findall(text)``: ``(name, default)`` of each outermost ``${NAME}`` /
+    ``${NAME:default}`` in ``text``, the default as written (references nested in
+    it kept, "" when absent), by the same parser as ``substitute_env_vars``.
+
+    nameko exports a regular expression as ``cli.main.ENV_VAR_MATCHER``, which
+    sees nested references only with the ``regex`` package installed; this one
+    always does.
+    """
+
+    def findall(self, text: str) -> list[tuple[str, str]]:
+        found: list[tuple[str, str]] = []
+        i = 0
+        while i < len(text):
+            reference = _reference_span(text, i)
+            if reference is None:
+                i += 1
+                continue
+            name, default, i = reference
+            found.append((name, default))
+        return found
+
+
+def _reference_span(text: str, start: int) -> tuple[str, str, int] | None:
+    """The name and written default of the reference at ``text[start:]``, and the
+    index after it; ``None`` if none starts there."""
+    if not text.startswith(_REFERENCE_START, start):
+        return None
+    i = start + len(_REFERENCE_START)
+    name_start = i
+    while i < len(text) and text[i] not in "}:" and not text[i].isspace():
+        i += 1
+    name = text[name_start:i]
+    if not name or i >= len(text) or text[i].isspace():
+        return None
+    if text[i] == "}":
+        return name, "", i + 1
+    default = _expand(text, i + 1, {}, in_default=True)
+    if default is None:
+        return None
+    closing = default[1]
+    return name, text[i + 1 : closing], closing + 1
+
+
+ENV_VAR_MATCHER = EnvVarMatcher()
 
 
 class _DataLoader(yaml.SafeLoader):

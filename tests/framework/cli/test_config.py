@@ -331,6 +331,24 @@ def test_logging_key_that_is_not_a_mapping_is_a_configuration_error() -> None:
         setup_logging({"LOGGING": "verbose"})
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("${A:my-{template}-x}", [("A", "my-{template}-x")]),
+        ("${A:my-${B}-x}", [("A", "my-${B}-x")]),
+        ("${A:my-${B:${C:1}}-x}_${D}", [("A", "my-${B:${C:1}}-x"), ("D", "")]),
+        ("${A:unclosed ${B}", [("B", "")]),
+        ("$ {A} ${} ${A B}", []),
+    ],
+)
+def test_env_var_matcher_finds_the_outermost_references_with_nested_defaults(
+    text, expected
+):
+    from framework.cli.main import ENV_VAR_MATCHER
+
+    assert ENV_VAR_MATCHER.findall(text) == expected
+
+
 def test_setup_yaml_parser_makes_safe_load_substitute_as_nameko_does(monkeypatch):
     import yaml
 
