@@ -91,11 +91,6 @@ DELIBERATE: dict[str, str] = {
     "printed them on stdout and exited 0)",
     "test/cli/test_main.py::test_flag_action": _TABLE + "CLI (our backdoor client is "
     "built in; there is no telnet to wrap in rlwrap)",
-    "test/cli/test_main.py::TestConfigEnvironmentVariables::test_detect_nested_env_vars": _TABLE
-    + "config loading (nested defaults work without the regex package; the "
-    "test expects the ConfigurationError nameko raises without it)",
-    "test/cli/test_main.py::TestConfigEnvironmentVariables::"
-    "test_environment_vars_recursive_in_config": _TABLE + "config loading (as above)",
     "test/test_timers.py::test_expected_error_in_worker": _TABLE + "worker error log "
     "lines (one structured record; the test reads nameko's %s arguments)",
     "test/test_errors.py::test_dependency_call_lifecycle_errors": _TABLE
