@@ -426,12 +426,10 @@ def test_publisher_and_dispatcher_exchanges_are_declared_at_setup(
             channel.exchange_declare(name, "", passive=True)
 
 
-@pytest.mark.integration
-def test_a_publisher_bound_and_set_up_on_its_own_publishes(
-    rabbit_config, get_message_from_queue
-):
-    # nameko's tests bind a provider to a mock container and set up only it: its
-    # shared ContainerPublisher is bound but never set up.
+def lonely_publisher(rabbit_config: dict) -> tuple[Mock, Publisher]:
+    """A Publisher bound to a mock container and set up on its own, as nameko's
+    tests do: its shared ContainerPublisher is bound but never set up. The
+    container is returned too: the provider holds it only weakly."""
     container = Mock(
         config=rabbit_config,
         service_name="lonely",
@@ -443,6 +441,16 @@ def test_a_publisher_bound_and_set_up_on_its_own_publishes(
     )
     provider = Publisher(queue=sink).bind(container, "publish")
     provider.setup()
+    return container, provider
+
+
+@pytest.mark.integration
+def test_a_publisher_bound_and_set_up_on_its_own_publishes(
+    rabbit_config, get_message_from_queue
+):
+    # nameko's tests bind a provider to a mock container and set up only it: its
+    # shared ContainerPublisher is bound but never set up.
+    _container, provider = lonely_publisher(rabbit_config)
     try:
         provider.get_dependency(Mock(context_data={}))("hello", routing_key="note")
     finally:
@@ -455,17 +463,7 @@ def test_a_publisher_bound_and_set_up_on_its_own_publishes(
 def test_a_context_value_of_none_is_left_out_of_the_headers_with_a_warning(
     rabbit_config, get_message_from_queue
 ):
-    container = Mock(
-        config=rabbit_config,
-        service_name="lonely",
-        shared_extensions={},
-        serializer="json",
-    )
-    sink = kombu.Queue(
-        "lonely-sink", exchange=kombu.Exchange("lonely"), routing_key="note"
-    )
-    provider = Publisher(queue=sink).bind(container, "publish")
-    provider.setup()
+    _container, provider = lonely_publisher(rabbit_config)
     worker_ctx = Mock(context_data={"language": "en", "customheader": None})
     try:
         with pytest.warns(UserWarning, match="customheader"):

@@ -266,17 +266,26 @@ def test_runners_are_killed_too(runner_factory):
 """
 
 
+def inner_pytest(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """pytest run in a child process on the tests in ``tmp_path``."""
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT,
+    )
+
+
 def run_pytest(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, Any]:
     (tmp_path / "conftest.py").write_text(textwrap.dedent(INNER_CONFTEST))
     (tmp_path / "test_inner.py").write_text(textwrap.dedent(INNER_TESTS))
     events_file = tmp_path / "events.json"
-    process = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", *args],
-        cwd=tmp_path,
-        env={"EVENTS_FILE": str(events_file), "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=SUBPROCESS_TIMEOUT,
+    process = inner_pytest(
+        tmp_path, *args, env={"EVENTS_FILE": str(events_file), "PATH": "/usr/bin:/bin"}
     )
     events = json.loads(events_file.read_text()) if events_file.exists() else None
     return process, events
@@ -332,21 +341,7 @@ def test_blocking_detection_option_fails_a_thread_that_blocks_the_hub(tmp_path):
             """
         )
     )
-    process = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-p",
-            "no:cacheprovider",
-            "-q",
-            "--blocking-detection",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=SUBPROCESS_TIMEOUT,
-    )
+    process = inner_pytest(tmp_path, "--blocking-detection")
     assert process.returncode == 0, process.stdout + process.stderr
 
 
@@ -375,20 +370,5 @@ def test_the_amqps_port_option_reads_back_as_given(tmp_path):
             """
         )
     )
-    process = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-p",
-            "no:cacheprovider",
-            "-q",
-            "--amqp-ssl-port",
-            "1234",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=SUBPROCESS_TIMEOUT,
-    )
+    process = inner_pytest(tmp_path, "--amqp-ssl-port", "1234")
     assert process.returncode == 0, process.stdout + process.stderr
